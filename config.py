@@ -1,0 +1,575 @@
+"""All settings of a run: defaults (with the official Swin key names), YAML files, command line.
+
+Precedence, lowest to highest: the defaults below, the YAML file (and its ``BASE:`` files), command-line
+flags, ``--opts KEY VALUE`` pairs. Derived values (marked "derived" below) are computed once by
+``finalize`` and the result is frozen: it is the only source of settings for the rest of the run.
+"""
+import argparse
+import ast
+import os
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from errors import ConfigError
+
+_C = CN()
+
+# Base config files, relative to the file that lists them (merged first, this file overrides them)
+_C.BASE = ['']
+
+# -----------------------------------------------------------------------------
+# Data settings
+# -----------------------------------------------------------------------------
+_C.DATA = CN()
+# Batch size for a single GPU/process (the global batch is this x world size x accumulation steps)
+_C.DATA.BATCH_SIZE = 128
+# Path to the dataset root (holds train/ and val/, or train.zip/val.zip in zip mode)
+_C.DATA.DATA_PATH = ''
+# Dataset name: imagenet | imagenet22K | digits (the embedded demo set)
+_C.DATA.DATASET = 'imagenet'
+# Input image size (square)
+_C.DATA.IMG_SIZE = 224
+# Interpolation for resizing: random | bilinear | bicubic
+_C.DATA.INTERPOLATION = 'bicubic'
+# Read images straight out of train.zip / val.zip (official zip layout with *_map.txt)
+_C.DATA.ZIP_MODE = False
+# Zip mode caching: no (read on demand) | full (cache all in RAM) | part (each rank caches its shard)
+_C.DATA.CACHE_MODE = 'part'
+# Pin CPU memory in the DataLoader for faster host-to-device copies
+_C.DATA.PIN_MEMORY = True
+# Number of data loading workers per process
+_C.DATA.NUM_WORKERS = 8
+# [SimMIM] mask patch size and ratio (kept so official SimMIM YAML files load)
+_C.DATA.MASK_PATCH_SIZE = 32
+_C.DATA.MASK_RATIO = 0.6
+# Largest fraction of unreadable images tolerated in one epoch before the run stops
+_C.DATA.MAX_BAD_FRACTION = 0.01
+# Keep loader workers alive between epochs (saves start-up time each epoch)
+_C.DATA.PERSISTENT_WORKERS = True
+# Batches each worker loads ahead
+_C.DATA.PREFETCH_FACTOR = 2
+
+# -----------------------------------------------------------------------------
+# Model settings
+# -----------------------------------------------------------------------------
+_C.MODEL = CN()
+# Model type: swin (Swin Transformer v1)
+_C.MODEL.TYPE = 'swin'
+# Model name: names the output sub-folder
+_C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
+# Pretrained weights for fine-tuning (official or timm format); optimizer state is not restored
+_C.MODEL.PRETRAINED = ''
+# Checkpoint to resume training from (wins over TRAIN.AUTO_RESUME)
+_C.MODEL.RESUME = ''
+# Number of classes (must match the dataset)
+_C.MODEL.NUM_CLASSES = 1000
+# Dropout rate before the classifier
+_C.MODEL.DROP_RATE = 0.0
+# Stochastic depth rate (linearly increasing over blocks)
+_C.MODEL.DROP_PATH_RATE = 0.1
+# Label smoothing (used when Mixup/CutMix are off; otherwise folded into the mixed targets)
+_C.MODEL.LABEL_SMOOTHING = 0.1
+
+# Swin Transformer v1 parameters
+_C.MODEL.SWIN = CN()
+# Patch size of the patch embedding (stride of the first conv)
+_C.MODEL.SWIN.PATCH_SIZE = 4
+# Input channels
+_C.MODEL.SWIN.IN_CHANS = 3
+# Channels of the first stage (doubled at every stage)
+_C.MODEL.SWIN.EMBED_DIM = 96
+# Blocks per stage
+_C.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+# Attention heads per stage
+_C.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+# Attention window size (tokens per side)
+_C.MODEL.SWIN.WINDOW_SIZE = 7
+# Hidden width of the MLP relative to the embedding width
+_C.MODEL.SWIN.MLP_RATIO = 4.
+# Learnable bias for query, key and value
+_C.MODEL.SWIN.QKV_BIAS = True
+# Override of the attention scale head_dim ** -0.5 (None keeps the default)
+_C.MODEL.SWIN.QK_SCALE = None
+# Absolute position embedding added after the patch embedding
+_C.MODEL.SWIN.APE = False
+# LayerNorm after the patch embedding
+_C.MODEL.SWIN.PATCH_NORM = True
+# Window attention through torch's scaled_dot_product_attention (False: the explicit softmax path)
+_C.MODEL.SWIN.FUSED_ATTN = True
+
+# Swin Transformer v2 / Swin-MLP parameters: kept so official YAML files parse (MODEL.TYPE must be swin)
+_C.MODEL.SWINV2 = CN()
+_C.MODEL.SWINV2.PATCH_SIZE = 4
+_C.MODEL.SWINV2.IN_CHANS = 3
+_C.MODEL.SWINV2.EMBED_DIM = 96
+_C.MODEL.SWINV2.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWINV2.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWINV2.WINDOW_SIZE = 7
+_C.MODEL.SWINV2.MLP_RATIO = 4.
+_C.MODEL.SWINV2.QKV_BIAS = True
+_C.MODEL.SWINV2.APE = False
+_C.MODEL.SWINV2.PATCH_NORM = True
+_C.MODEL.SWINV2.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
+_C.MODEL.SWIN_MLP = CN()
+_C.MODEL.SWIN_MLP.PATCH_SIZE = 4
+_C.MODEL.SWIN_MLP.IN_CHANS = 3
+_C.MODEL.SWIN_MLP.EMBED_DIM = 96
+_C.MODEL.SWIN_MLP.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN_MLP.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN_MLP.WINDOW_SIZE = 7
+_C.MODEL.SWIN_MLP.MLP_RATIO = 4.
+_C.MODEL.SWIN_MLP.APE = False
+_C.MODEL.SWIN_MLP.PATCH_NORM = True
+_C.MODEL.SIMMIM = CN()
+_C.MODEL.SIMMIM.NORM_TARGET = CN()
+_C.MODEL.SIMMIM.NORM_TARGET.ENABLE = False
+_C.MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE = 47
+
+# Exponential moving average of the weights, evaluated alongside the model
+_C.MODEL_EMA = False
+# EMA decay per optimizer step
+_C.MODEL_EMA_DECAY = 0.9999
+
+# -----------------------------------------------------------------------------
+# Training settings
+# -----------------------------------------------------------------------------
+_C.TRAIN = CN()
+# First epoch (set by resume; 0 for a fresh run)
+_C.TRAIN.START_EPOCH = 0
+# Total training epochs
+_C.TRAIN.EPOCHS = 300
+# Linear warmup epochs (counted in steps)
+_C.TRAIN.WARMUP_EPOCHS = 20
+# AdamW/SGD weight decay (not applied to norms, biases and position tables)
+_C.TRAIN.WEIGHT_DECAY = 0.05
+# Peak learning rate for a global batch of 512 (scaled linearly, see LINEAR_SCALE_LR)
+_C.TRAIN.BASE_LR = 5e-4
+# Learning rate at the start of warmup, for a global batch of 512
+_C.TRAIN.WARMUP_LR = 5e-7
+# Final learning rate of the decay, for a global batch of 512
+_C.TRAIN.MIN_LR = 5e-6
+# Scale BASE_LR/WARMUP_LR/MIN_LR by global batch / 512 (the official recipe)
+_C.TRAIN.LINEAR_SCALE_LR = True
+# Gradient clipping max norm (0 or None: no clipping)
+_C.TRAIN.CLIP_GRAD = 5.0
+# Resume from the newest valid checkpoint in the output folder
+_C.TRAIN.AUTO_RESUME = True
+# Gradient accumulation steps (micro-batches per optimizer step)
+_C.TRAIN.ACCUMULATION_STEPS = 1
+# Gradient checkpointing: recompute activations in backward to save memory
+_C.TRAIN.USE_CHECKPOINT = False
+# torch.compile the model before DDP wrapping
+_C.TRAIN.COMPILE = False
+# Layer-wise learning rate decay for fine-tuning (1.0: off)
+_C.TRAIN.LAYER_DECAY = 1.0
+
+# LR scheduler
+_C.TRAIN.LR_SCHEDULER = CN()
+# Schedule: cosine | linear | step | multistep (all with linear warmup, updated every step)
+_C.TRAIN.LR_SCHEDULER.NAME = 'cosine'
+# Epoch interval to decay LR, used in StepLRScheduler
+_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
+# LR decay rate, used in StepLRScheduler
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+# Warmup comes before the decay (the decay then spans EPOCHS - WARMUP_EPOCHS)
+_C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True
+# LR decay factor at each milestone, used in MultiStepLRScheduler
+_C.TRAIN.LR_SCHEDULER.GAMMA = 0.1
+# Milestone epochs, used in MultiStepLRScheduler
+_C.TRAIN.LR_SCHEDULER.MULTISTEPS = []
+
+# Optimizer
+_C.TRAIN.OPTIMIZER = CN()
+# Optimizer: adamw | sgd
+_C.TRAIN.OPTIMIZER.NAME = 'adamw'
+# Optimizer epsilon
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+# Optimizer betas
+_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
+# SGD momentum
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+
+# [Swin-MoE] kept so official YAML files parse
+_C.TRAIN.MOE = CN()
+_C.TRAIN.MOE.SAVE_MASTER = False
+
+# -----------------------------------------------------------------------------
+# Augmentation settings
+# -----------------------------------------------------------------------------
+_C.AUG = CN()
+# Color jitter factor
+_C.AUG.COLOR_JITTER = 0.4
+# AutoAugment policy: "v0", "original", "rand-m9-mstd0.5-inc1", ... ('' or 'none': off)
+_C.AUG.AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'
+# Random erasing probability
+_C.AUG.REPROB = 0.25
+# Random erasing mode: const | rand | pixel
+_C.AUG.REMODE = 'pixel'
+# Random erasing count
+_C.AUG.RECOUNT = 1
+# Mixup alpha, mixup enabled if > 0
+_C.AUG.MIXUP = 0.8
+# Cutmix alpha, cutmix enabled if > 0
+_C.AUG.CUTMIX = 1.0
+# Cutmix min/max ratio, overrides alpha and enables cutmix if set
+_C.AUG.CUTMIX_MINMAX = None
+# Probability of performing mixup or cutmix when either/both is enabled
+_C.AUG.MIXUP_PROB = 1.0
+# Probability of switching to cutmix when both mixup and cutmix enabled
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+# How to apply mixup/cutmix params: per "batch", "pair", or "elem"
+_C.AUG.MIXUP_MODE = 'batch'
+
+# -----------------------------------------------------------------------------
+# Testing settings
+# -----------------------------------------------------------------------------
+_C.TEST = CN()
+# Center crop for validation: resize to int(256/224 * IMG_SIZE), then crop IMG_SIZE
+_C.TEST.CROP = True
+# Validate every image on rank 0 only (slow; results are exact either way)
+_C.TEST.SEQUENTIAL = False
+# Shuffle the validation set (only changes the order of logged batches)
+_C.TEST.SHUFFLE = False
+
+# -----------------------------------------------------------------------------
+# Misc
+# -----------------------------------------------------------------------------
+# [Deprecated] kept so official YAML files parse; use AMP_ENABLE
+_C.ENABLE_AMP = False
+# Mixed precision on CUDA (on CPU only when AMP_DTYPE is bfloat16 explicitly)
+_C.AMP_ENABLE = True
+# Mixed precision dtype: auto (bfloat16 where supported, else float16) | float16 | bfloat16
+_C.AMP_DTYPE = 'auto'
+# [Deprecated] apex opt level, kept so old YAML files parse; ignored
+_C.AMP_OPT_LEVEL = ''
+# Root of the output folder: runs write to OUTPUT/MODEL.NAME/TAG
+_C.OUTPUT = 'output'
+# Tag of the experiment
+_C.TAG = 'default'
+# Save a checkpoint every SAVE_FREQ epochs (and always after the last epoch)
+_C.SAVE_FREQ = 1
+# Keep only the newest KEEP_CHECKPOINTS ckpt_epoch_N.pth files (0: keep all); last/best are always kept
+_C.KEEP_CHECKPOINTS = 3
+# Log a training line every PRINT_FREQ steps
+_C.PRINT_FREQ = 10
+# Random seed (each rank uses SEED + rank)
+_C.SEED = 0
+# Only evaluate the model (--eval)
+_C.EVAL_MODE = False
+# Only measure throughput (--throughput)
+_C.THROUGHPUT_MODE = False
+# Device: auto (cuda when available) | cpu | cuda | cuda:N
+_C.DEVICE = 'auto'
+# [Official] CUDA kernels of the official repo: accepted for compatibility; the SDPA path replaces them
+_C.FUSED_WINDOW_PROCESS = False
+_C.FUSED_LAYERNORM = False
+
+# Derived values, computed by finalize() -- set from the environment and the keys above, not by hand
+# Local rank of this process (from torchrun's LOCAL_RANK; --local_rank is accepted)
+_C.LOCAL_RANK = 0
+# Global rank and number of processes (from torchrun's RANK / WORLD_SIZE)
+_C.RANK = 0
+_C.WORLD_SIZE = 1
+# The run's folder: OUTPUT/MODEL.NAME/TAG
+_C.OUTPUT_DIR = ''
+# Global batch = DATA.BATCH_SIZE x WORLD_SIZE x TRAIN.ACCUMULATION_STEPS
+_C.TRAIN.GLOBAL_BATCH_SIZE = 0
+# Learning rates actually used (the TRAIN.*LR values scaled by the global batch when enabled)
+_C.TRAIN.EFFECTIVE_LR = 0.0
+_C.TRAIN.EFFECTIVE_WARMUP_LR = 0.0
+_C.TRAIN.EFFECTIVE_MIN_LR = 0.0
+
+_DERIVED_KEYS = ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'OUTPUT_DIR', 'TRAIN.GLOBAL_BATCH_SIZE',
+                 'TRAIN.EFFECTIVE_LR', 'TRAIN.EFFECTIVE_WARMUP_LR', 'TRAIN.EFFECTIVE_MIN_LR')
+_MODEL_TYPES = ('swin',)
+_DATASETS = ('imagenet', 'imagenet22K', 'digits')
+_CACHE_MODES = ('no', 'full', 'part')
+
+
+def get_defaults():
+    """A fresh, mutable copy of the defaults."""
+    return _C.clone()
+
+
+# -----------------------------------------------------------------------------
+# Loading YAML files
+# -----------------------------------------------------------------------------
+def _read_yaml(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, 'r') as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of KEY: value, not {type(data).__name__}")
+    return data
+
+
+def _merge_dict(config, data, source):
+    """Merge a plain dict into config, naming the key and the file on any mismatch."""
+    for key, value in data.items():
+        full_key = key if not source.prefix else f"{source.prefix}.{key}"
+        if key not in config:
+            raise ConfigError(f"unknown config key {full_key} in {source.name}")
+        current = config[key]
+        if isinstance(current, CN):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {full_key} in {source.name} must be a section of keys, "
+                                  f"got {value!r}")
+            _merge_dict(current, value, source.child(key))
+        else:
+            config[key] = _coerce(current, value, full_key, source.name)
+
+
+class _Source:
+    """Where merged values come from (a file or --opts) and the key path inside it, for error lines."""
+
+    def __init__(self, name, prefix=''):
+        self.name, self.prefix = name, prefix
+
+    def child(self, key):
+        return _Source(self.name, key if not self.prefix else f"{self.prefix}.{key}")
+
+
+def _coerce(current, value, full_key, where):
+    """Check a new value against the type of the default and convert where it is safe."""
+    if current is None or value is None:
+        return value
+    if isinstance(value, str) and not isinstance(current, str):
+        value = _parse_value(value)  # YAML 1.1 reads 1e-8 as a string; yacs reads it as a number
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ('true', 'false'):
+            return value.lower() == 'true'
+        raise ConfigError(f"config key {full_key} in {where} must be true or false, got {value!r}")
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {full_key} in {where} must be a number, got {value!r}")
+        return float(value) if isinstance(current, float) else value
+    if isinstance(current, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {full_key} in {where} must be a list, got {value!r}")
+        return type(current)(value)
+    if isinstance(current, str) and not isinstance(value, str):
+        raise ConfigError(f"config key {full_key} in {where} must be a string, got {value!r}")
+    return value
+
+
+def _merge_file(config, path):
+    data = _read_yaml(path)
+    for base in data.pop('BASE', None) or ['']:
+        if base:
+            _merge_file(config, os.path.join(os.path.dirname(path), base))
+    _merge_dict(config, data, _Source(path))
+
+
+def _parse_value(text):
+    """--opts values arrive as strings: read numbers, lists, booleans and None the way YAML does."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _merge_opts(config, opts):
+    opts = list(opts or [])
+    if len(opts) % 2:
+        raise ConfigError(f"--opts takes KEY VALUE pairs; {opts[-1]!r} has no value")
+    for key, text in zip(opts[0::2], opts[1::2]):
+        if key in _DERIVED_KEYS:
+            raise ConfigError(f"config key {key} in --opts is derived and cannot be set")
+        node, parts = config, key.split('.')
+        for i, part in enumerate(parts):
+            if not isinstance(node, CN) or part not in node:
+                raise ConfigError(f"unknown config key {key} in --opts")
+            if i < len(parts) - 1:
+                node = node[part]
+        if isinstance(node[parts[-1]], CN):
+            raise ConfigError(f"config key {key} in --opts is a section; set one of its keys")
+        value = _parse_value(text)
+        if isinstance(node[parts[-1]], str) and not isinstance(value, str):
+            value = str(text)
+        node[parts[-1]] = _coerce(node[parts[-1]], value, key, '--opts')
+
+
+# -----------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------
+def build_parser():
+    """The official main.py flags (same names and meaning) plus a few of ours."""
+    parser = argparse.ArgumentParser('Swin Transformer training and evaluation', add_help=True)
+    parser.add_argument('--cfg', type=str, required=True, metavar="FILE", help='path to config file')
+    parser.add_argument('--opts', default=None, nargs='+', help="modify config options by adding 'KEY VALUE' pairs")
+    # easy config modification; every default is None so that a YAML value is never overridden silently
+    parser.add_argument('--batch-size', type=int, help="batch size for single GPU")
+    parser.add_argument('--data-path', type=str, help='path to dataset')
+    parser.add_argument('--zip', action='store_true', default=None, help='use zipped dataset instead of folder dataset')
+    parser.add_argument('--cache-mode', type=str, choices=['no', 'full', 'part'],
+                        help='no: no cache, full: cache all data, part: sharding the dataset into nonoverlapping '
+                             'pieces and only cache one piece')
+    parser.add_argument('--pretrained', help='pretrained weight from checkpoint, could be imagenet22k pretrained weight')
+    parser.add_argument('--resume', help='resume from checkpoint')
+    parser.add_argument('--accumulation-steps', type=int, help="gradient accumulation steps")
+    parser.add_argument('--use-checkpoint', action='store_true', default=None,
+                        help="whether to use gradient checkpointing to save memory")
+    parser.add_argument('--disable_amp', action='store_true', default=None, help='Disable pytorch amp')
+    parser.add_argument('--amp-opt-level', type=str, help='[deprecated] apex amp level; ignored')
+    parser.add_argument('--output', type=str, metavar='PATH',
+                        help='root of output folder, the full path is <output>/<model_name>/<tag>')
+    parser.add_argument('--tag', help='tag of experiment')
+    parser.add_argument('--eval', action='store_true', default=None, help='Perform evaluation only')
+    parser.add_argument('--throughput', action='store_true', default=None, help='Test throughput only')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=None,
+                        help='accepted for torch.distributed.launch; torchrun sets LOCAL_RANK instead')
+    parser.add_argument('--fused_window_process', action='store_true', default=None,
+                        help='[official CUDA kernel] accepted; the SDPA attention path is used instead')
+    parser.add_argument('--fused_layernorm', action='store_true', default=None, help='[official apex] accepted')
+    parser.add_argument('--optim', type=str, help='overwrite optimizer if provided, can be adamw/sgd')
+    # ours
+    parser.add_argument('--device', type=str, help='auto | cpu | cuda | cuda:N')
+    parser.add_argument('--compile', action='store_true', default=None, help='torch.compile the model')
+    parser.add_argument('--seed', type=int, help='random seed')
+    parser.add_argument('--epochs', type=int, help='total training epochs')
+    parser.add_argument('--debug', action='store_true', help='show full tracebacks for errors')
+    return parser
+
+
+# flag name -> config key; applied only when the flag was given (argparse default None)
+_FLAG_KEYS = {
+    'batch_size': 'DATA.BATCH_SIZE',
+    'data_path': 'DATA.DATA_PATH',
+    'zip': 'DATA.ZIP_MODE',
+    'cache_mode': 'DATA.CACHE_MODE',
+    'pretrained': 'MODEL.PRETRAINED',
+    'resume': 'MODEL.RESUME',
+    'accumulation_steps': 'TRAIN.ACCUMULATION_STEPS',
+    'use_checkpoint': 'TRAIN.USE_CHECKPOINT',
+    'amp_opt_level': 'AMP_OPT_LEVEL',
+    'output': 'OUTPUT',
+    'tag': 'TAG',
+    'eval': 'EVAL_MODE',
+    'throughput': 'THROUGHPUT_MODE',
+    'fused_window_process': 'FUSED_WINDOW_PROCESS',
+    'fused_layernorm': 'FUSED_LAYERNORM',
+    'optim': 'TRAIN.OPTIMIZER.NAME',
+    'device': 'DEVICE',
+    'compile': 'TRAIN.COMPILE',
+    'seed': 'SEED',
+    'epochs': 'TRAIN.EPOCHS',
+}
+
+
+def _apply_flags(config, args):
+    for flag, key in _FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            node, parts = config, key.split('.')
+            for part in parts[:-1]:
+                node = node[part]
+            node[parts[-1]] = value
+    if getattr(args, 'disable_amp', None):
+        config.AMP_ENABLE = False
+
+
+# -----------------------------------------------------------------------------
+# Derived values and validation
+# -----------------------------------------------------------------------------
+def finalize(config, environ=None):
+    """Compute derived values from the environment (torchrun) and the keys, validate, freeze."""
+    env = os.environ if environ is None else environ
+    config.defrost()
+    config.LOCAL_RANK = int(env.get('LOCAL_RANK', config.LOCAL_RANK))
+    config.RANK = int(env.get('RANK', 0))
+    config.WORLD_SIZE = int(env.get('WORLD_SIZE', 1))
+    config.OUTPUT_DIR = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    if config.ENABLE_AMP:  # the deprecated spelling turns AMP on, as in the official code
+        config.AMP_ENABLE = True
+    _validate(config)
+    config.TRAIN.GLOBAL_BATCH_SIZE = config.DATA.BATCH_SIZE * config.WORLD_SIZE * config.TRAIN.ACCUMULATION_STEPS
+    scale = config.TRAIN.GLOBAL_BATCH_SIZE / 512.0 if config.TRAIN.LINEAR_SCALE_LR else 1.0
+    config.TRAIN.EFFECTIVE_LR = config.TRAIN.BASE_LR * scale
+    config.TRAIN.EFFECTIVE_WARMUP_LR = config.TRAIN.WARMUP_LR * scale
+    config.TRAIN.EFFECTIVE_MIN_LR = config.TRAIN.MIN_LR * scale
+    config.freeze()
+    return config
+
+
+def _validate(config):
+    def require(ok, message):
+        if not ok:
+            raise ConfigError(message)
+
+    require(config.MODEL.TYPE in _MODEL_TYPES,
+            f"MODEL.TYPE {config.MODEL.TYPE!r} is not supported (this project builds: {', '.join(_MODEL_TYPES)})")
+    require(config.DATA.DATASET in _DATASETS,
+            f"DATA.DATASET {config.DATA.DATASET!r} is unknown (choose one of: {', '.join(_DATASETS)})")
+    require(config.DATA.CACHE_MODE in _CACHE_MODES,
+            f"DATA.CACHE_MODE {config.DATA.CACHE_MODE!r} is unknown (choose one of: {', '.join(_CACHE_MODES)})")
+    require(config.DATA.BATCH_SIZE >= 1, f"DATA.BATCH_SIZE must be at least 1, got {config.DATA.BATCH_SIZE}")
+    require(config.DATA.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS must be >= 0, got {config.DATA.NUM_WORKERS}")
+    require(config.DATA.IMG_SIZE >= 1, f"DATA.IMG_SIZE must be positive, got {config.DATA.IMG_SIZE}")
+    require(config.TRAIN.ACCUMULATION_STEPS >= 1,
+            f"TRAIN.ACCUMULATION_STEPS must be at least 1, got {config.TRAIN.ACCUMULATION_STEPS}")
+    require(config.TRAIN.EPOCHS >= 0, f"TRAIN.EPOCHS must be >= 0, got {config.TRAIN.EPOCHS}")
+    require(config.SAVE_FREQ >= 1, f"SAVE_FREQ must be at least 1, got {config.SAVE_FREQ}")
+    require(config.PRINT_FREQ >= 1, f"PRINT_FREQ must be at least 1, got {config.PRINT_FREQ}")
+    require(config.MODEL.NUM_CLASSES >= 1, f"MODEL.NUM_CLASSES must be at least 1, got {config.MODEL.NUM_CLASSES}")
+    require(0.0 <= config.MODEL.LABEL_SMOOTHING < 1.0,
+            f"MODEL.LABEL_SMOOTHING must be in [0, 1), got {config.MODEL.LABEL_SMOOTHING}")
+    require(config.AMP_DTYPE in ('auto', 'float16', 'bfloat16'),
+            f"AMP_DTYPE {config.AMP_DTYPE!r} is unknown (choose auto, float16 or bfloat16)")
+    swin = config.MODEL.SWIN
+    require(len(swin.DEPTHS) == len(swin.NUM_HEADS),
+            f"MODEL.SWIN.DEPTHS {list(swin.DEPTHS)} and MODEL.SWIN.NUM_HEADS {list(swin.NUM_HEADS)} "
+            f"must have the same length")
+    for i, heads in enumerate(swin.NUM_HEADS):
+        dim = swin.EMBED_DIM * 2 ** i
+        require(heads >= 1 and dim % heads == 0,
+                f"MODEL.SWIN.EMBED_DIM {swin.EMBED_DIM} gives {dim} channels in stage {i}, "
+                f"not divisible by MODEL.SWIN.NUM_HEADS[{i}] = {heads}")
+    require(config.DATA.IMG_SIZE % swin.PATCH_SIZE == 0,
+            f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} is not divisible by MODEL.SWIN.PATCH_SIZE {swin.PATCH_SIZE}")
+
+
+# -----------------------------------------------------------------------------
+# Entry points
+# -----------------------------------------------------------------------------
+def load_config(path=None, opts=(), environ=None):
+    """Config from a YAML file (or only the defaults) and KEY VALUE overrides; for scripts and tests."""
+    config = get_defaults()
+    if path:
+        _merge_file(config, path)
+    _merge_opts(config, opts)
+    return finalize(config, environ)
+
+
+def get_config(args):
+    """Config of a run from the parsed command line (see build_parser)."""
+    config = get_defaults()
+    _merge_file(config, args.cfg)
+    _apply_flags(config, args)
+    _merge_opts(config, args.opts)
+    if getattr(args, 'local_rank', None) is not None and 'LOCAL_RANK' not in os.environ:
+        config.LOCAL_RANK = args.local_rank
+    return finalize(config)
+
+
+def config_from_yaml_text(text):
+    """Rebuild a config saved as YAML text (in a checkpoint); derived values are kept as saved."""
+    config = get_defaults()
+    data = yaml.safe_load(text) or {}
+    _merge_dict(config, data, _Source('checkpoint config'))
+    config.freeze()
+    return config
