@@ -49,6 +49,12 @@ _C.DATA.MAX_BAD_FRACTION = 0.01
 _C.DATA.PERSISTENT_WORKERS = True
 # Batches each worker loads ahead
 _C.DATA.PREFETCH_FACTOR = 2
+# Train: decode JPEGs at 1/2..1/8 size (DCT scaling) when the random crop still keeps >= IMG_SIZE pixels
+_C.DATA.FAST_DECODE = True
+# Val: reduced-size JPEG decode and resize of only the center crop (faster; pixels may differ by 1 level)
+_C.DATA.VAL_FAST_RESIZE = False
+# With CUDA: loaders yield uint8 images that data.to_device normalizes (and random-erases) on the GPU
+_C.DATA.DEVICE_NORMALIZE = True
 
 # -----------------------------------------------------------------------------
 # Model settings
@@ -295,12 +301,25 @@ def get_defaults():
 # -----------------------------------------------------------------------------
 # Loading YAML files
 # -----------------------------------------------------------------------------
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; a config file with both is almost surely a mistake."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"config key {key} appears twice in {self.name} (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path):
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path, 'r') as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:
@@ -530,6 +549,10 @@ def _validate(config):
             f"MODEL.LABEL_SMOOTHING must be in [0, 1), got {config.MODEL.LABEL_SMOOTHING}")
     require(config.AMP_DTYPE in ('auto', 'float16', 'bfloat16'),
             f"AMP_DTYPE {config.AMP_DTYPE!r} is unknown (choose auto, float16 or bfloat16)")
+    mixup_on = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
+    require(not (mixup_on and config.AUG.MIXUP_MODE in ('batch', 'pair') and config.DATA.BATCH_SIZE % 2),
+            f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} must be even for AUG.MIXUP_MODE "
+            f"{config.AUG.MIXUP_MODE!r} (Mixup/CutMix pair samples)")
     swin = config.MODEL.SWIN
     require(len(swin.DEPTHS) == len(swin.NUM_HEADS),
             f"MODEL.SWIN.DEPTHS {list(swin.DEPTHS)} and MODEL.SWIN.NUM_HEADS {list(swin.NUM_HEADS)} "

@@ -1,0 +1,127 @@
+"""build_loader: the datasets, samplers and loaders of a run and the Mixup/CutMix function (the structure
+of the official Swin data/build.py)."""
+import os
+
+import torch
+from timm.data import Mixup
+
+from errors import DataError
+from .datasets import FolderDataset, ZipDataset
+from .digits import ensure_digits
+from .loader import ImageLoader
+from .samplers import DistributedEpochSampler, ShardSampler, ValSampler
+from .transforms import build_transform
+
+_FOLDER_DATASETS = ('imagenet', 'imagenet22K')
+
+
+def build_loader(config, uint8=None):
+    """(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn).
+
+    In eval mode the train pieces are None (and train/ is not read). Train batches hold exactly
+    DATA.BATCH_SIZE samples; ``data_loader_train.sampler.set_epoch(epoch, start_index)`` orders an epoch
+    (see samplers.EpochSampler: len() stays the full epoch, ``num_remaining`` is what is left). Validation
+    shards exactly (each image once over all ranks). ``uint8``: loaders yield uint8 batches for
+    ``data.to_device`` to normalize; by default when DATA.DEVICE_NORMALIZE and the run uses CUDA.
+    """
+    if uint8 is None:
+        uint8 = config.DATA.DEVICE_NORMALIZE and uses_cuda(config)
+    root = data_root(config)
+    dataset_val = build_dataset(False, config, root, uint8)
+    sampler_val = ValSampler(len(dataset_val), config.RANK, config.WORLD_SIZE, sequential=config.TEST.SEQUENTIAL,
+                             shuffle=config.TEST.SHUFFLE, seed=config.SEED)
+    _fill_cache(config, dataset_val, sampler_val.indices)
+    loader_val = _make_loader(config, dataset_val, sampler_val, drop_last=False)
+    if config.EVAL_MODE:
+        return None, dataset_val, None, loader_val, None
+
+    dataset_train = build_dataset(True, config, root, uint8)
+    if config.DATA.ZIP_MODE:
+        dataset_val.classes = dataset_train.classes  # val members are usually flat: name classes from train
+    elif dataset_val.classes != dataset_train.classes:
+        raise DataError(f"class folders of {dataset_val.root} differ from those of {dataset_train.root}")
+    if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == 'part':
+        sampler_train = ShardSampler(len(dataset_train), config.RANK, config.WORLD_SIZE, config.SEED)
+        _fill_cache(config, dataset_train, sampler_train.shard)
+    else:
+        sampler_train = DistributedEpochSampler(len(dataset_train), config.RANK, config.WORLD_SIZE, config.SEED)
+        _fill_cache(config, dataset_train, range(len(dataset_train)))
+    if len(sampler_train) < config.DATA.BATCH_SIZE:
+        raise DataError(f"{dataset_train.root} gives each of {config.WORLD_SIZE} processes {len(sampler_train)} "
+                        f"images, fewer than DATA.BATCH_SIZE {config.DATA.BATCH_SIZE}")
+    loader_train = _make_loader(config, dataset_train, sampler_train, drop_last=True)
+    return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)
+
+
+def uses_cuda(config):
+    """Whether the run computes on a GPU (config.DEVICE, 'auto' meaning: when one is available)."""
+    if config.DEVICE == 'auto':
+        return torch.cuda.is_available()
+    return config.DEVICE.startswith('cuda')
+
+
+def data_root(config):
+    """The dataset root folder; for digits, written on first use."""
+    dataset, path = config.DATA.DATASET, config.DATA.DATA_PATH
+    if dataset == 'digits':
+        if config.DATA.ZIP_MODE:
+            raise DataError("DATA.ZIP_MODE does not apply to DATA.DATASET digits (a folder tree)")
+        return ensure_digits(path)
+    if dataset not in _FOLDER_DATASETS:
+        raise DataError(f"DATA.DATASET {dataset!r} is unknown (choose one of: imagenet, imagenet22K, digits)")
+    if not path:
+        raise DataError(f"DATA.DATA_PATH is not set (--data-path): {dataset} needs a dataset folder")
+    if not os.path.isdir(path):
+        raise DataError(f"DATA.DATA_PATH {path} does not exist or is not a folder")
+    return path
+
+
+def build_dataset(is_train, config, root, uint8=False):
+    """The train or val split under ``root``: ``<split>/<class>/<image>``, or ``<split>.zip`` +
+    ``<split>_map.txt`` with DATA.ZIP_MODE. The class count must equal MODEL.NUM_CLASSES."""
+    transform = build_transform(is_train, config, uint8)
+    split = 'train' if is_train else 'val'
+    num_classes = config.MODEL.NUM_CLASSES
+    if config.DATA.ZIP_MODE:
+        return ZipDataset(root, split, num_classes, transform)
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise DataError(f"split folder {folder} not found (DATA.DATA_PATH must hold train/ and val/ class folders)")
+    dataset = FolderDataset(folder, transform)
+    if len(dataset.classes) != num_classes:
+        raise DataError(f"{folder} has {len(dataset.classes)} class folders but MODEL.NUM_CLASSES is {num_classes}")
+    return dataset
+
+
+def _fill_cache(config, dataset, indices):
+    """DATA.CACHE_MODE in zip mode: full caches every image, part only those this rank reads."""
+    if not config.DATA.ZIP_MODE or config.DATA.CACHE_MODE == 'no':
+        return
+    dataset.cache(range(len(dataset)) if config.DATA.CACHE_MODE == 'full' else indices)
+
+
+def _make_loader(config, dataset, sampler, drop_last):
+    workers = config.DATA.NUM_WORKERS
+    worker_options = dict(persistent_workers=config.DATA.PERSISTENT_WORKERS,
+                          prefetch_factor=config.DATA.PREFETCH_FACTOR) if workers > 0 else {}
+    return ImageLoader(
+        dataset, config.DATA.MAX_BAD_FRACTION,
+        sampler=sampler,
+        batch_size=config.DATA.BATCH_SIZE,
+        num_workers=workers,
+        pin_memory=config.DATA.PIN_MEMORY and uses_cuda(config),
+        drop_last=drop_last,
+        # the loader's own generator: starting an epoch never draws from the global torch RNG
+        generator=torch.Generator().manual_seed(config.SEED),
+        **worker_options,
+    )
+
+
+def build_mixup(config):
+    """timm Mixup/CutMix (label smoothing folded into the mixed targets), or None when both are off."""
+    aug = config.AUG
+    if not (aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None):
+        return None
+    return Mixup(mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX, cutmix_minmax=aug.CUTMIX_MINMAX,
+                 prob=aug.MIXUP_PROB, switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
+                 label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)

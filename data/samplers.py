@@ -1,0 +1,117 @@
+"""Samplers. Train samplers yield ``(index, seed)`` keys: the dataset seeds the augmentation of that sample
+from ``seed`` (a hash of SEED, epoch and index), so augmentation does not depend on worker count, worker
+scheduling or the resume point. Validation samplers yield plain indices and shard exactly.
+"""
+import math
+
+import torch
+from torch.utils.data import Sampler
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x):
+    """splitmix64 finalizer: a cheap, well-mixed 64-bit hash."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed, epoch, index):
+    """The augmentation seed (63 bits) of dataset sample ``index`` in ``epoch`` of a run seeded ``seed``."""
+    x = _mix64((seed & _MASK64) + 0x9E3779B97F4A7C15)
+    x = _mix64(x ^ (epoch & _MASK64))
+    return _mix64(x ^ index) >> 1
+
+
+class EpochSampler(Sampler):
+    """Base of the train samplers: this rank's keys of one epoch, in an order fixed by (SEED, epoch).
+
+    ``set_epoch(epoch, start_index=0)`` selects the epoch and skips its first ``start_index`` keys of this
+    rank (mid-epoch resume: the same order, continued). ``len()`` is always the full epoch of this rank;
+    ``num_remaining`` is what the next iteration yields (``len() - start_index``). Both stay until the next
+    ``set_epoch``. Subclasses define ``epoch_indices()``.
+    """
+
+    def __init__(self, num_samples, seed):
+        self.num_samples, self.seed = num_samples, seed
+        self.epoch, self.start_index = 0, 0
+
+    def set_epoch(self, epoch, start_index=0):
+        if not 0 <= start_index <= self.num_samples:
+            raise ValueError(f"start_index {start_index} is outside this rank's epoch of {self.num_samples}")
+        self.epoch, self.start_index = epoch, start_index
+
+    @property
+    def num_remaining(self):
+        return self.num_samples - self.start_index
+
+    def _generator(self):
+        return torch.Generator().manual_seed(self.seed + self.epoch)
+
+    def epoch_indices(self):
+        raise NotImplementedError
+
+    def __iter__(self):
+        indices = self.epoch_indices()
+        for index in indices[self.start_index:]:
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+    def __len__(self):
+        return self.num_samples
+
+
+class DistributedEpochSampler(EpochSampler):
+    """torch DistributedSampler semantics (also for one process): one permutation per epoch shared by all
+    ranks, padded by repetition to a multiple of the world size; rank r takes every world-th index from r."""
+
+    def __init__(self, dataset_len, rank, world_size, seed, shuffle=True):
+        super().__init__(math.ceil(dataset_len / world_size), seed)
+        self.dataset_len, self.rank, self.world_size, self.shuffle = dataset_len, rank, world_size, shuffle
+
+    def epoch_indices(self):
+        if self.shuffle:
+            order = torch.randperm(self.dataset_len, generator=self._generator()).tolist()
+        else:
+            order = list(range(self.dataset_len))
+        total = self.num_samples * self.world_size
+        order = (order * math.ceil(total / len(order)))[:total]
+        return order[self.rank:total:self.world_size]
+
+
+class ShardSampler(EpochSampler):
+    """For DATA.CACHE_MODE part: rank r always reads its own shard ``indices[r::world]`` (the images it
+    cached), reshuffled each epoch. Shards are padded with their own first indices to equal length so every
+    rank runs the same number of steps."""
+
+    def __init__(self, dataset_len, rank, world_size, seed):
+        self.shard = list(range(rank, dataset_len, world_size))
+        if not self.shard:
+            raise ValueError(f"rank {rank} of {world_size} gets no samples from a dataset of {dataset_len}")
+        super().__init__(math.ceil(dataset_len / world_size), seed)
+
+    def epoch_indices(self):
+        order = torch.randperm(len(self.shard), generator=self._generator()).tolist()
+        shuffled = [self.shard[i] for i in order]
+        return (shuffled * 2)[:self.num_samples]  # a shard is at most one shorter than num_samples
+
+
+class ValSampler(Sampler):
+    """Exact validation: rank r gets ``order[r::world]`` with no padding, so each image is counted once and
+    N ranks give the accuracy of one. ``sequential``: rank 0 gets every image, the other ranks none.
+    ``shuffle`` fixes one permutation from ``seed`` (only the order of logged batches changes)."""
+
+    def __init__(self, dataset_len, rank, world_size, sequential=False, shuffle=False, seed=0):
+        order = list(range(dataset_len))
+        if shuffle:
+            order = torch.randperm(dataset_len, generator=torch.Generator().manual_seed(seed)).tolist()
+        if sequential:
+            self.indices = order if rank == 0 else []
+        else:
+            self.indices = order[rank::world_size]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)

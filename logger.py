@@ -1,0 +1,115 @@
+"""Logging of a run: text logs (console on rank 0, one file per rank), the resolved config, TensorBoard scalars,
+and the formats of the official log lines (so that every caller prints them the same way).
+"""
+import datetime
+import logging
+import os
+import sys
+
+from errors import ConfigError
+from utils import write_text_atomically
+
+_FORMAT = '[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(message)s'
+_COLOR_FORMAT = ('\033[32m[%(asctime)s %(name)s]\033[0m\033[33m(%(filename)s %(lineno)d)\033[0m: '
+                 '%(levelname)s %(message)s')
+_DATE_FORMAT = '%Y-%m-%d %H:%M:%S'
+
+
+def create_logger(output_dir, dist_rank=0, name='swin'):
+    """The run's logger: rank 0 also prints to stdout; every rank appends to output_dir/log_rank{rank}.txt.
+
+    Calling it again (same name) replaces the handlers it added before instead of adding more.
+    """
+    log_file = os.path.join(output_dir, f'log_rank{dist_rank}.txt')
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        file_handler = logging.FileHandler(log_file, mode='a')  # opens the file: the real write check
+    except OSError as e:
+        raise _not_writable(output_dir, e) from None
+
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    for handler in [h for h in logger.handlers if getattr(h, '_swin_train', False)]:
+        logger.removeHandler(handler)
+        handler.close()
+
+    file_handler.setLevel(logging.DEBUG)
+    file_handler.setFormatter(logging.Formatter(_FORMAT, datefmt=_DATE_FORMAT))
+    handlers = [file_handler]
+    if dist_rank == 0:
+        console = logging.StreamHandler(sys.stdout)
+        console.setLevel(logging.INFO)
+        color = hasattr(sys.stdout, 'isatty') and sys.stdout.isatty()  # no escape codes in redirected output
+        console.setFormatter(logging.Formatter(_COLOR_FORMAT if color else _FORMAT, datefmt=_DATE_FORMAT))
+        handlers.append(console)
+    for handler in handlers:
+        handler._swin_train = True  # marks the handlers a later call replaces
+        logger.addHandler(handler)
+    return logger
+
+
+def save_config(config, output_dir):
+    """Write the full resolved config to output_dir/config.yaml (atomically; call on rank 0). Returns the path."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        return write_text_atomically(os.path.join(output_dir, 'config.yaml'), config.dump())
+    except OSError as e:
+        raise _not_writable(output_dir, e) from None
+
+
+def _not_writable(folder, error):
+    return ConfigError(f"output folder {folder} is not writable: {error.strerror or error}")
+
+
+class MetricWriter:
+    """TensorBoard scalars in output_dir (event files); does nothing when not enabled (ranks other than 0)."""
+
+    def __init__(self, output_dir, enabled=True):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter  # imported only where it is used
+            self.writer = SummaryWriter(log_dir=output_dir)
+
+    def add_scalar(self, tag, value, step):
+        if self.writer is not None:
+            self.writer.add_scalar(tag, float(value), step)
+
+    def add_scalars(self, scalars, step):
+        """One scalar per ``{tag: value}`` entry, all at ``step`` (tags such as 'train/loss')."""
+        for tag, value in scalars.items():
+            self.add_scalar(tag, value, step)
+
+    def flush(self):
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+# -----------------------------------------------------------------------------
+# The official log lines
+# -----------------------------------------------------------------------------
+def format_accuracy(acc1, acc5):
+    return f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}'
+
+
+def format_network_accuracy(num_images, acc1):
+    return f"Accuracy of the network on the {num_images} test images: {acc1:.1f}%"
+
+
+def format_max_accuracy(max_accuracy):
+    return f'Max accuracy: {max_accuracy:.2f}%'
+
+
+def format_throughput(batch_size, throughput):
+    """``throughput`` in images per second (the official measure: 30 batches / their time)."""
+    return f"batch_size {batch_size} throughput {throughput}"
+
+
+def format_eta(seconds):
+    """Seconds as H:MM:SS (whole seconds), as in the official training lines."""
+    return str(datetime.timedelta(seconds=int(seconds)))

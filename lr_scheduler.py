@@ -1,0 +1,97 @@
+"""Learning-rate schedules, updated at every optimizer step (timm schedulers with ``t_in_epochs=False``).
+
+Every schedule starts with a linear warmup from ``TRAIN.EFFECTIVE_WARMUP_LR`` to ``TRAIN.EFFECTIVE_LR`` over
+``WARMUP_EPOCHS * steps_per_epoch`` steps. Usage::
+
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch)   # sets the lr of step 0
+    ...
+    optimizer.step()
+    scheduler.step_update(completed_optimizer_steps)                 # lr of the next step
+
+The schedules keep no running state: ``step_update(k)`` gives the lr of step k whatever was called before, so a
+resumed run only has to call it with the step it resumes at. A group's lr is multiplied by its ``lr_scale``
+(layer-wise LR decay, see optimizer.py) when it has one.
+"""
+import bisect
+
+import torch
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
+from timm.scheduler.scheduler import Scheduler
+
+from errors import ConfigError
+
+SCHEDULERS = ('cosine', 'linear', 'step', 'multistep')
+
+
+def build_scheduler(config, optimizer, steps_per_epoch):
+    """The schedule named by TRAIN.LR_SCHEDULER.NAME, counted in optimizer steps.
+
+    As in the official Swin code, WARMUP_PREFIX only shapes the cosine: when set, the cosine spans the steps after
+    the warmup; otherwise it spans the whole run and the warmup replaces its beginning. 'linear' decays from the
+    end of the warmup to EFFECTIVE_MIN_LR at the last step. 'step' and 'multistep' count DECAY_EPOCHS and
+    MULTISTEPS epochs from the start of training.
+    """
+    train, sched = config.TRAIN, config.TRAIN.LR_SCHEDULER
+    name = sched.NAME.lower()
+    if name not in SCHEDULERS:
+        raise ConfigError(f"TRAIN.LR_SCHEDULER.NAME {sched.NAME!r} is unknown (choose one of: {', '.join(SCHEDULERS)})")
+    total_steps = int(train.EPOCHS * steps_per_epoch)
+    warmup = dict(warmup_t=int(train.WARMUP_EPOCHS * steps_per_epoch), warmup_lr_init=train.EFFECTIVE_WARMUP_LR,
+                  t_in_epochs=False)
+
+    if name == 'cosine':
+        t_initial = total_steps - warmup['warmup_t'] if sched.WARMUP_PREFIX else total_steps
+        scheduler = CosineLRScheduler(optimizer, t_initial=max(1, t_initial), lr_min=train.EFFECTIVE_MIN_LR,
+                                      cycle_limit=1, warmup_prefix=sched.WARMUP_PREFIX, **warmup)
+    elif name == 'linear':
+        scheduler = LinearLRScheduler(optimizer, t_initial=total_steps, lr_min=train.EFFECTIVE_MIN_LR, **warmup)
+    elif name == 'step':
+        if sched.DECAY_EPOCHS <= 0:
+            raise ConfigError(f"TRAIN.LR_SCHEDULER.DECAY_EPOCHS must be positive for the step schedule, "
+                              f"got {sched.DECAY_EPOCHS}")
+        scheduler = StepLRScheduler(optimizer, decay_t=max(1, int(sched.DECAY_EPOCHS * steps_per_epoch)),
+                                    decay_rate=sched.DECAY_RATE, warmup_prefix=False, **warmup)
+    else:
+        milestones = sorted(int(epoch * steps_per_epoch) for epoch in sched.MULTISTEPS)
+        scheduler = _MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=sched.GAMMA,
+                                          warmup_prefix=False, **warmup)
+    scheduler.step_update(0)
+    return scheduler
+
+
+def lr_at(config, steps_per_epoch, step):
+    """The scheduled lr (``lr_scale`` 1) at optimizer step ``step``: to plot or check a schedule."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.TRAIN.EFFECTIVE_LR)
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch)
+    scheduler.step_update(step)
+    return optimizer.param_groups[0]['lr']
+
+
+class LinearLRScheduler(Scheduler):
+    """Linear warmup to the base lr, then a straight line down to ``lr_min`` at step ``t_initial``.
+
+    The official 'linear' ends at 0.01 x the base lr; here it ends at MIN_LR (the same with the default LRs).
+    """
+
+    def __init__(self, optimizer, t_initial, lr_min=0., warmup_t=0, warmup_lr_init=0., t_in_epochs=True,
+                 initialize=True):
+        super().__init__(optimizer, param_group_field='lr', t_in_epochs=t_in_epochs, initialize=initialize)
+        self.t_initial = t_initial
+        self.lr_min = lr_min
+        self.warmup_t = warmup_t
+        self.warmup_lr_init = warmup_lr_init
+        self.update_groups(self._get_lr(0))
+
+    def _get_lr(self, t):
+        if t < self.warmup_t:
+            return [self.warmup_lr_init + (v - self.warmup_lr_init) * t / self.warmup_t for v in self.base_values]
+        progress = min(1.0, (t - self.warmup_t) / max(1, self.t_initial - self.warmup_t))
+        return [v - (v - self.lr_min) * progress for v in self.base_values]
+
+
+class _MultiStepLRScheduler(MultiStepLRScheduler):
+    """timm's multistep with the official (and torch MultiStepLR) milestone rule: the decay applies from step m."""
+
+    def get_curr_decay_steps(self, t):
+        # timm applies milestone m one step early (at t == m - 1), kept there for compatibility
+        return bisect.bisect_right(self.decay_t, t)

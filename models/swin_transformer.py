@@ -1,0 +1,483 @@
+"""Swin Transformer v1 with the official constructor arguments and state_dict keys.
+
+Layout and numerics follow microsoft/Swin-Transformer (``models/swin_transformer.py``): PatchMerging sits at the
+end of a stage, ``relative_position_index`` and ``attn_mask`` are persistent buffers, ``flops()`` counts
+multiply-accumulates the same way. Official checkpoints (``{'model': state_dict}``) load with ``strict=True``.
+
+What differs is how window attention is computed (same results):
+
+* The qkv projection runs on the (B, H, W, C) map and ONE permute copy cuts its output into windows and heads,
+  laid out (B, nW, heads, N, head_dim). The same memory is a 4-D batch of (B * nW, heads) for unshifted blocks
+  and (B, nW * heads) for shifted ones, so the per-window shift mask broadcasts over the batch with no copy.
+* The relative position bias and the shift mask are added into ONE additive mask per forward, shared by all
+  images of the batch; it stays differentiable for ``relative_position_bias_table``.
+* ``fused_attn=True`` hands q, k, v and that mask to ``scaled_dot_product_attention``; ``fused_attn=False`` is
+  the explicit softmax path. Both give the same outputs and gradients.
+* Attention output goes back to the (B, H, W, C) map in one permute copy before ``proj`` (a per-token linear).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.layers import DropPath, to_2tuple, trunc_normal_
+
+from errors import ConfigError
+
+# Masked-out logits get -100 like the official code (not -inf: a row is never fully masked, and -100
+# keeps fp16 finite); exp(-100) is 0 at fp32 precision.
+_MASK_VALUE = -100.0
+# Row stride of the attention mask, in elements: CUDA's memory-efficient SDPA kernel wants 16-byte aligned
+# mask rows (8 halves); N = 49 is not, and SDPA would otherwise pad a copy of the mask on every call.
+_MASK_ALIGN = 8
+
+
+class Mlp(nn.Module):
+    """Two linear layers with GELU in between (the transformer feed-forward)."""
+
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.):
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        x = self.drop(self.act(self.fc1(x)))
+        return self.drop(self.fc2(x))
+
+
+def window_partition(x, window_size):
+    """(B, H, W, C) -> (B * num_windows, window_size, window_size, C), windows in row-major order."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window_size, window_size, W // window_size, window_size, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, C)
+
+
+def window_reverse(windows, window_size, H, W):
+    """Inverse of ``window_partition``: (B * num_windows, window_size, window_size, C) -> (B, H, W, C)."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // window_size, W // window_size, window_size, window_size, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+
+
+def relative_position_index(window_size):
+    """(N, N) index into the (2*Wh-1)*(2*Ww-1) bias table for every pair of tokens of a window."""
+    wh, ww = window_size
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing='ij')).flatten(1)  # 2, N
+    rel = coords[:, :, None] - coords[:, None, :]  # 2, N, N: (dy, dx) from token j to token i
+    return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
+
+
+def shifted_window_mask(input_resolution, window_size, shift_size):
+    """(nW, N, N) additive mask: -100 between tokens that the cyclic shift brought together from apart."""
+    H, W = input_resolution
+    region = torch.zeros(1, H, W, 1)
+    slices = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
+    for i, (h, w) in enumerate((h, w) for h in slices for w in slices):
+        region[:, h, w, :] = i
+    region = window_partition(region, window_size).view(-1, window_size * window_size)
+    same = region.unsqueeze(1) == region.unsqueeze(2)
+    return torch.zeros(same.shape).masked_fill_(~same, _MASK_VALUE)
+
+
+def _sdpa_fits(q, attn_mask):
+    """Whether ``scaled_dot_product_attention`` is the fast way to compute this attention.
+
+    On CPU, SDPA's flash kernel cannot give the mask a gradient, so while the bias table is trained SDPA falls
+    back to its math path, which is slower than the explicit path below (same math, see docs/PERFORMANCE.md).
+    CUDA kernels (memory-efficient attention) do compute the mask gradient.
+    """
+    return not (q.device.type == 'cpu' and attn_mask.requires_grad)
+
+
+class WindowAttention(nn.Module):
+    """Window based multi-head self attention (W-MSA / SW-MSA) with relative position bias.
+
+    Unlike the official module (which takes windows), ``forward`` takes the (already shifted) (B, H, W, C) map
+    and returns one: cutting windows after the qkv projection saves a copy and lets the shift mask broadcast.
+
+    Args:
+        dim: Input channels.
+        window_size: (Wh, Ww) of a window.
+        num_heads: Attention heads.
+        qkv_bias: Learnable bias for query, key and value.
+        qk_scale: Override of the default scale head_dim ** -0.5.
+        attn_drop: Dropout on the attention weights.
+        proj_drop: Dropout on the output.
+        fused_attn: Use ``scaled_dot_product_attention`` (False: the explicit softmax path).
+    """
+
+    def __init__(self, dim, window_size, num_heads, qkv_bias=True, qk_scale=None, attn_drop=0., proj_drop=0.,
+                 fused_attn=True):
+        super().__init__()
+        self.dim = dim
+        self.window_size = to_2tuple(window_size)
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = qk_scale or head_dim ** -0.5
+        self.fused_attn = fused_attn
+
+        wh, ww = self.window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+        self.register_buffer('relative_position_index', relative_position_index(self.window_size))
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=.02)
+
+    def attention_mask(self, mask=None, dtype=None):
+        """Relative position bias plus the optional (nW, N, N) shift mask: (1, heads or nW * heads, N, N).
+
+        Built once per forward and shared by every image of the batch. Its rows are padded in memory to a
+        multiple of ``_MASK_ALIGN`` elements and sliced back (the shape stays N), see ``_MASK_ALIGN``.
+        """
+        N = self.window_size[0] * self.window_size[1]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(N, N, self.num_heads).permute(2, 0, 1)  # heads, N, N
+        if mask is not None:
+            bias = (mask.unsqueeze(1) + bias).flatten(0, 1)  # nW * heads, N, N
+        bias = bias.unsqueeze(0).to(dtype or bias.dtype)  # 4-D: SDPA's CPU flash kernel rejects a 3-D mask  # cast before padding: a later cast would drop the alignment
+        if N % _MASK_ALIGN:
+            bias = F.pad(bias, (0, -N % _MASK_ALIGN))[..., :N]
+        return bias
+
+    def forward(self, x, mask=None):
+        """x: (B, H, W, C) with H, W multiples of the window; mask: (nW, N, N) shift mask or None."""
+        B, H, W, C = x.shape
+        wh, ww = self.window_size
+        nh, nw = H // wh, W // ww
+        heads = self.num_heads
+        # cut the qkv map into windows and heads in one copy: 3, B, nW, heads, N, head_dim
+        qkv = self.qkv(x).view(B, nh, wh, nw, ww, 3, heads, C // heads)
+        qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, B, nh * nw, heads, wh * ww, C // heads)
+        attn_mask = self.attention_mask(mask, qkv.dtype)
+        # batch of (B * nW, heads) without a shift mask, (B, nW * heads) with one: the mask then broadcasts
+        q, k, v = (qkv.flatten(1, 2) if mask is None else qkv.flatten(2, 3)).unbind(0)
+
+        if self.fused_attn and _sdpa_fits(q, attn_mask):
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale,
+                                               dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1) + attn_mask
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = attn @ v
+
+        # windows and heads back to the (B, H, W, C) map in one copy; proj is per token
+        # (reshape: SDPA may return a transposed layout; splitting dims is still a view)
+        x = x.reshape(B, nh, nw, heads, wh, ww, C // heads).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, H, W, C)
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self):
+        return f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, ' \
+               f'fused_attn={self.fused_attn}'
+
+    def flops(self, N):
+        """Multiply-accumulates for one window of N tokens (official count)."""
+        flops = N * self.dim * 3 * self.dim  # qkv
+        flops += self.num_heads * N * (self.dim // self.num_heads) * N  # q @ k^T
+        flops += self.num_heads * N * N * (self.dim // self.num_heads)  # attn @ v
+        flops += N * self.dim * self.dim  # proj
+        return flops
+
+
+class SwinTransformerBlock(nn.Module):
+    """Swin Transformer block: (shifted) window attention and an MLP, each with a residual.
+
+    When the map is not larger than the window (``min(input_resolution) <= window_size``) the window covers
+    the whole map and is not shifted, as in the official code.
+    """
+
+    def __init__(self, dim, input_resolution, num_heads, window_size=7, shift_size=0, mlp_ratio=4.,
+                 qkv_bias=True, qk_scale=None, drop=0., attn_drop=0., drop_path=0., act_layer=nn.GELU,
+                 norm_layer=nn.LayerNorm, fused_window_process=False, fused_attn=True):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = input_resolution
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.mlp_ratio = mlp_ratio
+        if min(self.input_resolution) <= self.window_size:
+            self.shift_size = 0
+            self.window_size = min(self.input_resolution)
+        assert 0 <= self.shift_size < self.window_size, 'shift_size must be in [0, window_size)'
+        # accepted for the official signature; the official CUDA kernel computes what forward() computes
+        self.fused_window_process = fused_window_process
+
+        self.norm1 = norm_layer(dim)
+        self.attn = WindowAttention(dim, window_size=self.window_size, num_heads=num_heads, qkv_bias=qkv_bias,
+                                    qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop, fused_attn=fused_attn)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+        mask = None
+        if self.shift_size > 0:
+            mask = shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
+        self.register_buffer('attn_mask', mask)  # persistent (even when None) like the official block
+
+    def forward(self, x):
+        """x: (B, H * W, C) -> (B, H * W, C)."""
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
+
+        shortcut = x
+        x = self.norm1(x).view(B, H, W, C)
+        if self.shift_size > 0:
+            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
+        x = self.attn(x, mask=self.attn_mask)
+        if self.shift_size > 0:
+            x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        x = shortcut + self.drop_path(x.view(B, L, C))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def extra_repr(self):
+        return f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, ' \
+               f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}'
+
+    def flops(self):
+        H, W = self.input_resolution
+        flops = self.dim * H * W  # norm1
+        nW = H * W / self.window_size / self.window_size
+        flops += nW * self.attn.flops(self.window_size * self.window_size)
+        flops += 2 * H * W * self.dim * self.dim * self.mlp_ratio  # mlp
+        flops += self.dim * H * W  # norm2
+        return flops
+
+
+class PatchMerging(nn.Module):
+    """Merge each 2x2 patch group: (B, H*W, C) -> (B, H/2*W/2, 2C), channel order x0, x1, x2, x3 as official."""
+
+    def __init__(self, input_resolution, dim, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.dim = dim
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(4 * dim)
+
+    def forward(self, x):
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
+        # official concat [x(0,0), x(1,0), x(0,1), x(1,1)] over (row, col) offsets = column offset outer
+        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, -1, 4 * C)
+        return self.reduction(self.norm(x))
+
+    def extra_repr(self):
+        return f'input_resolution={self.input_resolution}, dim={self.dim}'
+
+    def flops(self):
+        H, W = self.input_resolution
+        flops = H * W * self.dim
+        flops += (H // 2) * (W // 2) * 4 * self.dim * 2 * self.dim
+        return flops
+
+
+class BasicLayer(nn.Module):
+    """One stage: ``depth`` blocks alternating unshifted / shifted windows, then an optional downsample."""
+
+    def __init__(self, dim, input_resolution, depth, num_heads, window_size, mlp_ratio=4., qkv_bias=True,
+                 qk_scale=None, drop=0., attn_drop=0., drop_path=0., norm_layer=nn.LayerNorm, downsample=None,
+                 use_checkpoint=False, fused_window_process=False, fused_attn=True):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = input_resolution
+        self.depth = depth
+        self.use_checkpoint = use_checkpoint
+        self.blocks = nn.ModuleList([
+            SwinTransformerBlock(
+                dim=dim, input_resolution=input_resolution, num_heads=num_heads, window_size=window_size,
+                shift_size=0 if (i % 2 == 0) else window_size // 2, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                qk_scale=qk_scale, drop=drop, attn_drop=attn_drop,
+                drop_path=drop_path[i] if isinstance(drop_path, list) else drop_path, norm_layer=norm_layer,
+                fused_window_process=fused_window_process, fused_attn=fused_attn)
+            for i in range(depth)])
+        self.downsample = downsample(input_resolution, dim=dim, norm_layer=norm_layer) if downsample else None
+
+    def forward(self, x):
+        for blk in self.blocks:
+            if self.use_checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x
+
+    def extra_repr(self):
+        return f'dim={self.dim}, input_resolution={self.input_resolution}, depth={self.depth}'
+
+    def flops(self):
+        flops = sum(blk.flops() for blk in self.blocks)
+        if self.downsample is not None:
+            flops += self.downsample.flops()
+        return flops
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens: (B, C, H, W) -> (B, H/p * W/p, embed_dim), a strided conv then optional norm."""
+
+    def __init__(self, img_size=224, patch_size=4, in_chans=3, embed_dim=96, norm_layer=None):
+        super().__init__()
+        img_size = to_2tuple(img_size)
+        patch_size = to_2tuple(patch_size)
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.patches_resolution = [img_size[0] // patch_size[0], img_size[1] // patch_size[1]]
+        self.num_patches = self.patches_resolution[0] * self.patches_resolution[1]
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = norm_layer(embed_dim) if norm_layer is not None else None
+
+    def forward(self, x):
+        H, W = x.shape[2:]
+        if (H, W) != tuple(self.img_size):
+            raise ValueError(f"input image size ({H}*{W}) doesn't match model ({self.img_size[0]}*{self.img_size[1]})")
+        x = self.proj(x).flatten(2).transpose(1, 2)  # B, Ph*Pw, C
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+    def flops(self):
+        Ho, Wo = self.patches_resolution
+        flops = Ho * Wo * self.embed_dim * self.in_chans * (self.patch_size[0] * self.patch_size[1])
+        if self.norm is not None:
+            flops += Ho * Wo * self.embed_dim
+        return flops
+
+
+def check_stage_resolutions(patches_resolution, num_layers, window_size, img_size, patch_size):
+    """Raise ConfigError, in one line naming the config keys, where a stage's map cannot be cut into windows."""
+    for i in range(num_layers):
+        res = (patches_resolution[0] // 2 ** i, patches_resolution[1] // 2 ** i)
+        where = (f"DATA.IMG_SIZE {img_size} with MODEL.SWIN.PATCH_SIZE {patch_size} gives a {res[0]}x{res[1]} "
+                 f"feature map in stage {i}")
+        if min(res) < 1:
+            raise ConfigError(f"{where}: too small for {num_layers} stages")
+        if i < num_layers - 1 and (res[0] % 2 or res[1] % 2):
+            raise ConfigError(f"{where}, which patch merging cannot halve (needs even sides); choose "
+                              f"DATA.IMG_SIZE = MODEL.SWIN.PATCH_SIZE x a multiple of {2 ** (num_layers - 1)}")
+        window = min(min(res), window_size)  # a map not larger than the window is one window
+        if res[0] % window or res[1] % window:
+            raise ConfigError(f"{where}, not divisible by MODEL.SWIN.WINDOW_SIZE {window_size}; choose "
+                              f"DATA.IMG_SIZE and MODEL.SWIN.WINDOW_SIZE so that every stage map is a "
+                              f"multiple of the window (or not larger than it)")
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer v1 (https://arxiv.org/abs/2103.14030), official arguments and state_dict keys.
+
+    Args:
+        img_size: Input image size (int or (H, W)).
+        patch_size: Patch size.
+        in_chans: Input channels.
+        num_classes: Classifier outputs (0: no head).
+        embed_dim: Channels of the first stage (doubled at each stage).
+        depths: Blocks per stage.
+        num_heads: Attention heads per stage.
+        window_size: Window size.
+        mlp_ratio: MLP hidden width / embedding width.
+        qkv_bias: Learnable bias for query, key, value.
+        qk_scale: Override of the attention scale head_dim ** -0.5.
+        drop_rate: Dropout after the embedding, the attention projection and in the MLP (official use).
+        attn_drop_rate: Dropout on the attention weights.
+        drop_path_rate: Stochastic depth rate, increasing linearly over the blocks.
+        norm_layer: Normalization layer.
+        ape: Add an absolute position embedding to the patch embedding.
+        patch_norm: LayerNorm after the patch embedding.
+        use_checkpoint: Gradient checkpointing per block (saves memory, recomputes in backward).
+        fused_window_process: Official CUDA-kernel switch; accepted, same results without it.
+        fused_attn: Window attention through ``scaled_dot_product_attention`` (False: explicit softmax).
+    """
+
+    def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96, depths=[2, 2, 6, 2],
+                 num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4., qkv_bias=True, qk_scale=None, drop_rate=0.,
+                 attn_drop_rate=0., drop_path_rate=0.1, norm_layer=nn.LayerNorm, ape=False, patch_norm=True,
+                 use_checkpoint=False, fused_window_process=False, fused_attn=True, **kwargs):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.ape = ape
+        self.patch_norm = patch_norm
+        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.mlp_ratio = mlp_ratio
+
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                      embed_dim=embed_dim, norm_layer=norm_layer if self.patch_norm else None)
+        num_patches = self.patch_embed.num_patches
+        patches_resolution = self.patch_embed.patches_resolution
+        self.patches_resolution = patches_resolution
+        check_stage_resolutions(patches_resolution, self.num_layers, window_size, img_size, patch_size)
+
+        if self.ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=.02)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu')]  # stochastic depth
+        self.layers = nn.ModuleList()
+        for i in range(self.num_layers):
+            self.layers.append(BasicLayer(
+                dim=int(embed_dim * 2 ** i),
+                input_resolution=(patches_resolution[0] // (2 ** i), patches_resolution[1] // (2 ** i)),
+                depth=depths[i], num_heads=num_heads[i], window_size=window_size, mlp_ratio=self.mlp_ratio,
+                qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], norm_layer=norm_layer,
+                downsample=PatchMerging if (i < self.num_layers - 1) else None, use_checkpoint=use_checkpoint,
+                fused_window_process=fused_window_process, fused_attn=fused_attn))
+
+        self.norm = norm_layer(self.num_features)
+        self.avgpool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {'absolute_pos_embed'}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self):
+        return {'relative_position_bias_table'}
+
+    def forward_features(self, x):
+        """(B, in_chans, H, W) -> pooled features (B, num_features)."""
+        x = self.patch_embed(x)
+        if self.ape:
+            x = x + self.absolute_pos_embed
+        x = self.pos_drop(x)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x)  # B, L, C
+        x = self.avgpool(x.transpose(1, 2))  # B, C, 1
+        return torch.flatten(x, 1)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+    def flops(self):
+        """Multiply-accumulates of one forward pass for one image, counted like the official code."""
+        flops = self.patch_embed.flops()
+        flops += sum(layer.flops() for layer in self.layers)
+        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // (2 ** self.num_layers)
+        flops += self.num_features * self.num_classes
+        return flops

@@ -1,0 +1,95 @@
+"""The optimizer of a run: AdamW or SGD over decay / no-decay parameter groups, optional layer-wise LR decay.
+
+The learning rate set here is ``TRAIN.EFFECTIVE_LR``; the scheduler (lr_scheduler.py) overwrites every group's
+lr at each step, multiplied by the group's ``lr_scale`` when layer decay is on.
+"""
+import torch
+
+from errors import ConfigError
+from utils import unwrap_model
+
+OPTIMIZERS = ('adamw', 'sgd')
+
+
+def build_optimizer(config, model, logger=None):
+    """AdamW (default) or SGD for ``model``; a DDP or torch.compile wrapper around it is fine."""
+    name = config.TRAIN.OPTIMIZER.NAME.lower()
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"TRAIN.OPTIMIZER.NAME {config.TRAIN.OPTIMIZER.NAME!r} is unknown "
+                          f"(choose one of: {', '.join(OPTIMIZERS)})")
+
+    # Names must be the official ones ("absolute_pos_embed", not "module._orig_mod.absolute_pos_embed")
+    # for the skip lists and the layer ids to match.
+    model = unwrap_model(model)
+    skip = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
+    skip_keywords = set(model.no_weight_decay_keywords()) if hasattr(model, 'no_weight_decay_keywords') else set()
+    groups, names = param_groups(model, config.TRAIN.WEIGHT_DECAY, skip, skip_keywords,
+                                 config.TRAIN.LAYER_DECAY, list(config.MODEL.SWIN.DEPTHS))
+    if logger is not None:
+        _log_groups(logger, groups, names)
+
+    lr = config.TRAIN.EFFECTIVE_LR
+    if name == 'sgd':
+        return torch.optim.SGD(groups, lr=lr, momentum=config.TRAIN.OPTIMIZER.MOMENTUM, nesterov=True,
+                               weight_decay=config.TRAIN.WEIGHT_DECAY)
+    # The fused kernel is the fastest on CUDA; elsewhere the multi-tensor (foreach) path is.
+    on_cuda = all(p.is_cuda for group in groups for p in group['params'])
+    kernel = {'fused': True} if on_cuda else {'foreach': True}
+    return torch.optim.AdamW(groups, lr=lr, eps=config.TRAIN.OPTIMIZER.EPS, betas=tuple(config.TRAIN.OPTIMIZER.BETAS),
+                             weight_decay=config.TRAIN.WEIGHT_DECAY, **kernel)
+
+
+def skip_weight_decay(name, param, skip=(), skip_keywords=()):
+    """True for parameters trained without weight decay: norms, biases, position tables (official rule)."""
+    return (param.ndim <= 1 or name.endswith('.bias') or name in skip
+            or any(keyword in name for keyword in skip_keywords))
+
+
+def swin_layer_id(name, depths):
+    """Layer id of a Swin parameter for layer-wise LR decay: 0 (patch embedding) .. sum(depths) + 1 (head)."""
+    num_layers = sum(depths)
+    if name.startswith(('patch_embed', 'absolute_pos_embed')):
+        return 0
+    if name.startswith('layers.'):
+        parts = name.split('.')
+        stage = int(parts[1])
+        if parts[2] == 'blocks':
+            return sum(depths[:stage]) + int(parts[3]) + 1
+        return sum(depths[:stage + 1])  # the downsample closing a stage goes with its last block
+    return num_layers + 1  # final norm, head
+
+
+def param_groups(model, weight_decay, skip=(), skip_keywords=(), layer_decay=1.0, depths=()):
+    """Parameter groups for the optimizer, and the parameter names of each group (for logging).
+
+    Without layer decay: [decay, no-decay]. With it: one decay and one no-decay group per layer id, each with
+    ``lr_scale = layer_decay ** (num_layers + 1 - layer_id)``. Frozen parameters are left out; empty groups too.
+    """
+    use_layer_decay = layer_decay != 1.0
+    num_layers = sum(depths)
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = skip_weight_decay(name, param, skip, skip_keywords)
+        layer_id = swin_layer_id(name, depths) if use_layer_decay else None
+        key = (layer_id, no_decay)
+        if key not in groups:
+            group = {'params': [], 'weight_decay': 0. if no_decay else weight_decay}
+            if use_layer_decay:
+                group['lr_scale'] = layer_decay ** (num_layers + 1 - layer_id)
+            groups[key] = (group, [])
+        groups[key][0]['params'].append(param)
+        groups[key][1].append(name)
+    # by layer, and decay before no-decay inside a layer (the official order)
+    ordered = [groups[key] for key in sorted(groups, key=lambda k: (k[0] or 0, k[1]))]
+    return [group for group, _ in ordered], [names for _, names in ordered]
+
+
+def _log_groups(logger, groups, names):
+    for group, group_names in zip(groups, names):
+        scale = f", lr_scale {group['lr_scale']:.4g}" if 'lr_scale' in group else ''
+        count = sum(p.numel() for p in group['params'])
+        logger.info(f"param group (weight_decay {group['weight_decay']}{scale}): "
+                    f"{len(group_names)} tensors, {count} parameters")
+        logger.debug(f"  {', '.join(group_names)}")

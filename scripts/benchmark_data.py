@@ -1,0 +1,173 @@
+"""Images/s of our train and val input pipelines against a plain baseline, in one run.
+
+Baseline: torchvision ImageFolder + the same timm train transform / the official val transform (float
+tensors, normalized in the workers), a plain DataLoader with the same workers and batch size. Ours:
+``data.build_loader`` in two forms:
+
+* ``ours``: what a CPU run builds (float batches, normalized in the workers).
+* ``ours-u8``: what a CUDA run builds (uint8 batches; ``data.to_device`` converts and normalizes them on the
+  device). Every timed loop calls to_device / ``.to(device)``, so on a CPU-only machine the conversion is
+  paid by the main process here (on a GPU it runs there instead).
+
+Rounds are interleaved (each pipeline once per round, order rotating) and the median is reported, so load
+from other processes hits every column alike. Without ``--data-path`` a synthetic ImageNet-like tree (JPEGs
+of 400-500 px) is written to a temporary folder.
+
+Examples::
+
+    python scripts/benchmark_data.py                         # synthetic data, 2 workers, batch 32
+    python scripts/benchmark_data.py --data-path /data/imagenet --workers 8 --batch-size 128
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+from config import load_config  # noqa: E402
+from data.transforms import fix_posterize  # noqa: E402
+
+
+def parse_args():
+    parser = argparse.ArgumentParser('input pipeline benchmark')
+    parser.add_argument('--data-path', help='ImageFolder root with train/ and val/ (default: synthetic)')
+    parser.add_argument('--classes', type=int, default=8, help='synthetic: class folders')
+    parser.add_argument('--images-per-class', type=int, default=40, help='synthetic: images per class')
+    parser.add_argument('--workers', type=int, default=2)
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--batches', type=int, default=8, help='timed batches per measurement')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed batches first (worker start-up)')
+    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--val-fast-resize', action='store_true', help='also time DATA.VAL_FAST_RESIZE')
+    parser.add_argument('--opts', nargs='*', default=[], help='extra config KEY VALUE pairs')
+    return parser.parse_args()
+
+
+def write_synthetic(root, classes, per_class, seed=0):
+    """An ImageFolder tree of photo-like JPEGs (smooth color fields plus grain, 400-500 px, quality 90);
+    val/ holds hard links to the train files."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        for split in ('train', 'val'):
+            os.makedirs(os.path.join(root, split, f'class{c:03d}'), exist_ok=True)
+        for i in range(per_class):
+            w, h = (int(v) for v in rng.integers(400, 501, size=2))
+            field = rng.integers(0, 256, (int(rng.integers(3, 10)), int(rng.integers(3, 10)), 3), dtype=np.uint8)
+            pixels = np.asarray(Image.fromarray(field).resize((w, h), Image.BICUBIC), dtype=np.int16)
+            pixels = np.clip(pixels + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
+            name = os.path.join(f'class{c:03d}', f'{i:05d}.jpg')
+            Image.fromarray(pixels).save(os.path.join(root, 'train', name), quality=90)
+            os.link(os.path.join(root, 'train', name), os.path.join(root, 'val', name))
+
+
+def baseline_loaders(config, root, workers, batch_size):
+    """torchvision ImageFolder + timm's train transform / the official val transform, plain DataLoader."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+    from torchvision import datasets, transforms
+
+    aug, size = config.AUG, config.DATA.IMG_SIZE
+    train_tf = create_transform(size, is_training=True, color_jitter=aug.COLOR_JITTER or None,
+                                auto_augment=aug.AUTO_AUGMENT if aug.AUTO_AUGMENT not in ('', 'none') else None,
+                                re_prob=aug.REPROB, re_mode=aug.REMODE, re_count=aug.RECOUNT,
+                                interpolation=config.DATA.INTERPOLATION)
+    for step in train_tf.transforms:
+        fix_posterize(step)  # else Pillow 13 raises on PosterizeIncreasing's 0 bits (see data/transforms.py)
+    val_tf = transforms.Compose([
+        transforms.Resize(int(256 / 224 * size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size), transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    common = dict(batch_size=batch_size, num_workers=workers)
+    train = torch.utils.data.DataLoader(datasets.ImageFolder(os.path.join(root, 'train'), train_tf),
+                                        shuffle=True, drop_last=True, **common)
+    val = torch.utils.data.DataLoader(datasets.ImageFolder(os.path.join(root, 'val'), val_tf), **common)
+    return train, val
+
+
+def images_per_second(loader, device, move, warmup, batches, epoch):
+    if hasattr(loader.sampler, 'set_epoch'):
+        loader.sampler.set_epoch(epoch)
+    it = iter(loader)
+    for _ in range(warmup):
+        move(*next(it), device)
+    start, seen = time.perf_counter(), 0
+    for _ in range(batches):
+        images, _ = move(*next(it), device)
+        seen += images.shape[0]
+    elapsed = time.perf_counter() - start
+    del it  # stops the workers
+    return seen / elapsed
+
+
+def plain_move(images, targets, device):
+    return images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
+def main():
+    args = parse_args()
+    tmp = None
+    root = args.data_path
+    if root is None:
+        tmp = tempfile.TemporaryDirectory(prefix='swin-data-bench-')
+        root = tmp.name
+        print(f"writing {args.classes * args.images_per_class} synthetic JPEGs to {root} ...", flush=True)
+        write_synthetic(root, args.classes, args.images_per_class)
+    num_classes = len([d for d in os.scandir(os.path.join(root, 'train')) if d.is_dir()])
+    opts = ['DATA.DATA_PATH', root, 'DATA.IMG_SIZE', args.img_size, 'DATA.BATCH_SIZE', args.batch_size,
+            'DATA.NUM_WORKERS', args.workers, 'DATA.PERSISTENT_WORKERS', False, 'MODEL.NUM_CLASSES', num_classes,
+            'DEVICE', args.device] + list(args.opts)
+    config = load_config(None, opts, environ={})
+    needed = (args.warmup + args.batches) * args.batch_size
+    print(f"{torch.__version__=} workers={args.workers} batch={args.batch_size} img={args.img_size} "
+          f"device={args.device}; each measurement: {args.warmup} warm-up + {args.batches} timed batches")
+
+    base_train, base_val = baseline_loaders(config, root, args.workers, args.batch_size)
+    ours_float = data.build_loader(config, uint8=False)
+    ours_u8 = data.build_loader(config, uint8=True)
+    for name, loader in (('train', base_train), ('val', base_val)):
+        if len(loader.dataset) < needed:
+            sys.exit(f"{name} has {len(loader.dataset)} images; this run needs {needed}")
+    pipelines = {
+        'train baseline': (base_train, plain_move),
+        'train ours': (ours_float[2], data.to_device),
+        'train ours-u8': (ours_u8[2], data.to_device),
+        'val baseline': (base_val, plain_move),
+        'val ours': (ours_float[3], data.to_device),
+        'val ours-u8': (ours_u8[3], data.to_device),
+    }
+    if args.val_fast_resize:
+        fast = load_config(None, opts + ['DATA.VAL_FAST_RESIZE', True, 'EVAL_MODE', True], environ={})
+        pipelines['val ours-u8-fast'] = (data.build_loader(fast, uint8=True)[3], data.to_device)
+
+    results = {name: [] for name in pipelines}
+    names = list(pipelines)
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            loader, move = pipelines[name]
+            results[name].append(images_per_second(loader, args.device, move, args.warmup, args.batches, r))
+        print(f"round {r + 1}/{args.rounds}: " + ', '.join(f"{n} {results[n][-1]:.0f}" for n in names), flush=True)
+
+    print(f"\n{'pipeline':<20}{'images/s (median)':>18}{'vs baseline':>13}")
+    for name in names:
+        split = name.split()[0]
+        median = statistics.median(results[name])
+        base = statistics.median(results[f'{split} baseline'])
+        print(f"{name:<20}{median:>18.1f}{median / base:>12.2f}x")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == '__main__':
+    main()

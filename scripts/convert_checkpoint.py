@@ -1,0 +1,60 @@
+"""Convert Swin v1 weights between the official layout and timm's (>= 0.9) layout.
+
+    python scripts/convert_checkpoint.py IN OUT --to official   # writes {'model': state_dict}, as the official releases
+    python scripts/convert_checkpoint.py IN OUT --to timm       # writes a bare state_dict, as timm's files
+
+IN may be one of our training checkpoints (its model weights, or with --ema its EMA weights), an official
+checkpoint, a {'state_dict': ...} file or a bare state_dict in either layout. Only weights are written (no
+optimizer state). relative_position_index / attn_mask are not written to timm files (timm computes them) and
+are left out of official files converted from timm; every loader recomputes them from the model's config.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from checkpoint import atomic_save, extract_state_dict, load_file, official_to_timm
+from errors import CheckpointError
+
+
+def convert(src, dst, to, ema=False):
+    """Read src, write dst in the `to` layout; returns the number of tensors written."""
+    obj = load_file(src)
+    if ema:
+        if not isinstance(obj, dict) or obj.get('model_ema') is None:
+            raise CheckpointError(f"checkpoint {src} has no EMA weights (model_ema)")
+        obj = obj['model_ema']
+    sd = extract_state_dict(obj, f"checkpoint {src}")  # always comes back in the official layout
+    if 'patch_embed.proj.weight' not in sd:
+        raise CheckpointError(f"checkpoint {src} does not hold Swin weights (no patch_embed.proj.weight)")
+    if to == 'timm':
+        sd = official_to_timm(sd)
+        out = sd
+    else:
+        out = {'model': sd}
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"output folder does not exist: {folder}")
+    atomic_save(out, dst)
+    return len(sd)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('src', metavar='IN', help='checkpoint or weights file to read')
+    parser.add_argument('dst', metavar='OUT', help='file to write (replaced atomically)')
+    parser.add_argument('--to', required=True, choices=['official', 'timm'], help='layout of OUT')
+    parser.add_argument('--ema', action='store_true', help="convert the EMA weights of one of our training checkpoints")
+    args = parser.parse_args(argv)
+    try:
+        count = convert(args.src, args.dst, args.to, args.ema)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst}: {count} tensors in the {args.to} layout")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

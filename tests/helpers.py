@@ -1,0 +1,122 @@
+"""Helpers for tests that run main.py as a real process: a tiny image dataset, a tiny config, log parsing."""
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ('circle', 'square', 'stripes')
+
+
+def make_image_folder(root, train_per_class=16, val_per_class=7, size=32, seed=0):
+    """A learnable 3-class ImageFolder tree of PNGs; 3 x 7 = 21 val images (odd, for exact-validation tests)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for split, count in (('train', train_per_class), ('val', val_per_class)):
+        for label, name in enumerate(CLASSES):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                cx, cy = rng.integers(8, size - 8, 2)
+                if label == 0:
+                    mask = (xx - cx) ** 2 + (yy - cy) ** 2 < 36
+                elif label == 1:
+                    mask = (abs(xx - cx) < 6) & (abs(yy - cy) < 6)
+                else:
+                    mask = (xx // 3) % 2 == 0
+                pixels = rng.integers(0, 60, (size, size, 3))
+                pixels[mask] = 200 + rng.integers(0, 55, 3)
+                Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f'{i:03d}.png'))
+    return str(root)
+
+
+def tiny_yaml(path, data_path, extra='', num_workers=0):
+    """Write a tiny-Swin training config; ``extra`` adds YAML sections, e.g. 'TRAIN:\\n  EPOCHS: 3\\n'."""
+    text = f"""DATA:
+  DATASET: imagenet
+  DATA_PATH: {data_path}
+  IMG_SIZE: 32
+  BATCH_SIZE: 4
+  NUM_WORKERS: {num_workers}
+MODEL:
+  NAME: tiny
+  NUM_CLASSES: 3
+  DROP_PATH_RATE: 0.1
+  SWIN:
+    PATCH_SIZE: 2
+    WINDOW_SIZE: 4
+    EMBED_DIM: 24
+    DEPTHS: [2, 2]
+    NUM_HEADS: [3, 6]
+PRINT_FREQ: 1
+SEED: 3
+"""
+    text += extra
+    with open(path, 'w') as f:
+        f.write(text)
+    return str(path)
+
+
+def child_env(**extra):
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def main_command(*args):
+    return [sys.executable, os.path.join(ROOT, 'main.py'), *args]
+
+
+def run_main(*args, timeout=300, **env):
+    return subprocess.run(main_command(*args), cwd=ROOT, env=child_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def torchrun_command(nproc, *args):
+    return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
+            '--master_port', str(free_port()), os.path.join(ROOT, 'main.py'), *args]
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+TRAIN_LINE = re.compile(r"Train: \[(\d+)/\d+\]\[(\d+)/\d+\].*?\tloss ([0-9.]+|nan|inf)")
+
+
+def logged_losses(log_text):
+    """{(epoch, step): loss} from training log lines (a resumed run's repeated steps overwrite)."""
+    return {(int(e), int(s)): loss for e, s, loss in TRAIN_LINE.findall(log_text)}
+
+
+def load_weights(path):
+    return torch.load(path, map_location='cpu', weights_only=True)['model']
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different[:5]}"

@@ -1,0 +1,451 @@
+"""checkpoint.py and its scripts, on real files: atomic saves, resume, weight layouts, fine-tuning loads."""
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import ROOT, TINY_OPTS, make_tiny_config
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+
+import checkpoint
+from config import load_config
+from errors import CheckpointError
+from models import build_model
+
+LOG = logging.getLogger('test_checkpoint')
+TIMM_TINY_KWARGS = {'img_size': 32, 'patch_size': 2, 'window_size': 4, 'embed_dim': 24, 'depths': (2, 2),
+                    'num_heads': (3, 6), 'num_classes': 10}
+
+
+@pytest.fixture(autouse=True)
+def _capture_logs(caplog):
+    caplog.set_level(logging.INFO, logger=LOG.name)
+
+
+def tiny_model(config, seed=0):
+    torch.manual_seed(seed)
+    return build_model(config).eval()
+
+
+class Run:
+    """The training objects of a tiny run, one optimizer step in, as the engine holds them."""
+
+    def __init__(self, config, seed=0, scaler=False, ema=False):
+        self.config = config
+        self.model = tiny_model(config, seed)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.lr_scheduler = CosineLRScheduler(self.optimizer, t_initial=100, warmup_t=5, t_in_epochs=False)
+        self.scaler = torch.amp.GradScaler('cpu') if scaler else None
+        self.model_ema = ModelEmaV3(self.model, decay=0.9) if ema else None
+
+    def step(self):
+        self.model.train()
+        loss = self.model(torch.randn(2, 3, 32, 32)).logsumexp(-1).mean()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.lr_scheduler.step_update(1)
+        if self.model_ema is not None:
+            self.model_ema.update(self.model)
+        self.model.eval()
+        return self
+
+    def state(self, epoch, step_in_epoch=0, max_accuracy=50.0):
+        return checkpoint.training_state(
+            self.config, self.model, self.optimizer, self.lr_scheduler, self.scaler, self.model_ema, epoch,
+            step_in_epoch, global_step=10 * epoch + step_in_epoch, max_accuracy=max_accuracy,
+            class_names=[f'class{i}' for i in range(10)], rng_states=[checkpoint.capture_rng_state()])
+
+    def restore(self, state, **kwargs):
+        return checkpoint.restore_training_state(state, self.model, self.optimizer, self.lr_scheduler, self.scaler,
+                                                 self.model_ema, LOG, **kwargs)
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def pth_files(folder):
+    return sorted(name for name in os.listdir(folder) if name.endswith('.pth'))
+
+
+# -----------------------------------------------------------------------------
+# Saving and resuming
+# -----------------------------------------------------------------------------
+def partly_written_temp_files(folder):
+    sizes = []
+    for path in folder.iterdir():
+        try:
+            sizes += [path.stat().st_size] if path.name.endswith('.tmp') else []
+        except FileNotFoundError:  # renamed onto the real name meanwhile
+            pass
+    return [size for size in sizes if size > 0]
+
+
+def test_atomic_save_survives_sigkill_mid_write(tmp_path):
+    path = tmp_path / 'ckpt_epoch_0.pth'
+    # a valid training checkpoint with a big tensor, rewritten under the same name until killed
+    code = f"""
+import sys, torch
+sys.path.insert(0, {ROOT!r})
+from checkpoint import atomic_save
+weights = torch.zeros(8 * 1024 * 1024)
+step = 0
+while True:
+    weights.fill_(step)
+    atomic_save({{'model': {{'w': weights}}, 'optimizer': {{}}, 'lr_scheduler': {{}}, 'epoch': step,
+                 'step_in_epoch': 0, 'global_step': step, 'max_accuracy': 0.0, 'config': '',
+                 'format_version': 1}}, {str(path)!r})
+    step += 1
+"""
+    proc = subprocess.Popen([sys.executable, '-c', code])
+    try:
+        deadline = time.time() + 60
+        while not path.exists() or not partly_written_temp_files(tmp_path):
+            assert time.time() < deadline and proc.poll() is None, "the saving process did not get going"
+            time.sleep(0.0005)
+        os.kill(proc.pid, signal.SIGKILL)  # a save is in flight: its temp file is partly written
+    finally:
+        proc.kill()
+        proc.wait()
+    state = checkpoint.load_file(path)
+    assert torch.all(state['model']['w'] == state['epoch'])  # complete, and from one single save
+    assert checkpoint.find_resume_checkpoint(str(tmp_path), LOG) == str(path)
+    assert os.listdir(tmp_path) == [path.name]  # the stray temp file was cleaned up
+
+
+def test_resume_skips_truncated_newest_checkpoint(tiny_config, caplog):
+    config = tiny_config()
+    run = Run(config)
+    for epoch in (1, 2):
+        checkpoint.save_checkpoint(config, run.state(epoch), LOG)
+    newest = os.path.join(config.OUTPUT_DIR, 'ckpt_epoch_2.pth')
+    with open(newest, 'r+b') as f:  # last.pth is the same file: it is truncated too
+        f.truncate(os.path.getsize(newest) // 2)
+    with open(os.path.join(config.OUTPUT_DIR, 'notes.pth'), 'w') as f:
+        f.write('not a checkpoint')
+
+    found = checkpoint.find_resume_checkpoint(config.OUTPUT_DIR, LOG)
+
+    assert found == os.path.join(config.OUTPUT_DIR, 'ckpt_epoch_1.pth')
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(newest in w and 'truncated' in w for w in warnings)
+    assert any('last.pth' in w for w in warnings) and any('notes.pth' in w for w in warnings)
+    assert checkpoint.find_resume_checkpoint(os.path.join(config.OUTPUT_DIR, 'missing'), LOG) is None
+
+
+def test_resume_orders_mid_epoch_states(tiny_config):
+    config = tiny_config('KEEP_CHECKPOINTS', 0)
+    run = Run(config)
+    checkpoint.save_checkpoint(config, run.state(1), LOG)
+    mid = checkpoint.save_checkpoint(config, run.state(2, step_in_epoch=7), LOG)
+    assert mid.endswith('ckpt_epoch_2_step_7.pth')
+    os.remove(os.path.join(config.OUTPUT_DIR, 'last.pth'))
+    os.utime(mid, (0, 0))  # older on disk, but further in training: the recorded (epoch, step) decides
+    assert checkpoint.find_resume_checkpoint(config.OUTPUT_DIR, LOG) == mid
+
+
+def test_retention_keeps_newest_k_and_last_best(tiny_config):
+    config = tiny_config('KEEP_CHECKPOINTS', 2)
+    run = Run(config)
+    checkpoint.save_checkpoint(config, run.state(0), LOG)
+    checkpoint.save_checkpoint(config, run.state(1, max_accuracy=90.0), LOG, is_best=True)
+    checkpoint.save_checkpoint(config, run.state(2, step_in_epoch=3), LOG)
+    checkpoint.save_checkpoint(config, run.state(2), LOG)
+    checkpoint.save_checkpoint(config, run.state(3), LOG)
+
+    assert pth_files(config.OUTPUT_DIR) == ['best.pth', 'ckpt_epoch_2.pth', 'ckpt_epoch_3.pth', 'last.pth']
+    assert checkpoint.load_file(os.path.join(config.OUTPUT_DIR, 'last.pth'))['epoch'] == 3
+    best = checkpoint.load_file(os.path.join(config.OUTPUT_DIR, 'best.pth'))
+    assert (best['epoch'], best['max_accuracy']) == (1, 90.0)
+
+
+def test_everything_written_loads_with_weights_only(tiny_config, tmp_path):
+    config = tiny_config('MODEL_EMA', True)
+    run = Run(config, scaler=True, ema=True).step()
+    path = checkpoint.save_checkpoint(config, run.state(0), LOG, is_best=True)
+    for name in pth_files(config.OUTPUT_DIR):
+        state = torch.load(os.path.join(config.OUTPUT_DIR, name), map_location='cpu', weights_only=True)
+        assert state['format_version'] == checkpoint.FORMAT_VERSION
+    assert checkpoint.load_file(path)['class_names'][3] == 'class3'
+
+    # anything beyond tensors and built-in types is refused when building the state, not when resuming
+    run.lr_scheduler.noise_pct = np.float64(0.5)
+    with pytest.raises(CheckpointError, match=r'checkpoint\.lr_scheduler\.noise_pct.*numpy'):
+        run.state(1)
+
+
+class Payload:
+    """Stands for arbitrary pickled code in a hostile file."""
+
+
+def test_checkpoint_with_pickled_object_is_refused(tmp_path):
+    path = tmp_path / 'evil.pth'
+    torch.save({'model': {'w': torch.ones(2)}, 'payload': Payload()}, path)
+    with pytest.raises(CheckpointError, match='evil.pth.*refused.*Payload'):
+        checkpoint.load_file(path)
+    with pytest.raises(CheckpointError, match='checkpoint not found: .*absent.pth'):
+        checkpoint.load_file(tmp_path / 'absent.pth')
+    (tmp_path / 'image.pth').write_bytes(b'\xff\xd8\xff\xe0' + bytes(100))  # a JPEG named .pth
+    with pytest.raises(CheckpointError, match='image.pth is corrupt or not a checkpoint'):
+        checkpoint.load_file(tmp_path / 'image.pth')
+
+
+def test_rng_capture_restore_repeats_the_next_numbers(tmp_path):
+    def draw():
+        return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(),
+                torch.rand(3).tolist())
+
+    random.gauss(0, 1)  # leaves a cached gaussian in both generators
+    np.random.randn()
+    state = checkpoint.capture_rng_state()
+    checkpoint.atomic_save(state, tmp_path / 'rng.pth')
+    first = draw()
+    checkpoint.restore_rng_state(state)
+    assert draw() == first
+    checkpoint.restore_rng_state(checkpoint.load_file(tmp_path / 'rng.pth'))
+    assert draw() == first
+
+
+def test_resume_restores_everything(tiny_config):
+    config = tiny_config('MODEL_EMA', True)
+    run = Run(config, scaler=True, ema=True).step()
+    checkpoint.save_checkpoint(config, run.state(2), LOG)
+    expected_rng = torch.rand(4)
+    path = checkpoint.find_resume_checkpoint(config.OUTPUT_DIR, LOG)
+
+    fresh = Run(config, seed=1, scaler=True, ema=True)
+    state = checkpoint.load_training_state(path, config, LOG)
+    assert fresh.restore(state) == (3, 0, 20, 50.0)
+    assert torch.equal(torch.rand(4), expected_rng)
+    assert_same_tensors(fresh.model.state_dict(), run.model.state_dict())
+    assert_same_tensors(fresh.model_ema.module.state_dict(), run.model_ema.module.state_dict())
+    assert fresh.optimizer.state_dict()['state'][0]['step'] == run.optimizer.state_dict()['state'][0]['step']
+    assert fresh.scaler.state_dict() == run.scaler.state_dict()
+
+    mid = run.state(4, step_in_epoch=5)
+    assert fresh.restore(mid) == (4, 5, 45, 50.0)
+
+
+def test_resume_from_official_checkpoint_and_bare_weights(tiny_config, tmp_path, caplog):
+    config = tiny_config()
+    run = Run(config).step()
+    official = tmp_path / 'official.pth'
+    torch.save({'model': run.model.state_dict(), 'optimizer': run.optimizer.state_dict(),
+                'lr_scheduler': run.lr_scheduler.state_dict(), 'max_accuracy': 70.0, 'epoch': 4}, official)
+    fresh = Run(config, seed=1)
+    state = checkpoint.load_training_state(str(official), config, LOG)
+    assert fresh.restore(state, steps_per_epoch=10) == (5, 0, 50, 70.0)
+    assert_same_tensors(fresh.model.state_dict(), run.model.state_dict())
+
+    bare = tmp_path / 'timm.pth'
+    torch.save(checkpoint.official_to_timm(run.model.state_dict()), bare)
+    state = checkpoint.load_training_state(str(bare), config, LOG)
+    assert Run(config, seed=1).restore(state) == (0, 0, 0, 0.0)
+    assert 'optimizer state: the optimizer starts fresh' in caplog.text
+
+
+def test_config_drift(tiny_config, caplog):
+    config = tiny_config()
+    path = checkpoint.save_checkpoint(config, Run(config).state(0), LOG)
+
+    changed = tiny_config('MODEL.SWIN.EMBED_DIM', 48, 'MODEL.SWIN.WINDOW_SIZE', 8, 'TRAIN.BASE_LR', 1e-3)
+    with pytest.raises(CheckpointError) as error:
+        checkpoint.load_training_state(path, changed, LOG)
+    message = str(error.value)
+    assert path in message and '\n' not in message
+    assert 'MODEL.SWIN.EMBED_DIM 24→48' in message and 'MODEL.SWIN.WINDOW_SIZE 4→8' in message
+    assert 'BASE_LR' not in message
+
+    checkpoint.load_training_state(path, tiny_config('DATA.BATCH_SIZE', 16, 'TRAIN.BASE_LR', 1e-3), LOG)
+    assert 'DATA.BATCH_SIZE 8→16' in caplog.text and 'TRAIN.BASE_LR 0.0005→0.001' in caplog.text
+
+
+# -----------------------------------------------------------------------------
+# Weight layouts (official <-> timm)
+# -----------------------------------------------------------------------------
+def timm_logits_match(our_model, timm_model, size):
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        return torch.allclose(our_model(x), timm_model(x), atol=1e-5, rtol=1e-4)
+
+
+def make_timm_small():
+    return timm.models.swin_transformer.SwinTransformer(**TIMM_TINY_KWARGS)
+
+
+def make_timm_swin_tiny():
+    return timm.create_model('swin_tiny_patch4_window7_224', pretrained=False)
+
+
+@pytest.mark.parametrize('make_config, make_timm, size', [
+    (make_tiny_config, make_timm_small, 32),
+    (lambda: load_config(None, [], environ={}), make_timm_swin_tiny, 224),  # defaults: swin_tiny_patch4_window7_224
+], ids=['small', 'swin_tiny'])
+def test_timm_layout_gives_timm_logits(make_config, make_timm, size):
+    ours = tiny_model(make_config())
+    torch.manual_seed(1)
+    timm_model = make_timm().eval()
+
+    # timm's own random weights -> our model
+    assert checkpoint.is_timm_state_dict(timm_model.state_dict())
+    checkpoint.load_model_weights(ours, timm_model.state_dict(), LOG)
+    assert timm_logits_match(ours, timm_model, size)
+
+    # our (changed) weights -> timm layout -> timm's model (strict)
+    with torch.no_grad():
+        for param in ours.parameters():
+            param.add_(torch.randn_like(param), alpha=0.02)
+    timm_model.load_state_dict(checkpoint.official_to_timm(ours.state_dict()), strict=True)
+    assert timm_logits_match(ours, timm_model, size)
+
+
+def test_layout_round_trips_are_exact():
+    official = tiny_model(make_tiny_config()).state_dict()
+    timm_sd = make_timm_small().state_dict()
+    assert not checkpoint.is_timm_state_dict(official) and checkpoint.is_timm_state_dict(timm_sd)
+
+    params = {k: v for k, v in official.items() if not k.endswith(('relative_position_index', 'attn_mask'))}
+    assert_same_tensors(checkpoint.timm_to_official(checkpoint.official_to_timm(official)), params)
+    assert_same_tensors(checkpoint.official_to_timm(checkpoint.timm_to_official(timm_sd)), timm_sd)
+    assert 'layers.0.downsample.reduction.weight' in checkpoint.timm_to_official(timm_sd)
+    headless = {k: v for k, v in timm_sd.items() if not k.startswith('head.')}
+    assert checkpoint.is_timm_state_dict(headless)
+    with pytest.raises(CheckpointError, match='already in the official layout'):
+        checkpoint.timm_to_official(official)
+
+
+def test_wrong_checkpoint_names_tensor_and_shapes(tmp_path):
+    path = tmp_path / 'tiny.pth'
+    torch.save({'model': tiny_model(make_tiny_config()).state_dict()}, path)
+    wider = tiny_model(make_tiny_config(None, 'MODEL.SWIN.EMBED_DIM', 48))
+    with pytest.raises(CheckpointError, match=r'tiny\.pth.*patch_embed\.proj\.weight has shape \(24, 3, 2, 2\) in '
+                                              r'the checkpoint, \(48, 3, 2, 2\) in the model'):
+        checkpoint.load_model_weights(wider, str(path), LOG)
+    deeper = tiny_model(make_tiny_config(None, 'MODEL.SWIN.DEPTHS', [2, 4]))
+    with pytest.raises(CheckpointError, match=r'layers\.1\.blocks\.2\.norm1\.weight is missing .*and \d+ more'):
+        checkpoint.load_model_weights(deeper, str(path), LOG)
+
+
+# -----------------------------------------------------------------------------
+# Fine-tuning from pretrained weights
+# -----------------------------------------------------------------------------
+def save_pretrained(tmp_path, model, **replace):
+    sd = dict(model.state_dict(), **replace)
+    path = tmp_path / 'pretrained.pth'
+    torch.save({'model': sd}, path)
+    return str(path)
+
+
+def test_pretrained_window_change_resizes_bias_tables(tmp_path, caplog):
+    source = tiny_model(make_tiny_config())
+    key = 'layers.1.blocks.0.attn.relative_position_bias_table'
+    heads = torch.arange(1.0, 7.0)  # a constant per head survives bicubic resizing: catches a transposed grid
+    path = save_pretrained(tmp_path, source, **{key: heads.expand(49, 6).clone()})
+
+    config = make_tiny_config(None, 'MODEL.SWIN.WINDOW_SIZE', 8, 'MODEL.NUM_CLASSES', 7, 'MODEL.PRETRAINED', path)
+    model = tiny_model(config, seed=1)
+    checkpoint.load_pretrained(config, model, LOG)
+
+    table = model.state_dict()[key]
+    assert table.shape == (225, 6)  # (2 * 8 - 1) ** 2 rows
+    assert torch.allclose(table, heads.expand(225, 6), atol=1e-5)
+    assert torch.equal(model.state_dict()['layers.0.blocks.1.attn.qkv.weight'],
+                       source.state_dict()['layers.0.blocks.1.attn.qkv.weight'])
+    assert not model.head.weight.any() and 'head re-initialized' in caplog.text
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+
+
+def test_pretrained_absolute_pos_embed_is_resized(tmp_path):
+    source = tiny_model(make_tiny_config(None, 'MODEL.SWIN.APE', True))
+    channels = torch.arange(24.0)
+    path = save_pretrained(tmp_path, source, absolute_pos_embed=channels.expand(1, 256, 24).clone())
+
+    config = make_tiny_config(None, 'MODEL.SWIN.APE', True, 'DATA.IMG_SIZE', 64, 'MODEL.PRETRAINED', path)
+    model = tiny_model(config, seed=1)
+    checkpoint.load_pretrained(config, model, LOG)
+
+    assert model.absolute_pos_embed.shape == (1, 1024, 24)  # 16x16 -> 32x32 patches
+    assert torch.allclose(model.absolute_pos_embed, channels.expand(1, 1024, 24), atol=1e-5)
+    assert torch.equal(model.head.weight, source.head.weight)  # same class count: the head is kept
+
+
+def test_pretrained_22k_head_maps_to_1k_rows(tmp_path, caplog):
+    source = tiny_model(make_tiny_config())
+    rows = torch.arange(21841.0)
+    path = save_pretrained(tmp_path, source, **{'head.weight': rows[:, None].expand(21841, 48).clone(),
+                                                'head.bias': rows.clone()})
+    config = make_tiny_config(None, 'MODEL.NUM_CLASSES', 1000, 'MODEL.PRETRAINED', path)
+    model = tiny_model(config, seed=1)
+    checkpoint.load_pretrained(config, model, LOG)
+
+    picked = model.head.bias.detach().double()
+    # values of microsoft/Swin-Transformer data/map22kto1k.txt
+    assert picked[:10].tolist() == [359, 368, 460, 475, 486, 492, 496, 514, 516, 525]
+    assert picked[850] == 5564 and picked[999] == 21817  # 850: teddy bear, absent from 22K
+    assert picked.sum() == 6373512 and (picked * torch.arange(1000.0).double()).sum() == 4376652357
+    assert torch.equal(model.head.weight[:, 0], model.head.bias)
+    assert 'ImageNet-22K head' in caplog.text
+
+
+# -----------------------------------------------------------------------------
+# Scripts
+# -----------------------------------------------------------------------------
+def load_script(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'scripts', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_convert_checkpoint_script(tiny_config, tmp_path, capsys):
+    config = tiny_config()
+    run = Run(config)
+    path = checkpoint.save_checkpoint(config, run.state(0), LOG)
+    convert = load_script('convert_checkpoint')
+
+    assert convert.main([path, str(tmp_path / 'timm.pth'), '--to', 'timm']) == 0
+    timm_model = make_timm_small().eval()
+    timm_model.load_state_dict(torch.load(tmp_path / 'timm.pth', weights_only=True), strict=True)
+    assert timm_logits_match(run.model, timm_model, 32)
+
+    assert convert.main([str(tmp_path / 'timm.pth'), str(tmp_path / 'official.pth'), '--to', 'official']) == 0
+    model = tiny_model(config, seed=1)
+    checkpoint.load_model_weights(model, str(tmp_path / 'official.pth'), LOG)
+    assert_same_tensors(model.state_dict(), run.model.state_dict())
+
+    assert convert.main([str(tmp_path / 'absent.pth'), str(tmp_path / 'x.pth'), '--to', 'timm']) == 2
+    assert 'error: checkpoint not found' in capsys.readouterr().err
+
+
+def test_predict_script(tiny_config, tmp_path, capsys):
+    from PIL import Image
+    config = tiny_config()
+    path = checkpoint.save_checkpoint(config, Run(config).state(0), LOG)
+    images = []
+    for i, color in enumerate(['red', 'blue']):
+        images.append(str(tmp_path / f'{i}.png'))
+        Image.new('RGB', (50, 40), color).save(images[-1])
+    cfg = tmp_path / 'tiny.yaml'
+    cfg.write_text('')
+    opts = ['--opts'] + [str(v) for v in TINY_OPTS]
+    predict = load_script('predict')
+
+    assert predict.main([path] + images + ['--cfg', str(cfg), '--topk', '3', '--device', 'cpu'] + opts) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == images[0] and out[4] == images[1] and len(out) == 8
+    assert out[1].lstrip().startswith('1.') and 'class' in out[1] and '%' in out[1]
+
+    assert predict.main([path, str(tmp_path / 'absent.png'), '--cfg', str(cfg)] + opts) == 2
+    assert 'error: image not found' in capsys.readouterr().err

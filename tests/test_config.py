@@ -1,0 +1,173 @@
+import os
+
+import pytest
+from yacs.config import CfgNode
+
+from config import build_parser, config_from_yaml_text, get_config, load_config
+from errors import ConfigError
+
+# The official release's configs/swin/swin_tiny_patch4_window7_224.yaml, verbatim
+OFFICIAL_TINY = """MODEL:
+  TYPE: swin
+  NAME: swin_tiny_patch4_window7_224
+  DROP_PATH_RATE: 0.2
+  SWIN:
+    EMBED_DIM: 96
+    DEPTHS: [ 2, 2, 6, 2 ]
+    NUM_HEADS: [ 3, 6, 12, 24 ]
+    WINDOW_SIZE: 7
+"""
+
+# An official fine-tuning file (swin_base_patch4_window12_384_22kto1k_finetune.yaml), verbatim
+OFFICIAL_FINETUNE = """DATA:
+  IMG_SIZE: 384
+MODEL:
+  TYPE: swin
+  NAME: swin_base_patch4_window12_384_22kto1k_finetune
+  DROP_PATH_RATE: 0.2
+  SWIN:
+    EMBED_DIM: 128
+    DEPTHS: [ 2, 2, 18, 2 ]
+    NUM_HEADS: [ 4, 8, 16, 32 ]
+    WINDOW_SIZE: 12
+TRAIN:
+  EPOCHS: 30
+  WARMUP_EPOCHS: 5
+  WEIGHT_DECAY: 1e-8
+  BASE_LR: 2e-05
+  WARMUP_LR: 2e-08
+  MIN_LR: 2e-07
+TEST:
+  CROP: False
+"""
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def parse(*argv):
+    return build_parser().parse_args(list(argv))
+
+
+def test_official_yaml_loads_unchanged(tmp_path):
+    config = load_config(write(tmp_path / 'tiny.yaml', OFFICIAL_TINY), environ={})
+    assert config.MODEL.NAME == 'swin_tiny_patch4_window7_224'
+    assert config.MODEL.SWIN.DEPTHS == [2, 2, 6, 2]
+    assert config.MODEL.DROP_PATH_RATE == 0.2
+    finetune = load_config(write(tmp_path / 'ft.yaml', OFFICIAL_FINETUNE), environ={})
+    # YAML 1.1 reads "1e-8" as a string; it must still arrive as a number
+    assert finetune.TRAIN.WEIGHT_DECAY == pytest.approx(1e-8)
+    assert finetune.TRAIN.BASE_LR == pytest.approx(2e-5)
+    assert finetune.TEST.CROP is False and finetune.DATA.IMG_SIZE == 384
+
+
+def test_base_inheritance_and_override(tmp_path):
+    (tmp_path / 'sub').mkdir()
+    write(tmp_path / 'base.yaml', "DATA:\n  IMG_SIZE: 192\n  BATCH_SIZE: 64\nTRAIN:\n  EPOCHS: 90\n")
+    child = write(tmp_path / 'sub' / 'child.yaml', "BASE: ['../base.yaml']\nDATA:\n  BATCH_SIZE: 32\n")
+    config = load_config(child, environ={})
+    assert config.DATA.IMG_SIZE == 192        # from the base file
+    assert config.DATA.BATCH_SIZE == 32       # the child wins
+    assert config.TRAIN.EPOCHS == 90
+
+
+def test_opts_and_flags_override_yaml(tmp_path):
+    cfg = write(tmp_path / 'tiny.yaml', OFFICIAL_TINY + "DATA:\n  CACHE_MODE: 'no'\n")
+    args = parse('--cfg', cfg, '--batch-size', '16', '--tag', 'exp1', '--output', str(tmp_path / 'out'),
+                 '--opts', 'TRAIN.EPOCHS', '5', 'MODEL.SWIN.DEPTHS', '[2, 2, 2, 2]', 'AUG.AUTO_AUGMENT', 'none',
+                 'TRAIN.CLIP_GRAD', 'None')
+    config = get_config(args)
+    assert config.DATA.BATCH_SIZE == 16
+    assert config.TRAIN.EPOCHS == 5
+    assert config.MODEL.SWIN.DEPTHS == [2, 2, 2, 2]
+    assert config.AUG.AUTO_AUGMENT == 'none'
+    assert config.TRAIN.CLIP_GRAD is None
+    # a CLI flag that was not given must not override the YAML value with its default
+    assert config.DATA.CACHE_MODE == 'no'
+    assert config.OUTPUT_DIR == os.path.join(str(tmp_path / 'out'), 'swin_tiny_patch4_window7_224', 'exp1')
+
+
+def test_flags_with_official_names(tmp_path):
+    cfg = write(tmp_path / 'tiny.yaml', OFFICIAL_TINY)
+    config = get_config(parse('--cfg', cfg, '--zip', '--cache-mode', 'full', '--accumulation-steps', '2',
+                              '--use-checkpoint', '--disable_amp', '--eval', '--throughput', '--local_rank', '0',
+                              '--resume', 'a.pth', '--pretrained', 'b.pth', '--data-path', '/data'))
+    assert config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == 'full'
+    assert config.TRAIN.ACCUMULATION_STEPS == 2 and config.TRAIN.USE_CHECKPOINT
+    assert not config.AMP_ENABLE and config.EVAL_MODE and config.THROUGHPUT_MODE
+    assert config.MODEL.RESUME == 'a.pth' and config.MODEL.PRETRAINED == 'b.pth'
+    assert config.DATA.DATA_PATH == '/data'
+
+
+def test_unknown_key_in_yaml_names_key_and_file(tmp_path):
+    cfg = write(tmp_path / 'bad.yaml', "MODEL:\n  SWIN:\n    WINDOW_SZE: 7\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg, environ={})
+    message = str(err.value)
+    assert 'MODEL.SWIN.WINDOW_SZE' in message and cfg in message
+    assert '\n' not in message
+
+
+def test_duplicate_key_in_yaml_is_an_error(tmp_path):
+    cfg = write(tmp_path / 'dup.yaml', "DATA:\n  IMG_SIZE: 32\nMODEL:\n  NAME: x\nDATA:\n  BATCH_SIZE: 4\n")
+    with pytest.raises(ConfigError, match=r"config key DATA appears twice in .*dup.yaml \(line 5\)"):
+        load_config(cfg, environ={})
+
+
+def test_unknown_key_in_opts(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key TRAIN\.EPOCH in --opts"):
+        load_config(None, ['TRAIN.EPOCH', '3'], environ={})
+    with pytest.raises(ConfigError, match="no value"):
+        load_config(None, ['TRAIN.EPOCHS'], environ={})
+    with pytest.raises(ConfigError, match="derived"):
+        load_config(None, ['OUTPUT_DIR', '/x'], environ={})
+
+
+def test_missing_file_and_bad_values(tmp_path):
+    missing = str(tmp_path / 'nope.yaml')
+    with pytest.raises(ConfigError, match=f"config file not found: {missing}"):
+        load_config(missing, environ={})
+    with pytest.raises(ConfigError, match="TRAIN.EPOCHS.*must be a number"):
+        load_config(None, ['TRAIN.EPOCHS', 'many'], environ={})
+    with pytest.raises(ConfigError, match="DATA.BATCH_SIZE must be at least 1"):
+        load_config(None, ['DATA.BATCH_SIZE', '0'], environ={})
+    with pytest.raises(ConfigError, match="DATA.BATCH_SIZE 7 must be even"):
+        load_config(None, ['DATA.BATCH_SIZE', '7'], environ={})
+    with pytest.raises(ConfigError, match="NUM_HEADS"):
+        load_config(None, ['MODEL.SWIN.NUM_HEADS', '[5, 6, 12, 24]'], environ={})
+
+
+def test_config_is_frozen_and_derived_values(tmp_path):
+    config = load_config(None, ['DATA.BATCH_SIZE', '128', 'TRAIN.ACCUMULATION_STEPS', '2'],
+                         environ={'WORLD_SIZE': '4', 'RANK': '3', 'LOCAL_RANK': '1'})
+    with pytest.raises(AttributeError):
+        config.TRAIN.EPOCHS = 1
+    assert (config.WORLD_SIZE, config.RANK, config.LOCAL_RANK) == (4, 3, 1)
+    assert config.TRAIN.GLOBAL_BATCH_SIZE == 1024
+    # the official recipe: 5e-4 per 512 images -> 1e-3 at a global batch of 1024
+    assert config.TRAIN.EFFECTIVE_LR == pytest.approx(1e-3)
+    assert config.TRAIN.EFFECTIVE_MIN_LR == pytest.approx(1e-5)
+    unscaled = load_config(None, ['TRAIN.LINEAR_SCALE_LR', 'False'], environ={'WORLD_SIZE': '4'})
+    assert unscaled.TRAIN.EFFECTIVE_LR == unscaled.TRAIN.BASE_LR
+
+
+def test_yaml_text_round_trip():
+    config = load_config(None, ['MODEL.SWIN.WINDOW_SIZE', '12', 'TRAIN.CLIP_GRAD', 'None'], environ={})
+    again = config_from_yaml_text(config.dump())
+    assert isinstance(again, CfgNode) and again == config
+
+
+def test_shipped_configs_match_the_official_recipe():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    expected = {'swin_tiny': 0.2, 'swin_small': 0.3, 'swin_base': 0.5}
+    for name, drop_path in expected.items():
+        config = load_config(os.path.join(root, 'configs', f'{name}.yaml'), environ={})
+        assert config.MODEL.DROP_PATH_RATE == drop_path
+        assert config.TRAIN.EPOCHS == 300 and config.TRAIN.WARMUP_EPOCHS == 20
+        assert config.TRAIN.WEIGHT_DECAY == 0.05 and config.MODEL.LABEL_SMOOTHING == 0.1
+        assert (config.AUG.MIXUP, config.AUG.CUTMIX, config.AUG.REPROB) == (0.8, 1.0, 0.25)
+        assert config.AUG.AUTO_AUGMENT == 'rand-m9-mstd0.5-inc1'
+    b384 = load_config(os.path.join(root, 'configs', 'swin_base_384.yaml'), environ={})
+    assert (b384.DATA.IMG_SIZE, b384.MODEL.SWIN.WINDOW_SIZE) == (384, 12)

@@ -1,0 +1,424 @@
+"""Data pipeline: folder/zip/cache equivalence, bad images, exact sharded validation, reproducible
+augmentation, uint8 device path, digits materialization, error messages."""
+import contextlib
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, make_tiny_config
+from data import build_loader, build_mixup, check_bad_images, ensure_digits, to_device
+from data.digits import MARKER
+from data.samplers import DistributedEpochSampler, ShardSampler, ValSampler
+import data.transforms as transforms_module
+from data.transforms import build_transform, open_image
+from errors import DataError
+
+CLASSES = ('ant', 'bee', 'cat')
+
+
+def _save(path, size=(56, 44), mode='RGB', seed=0, **save_args):
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    noisy = np.clip(np.asarray(base, dtype=np.int16) + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(noisy)
+    if mode == 'P':
+        img = img.quantize(16)
+        save_args.setdefault('transparency', 0)
+    elif mode != 'RGB':
+        img = img.convert(mode)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path, **save_args)
+    return path
+
+
+def make_tree(root, train_per_class=4, val_per_class=3):
+    """root/{train,val}/<class>/NN.jpg; val gets 3 x 3 = 9 images (odd)."""
+    seed = 0
+    for split, count in (('train', train_per_class), ('val', val_per_class)):
+        for name in CLASSES:
+            for i in range(count):
+                seed += 1
+                _save(os.path.join(root, split, name, f'{i:02d}.jpg'), size=(50 + seed % 13, 40 + seed % 7), seed=seed)
+    return str(root)
+
+
+def make_zip(root, split):
+    """The official zip layout from an ImageFolder split: <split>.zip + <split>_map.txt."""
+    folder = os.path.join(root, split)
+    with zipfile.ZipFile(os.path.join(root, f'{split}.zip'), 'w') as zf, \
+            open(os.path.join(root, f'{split}_map.txt'), 'w') as map_file:
+        for label, name in enumerate(sorted(os.listdir(folder))):
+            for file in sorted(os.listdir(os.path.join(folder, name))):
+                zf.write(os.path.join(folder, name, file), f'{name}/{file}')
+                map_file.write(f'{name}/{file}\t{label}\n')
+
+
+def config_for(root, *opts, environ=None):
+    base = ('DATA.DATA_PATH', str(root), 'MODEL.NUM_CLASSES', 3, 'DATA.IMG_SIZE', 48, 'DATA.BATCH_SIZE', 4)
+    return make_tiny_config(None, *(base + opts), environ=environ)
+
+
+def epoch_batches(loader, epoch, start_index=0):
+    loader.sampler.set_epoch(epoch, start_index=start_index)
+    return list(loader)
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(ya, yb)
+        assert torch.equal(xa, xb)
+
+
+@contextlib.contextmanager
+def data_log(caplog):
+    """Capture the 'swin.data' logger even when another test made its 'swin' parent stop propagating."""
+    logger = logging.getLogger('swin.data')
+    logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+# ----------------------------------------------------------------------------- folder / zip / cache
+def test_folder_zip_and_cache_modes_give_the_same_samples(tmp_path):
+    root = make_tree(tmp_path / 'ds')
+    make_zip(root, 'train')
+    make_zip(root, 'val')
+    results = {}
+    for mode in ('folder', 'no', 'full', 'part'):
+        zip_opts = () if mode == 'folder' else ('DATA.ZIP_MODE', True, 'DATA.CACHE_MODE', mode)
+        dataset_train, dataset_val, loader_train, loader_val, _ = build_loader(config_for(root, *zip_opts))
+        assert dataset_train.classes == dataset_val.classes == list(CLASSES)
+        if mode in ('full', 'part'):  # one rank: part caches everything too
+            assert dataset_train.num_cached == len(dataset_train) == 12
+            assert dataset_val.num_cached == len(dataset_val) == 9
+        results[mode] = (epoch_batches(loader_train, 1), [(x, y) for x, y in loader_val])
+    for mode in ('no', 'full', 'part'):
+        assert_same_batches(results[mode][0], results['folder'][0])
+        assert_same_batches(results[mode][1], results['folder'][1])
+
+
+def test_part_cache_keeps_each_rank_on_its_shard(tmp_path):
+    root = make_tree(tmp_path / 'ds', train_per_class=3)  # 9 train images: shards of 5 and 4
+    make_zip(root, 'train')
+    make_zip(root, 'val')
+    lengths = []
+    for rank in (0, 1):
+        config = config_for(root, 'DATA.ZIP_MODE', True, 'DATA.CACHE_MODE', 'part',
+                            environ={'RANK': str(rank), 'WORLD_SIZE': '2'})
+        dataset_train, dataset_val, loader_train, _, _ = build_loader(config)
+        sampler = loader_train.sampler
+        assert isinstance(sampler, ShardSampler)
+        assert sorted(dataset_train._cache) == list(range(rank, 9, 2))
+        assert sorted(dataset_val._cache) == list(range(rank, 9, 2))
+        orders = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            indices = [index for index, _ in sampler]
+            assert set(indices) == set(range(rank, 9, 2))
+            orders.append(indices)
+        assert orders[0] != orders[1] or rank == 1  # reshuffled each epoch
+        lengths.append(len(loader_train))
+    assert lengths[0] == lengths[1]  # same number of steps on every rank
+
+
+# ----------------------------------------------------------------------------- unreadable images
+def _add_bad_images(root):
+    good = _save(os.path.join(root, 'train', 'ant', '00_trunc.jpg'), size=(60, 60), seed=99)
+    with open(good, 'rb') as f:
+        head = f.read()
+    with open(good, 'wb') as f:
+        f.write(head[:len(head) // 2])
+    with open(os.path.join(root, 'train', 'bee', 'zz_notes.jpg'), 'w') as f:
+        f.write('not an image\n')
+    return good, os.path.join(root, 'train', 'bee', 'zz_notes.jpg')
+
+
+def test_unreadable_images_are_replaced_logged_and_counted(tmp_path, caplog):
+    root = make_tree(tmp_path / 'ds')
+    truncated, text_file = _add_bad_images(root)  # 14 train images, 2 unreadable
+    config = config_for(root, 'DATA.BATCH_SIZE', 2, 'DATA.NUM_WORKERS', 2, 'DATA.MAX_BAD_FRACTION', 0.2)
+    _, _, loader_train, _, _ = build_loader(config)
+    with data_log(caplog):
+        batches = epoch_batches(loader_train, 0)
+    assert [len(y) for _, y in batches] == [2] * 7
+    assert check_bad_images(loader_train) == 2
+    messages = [r.getMessage() for r in caplog.records if r.name == 'swin.data']
+    assert any(truncated in m for m in messages) and any(text_file in m for m in messages)
+
+    strict = config_for(root, 'DATA.BATCH_SIZE', 2, 'DATA.MAX_BAD_FRACTION', 0.1)
+    _, _, loader_train, _, _ = build_loader(strict)
+    with pytest.raises(DataError, match='MAX_BAD_FRACTION'):
+        epoch_batches(loader_train, 0)
+        check_bad_images(loader_train)
+
+
+def test_nothing_readable_is_a_data_error(tmp_path):
+    root = tmp_path / 'ds'
+    for split in ('train', 'val'):
+        for name in CLASSES:
+            os.makedirs(root / split / name)
+            for i in range(20):
+                (root / split / name / f'{i}.png').write_bytes(b'garbage')
+    _, _, loader_train, _, _ = build_loader(config_for(root, 'DATA.NUM_WORKERS', 1, 'DATA.MAX_BAD_FRACTION', 1.0))
+    with pytest.raises(DataError, match='unreadable images in a row') as info:
+        epoch_batches(loader_train, 0)
+    assert '\n' not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- validation sharding
+def test_two_ranks_validate_every_image_once(tmp_path):
+    root = make_tree(tmp_path / 'ds')  # 9 val images, batch 4
+    seen = []
+    for rank in (0, 1):
+        config = config_for(root, 'EVAL_MODE', True, environ={'RANK': str(rank), 'WORLD_SIZE': '2'})
+        dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config)
+        assert dataset_train is None and loader_train is None and mixup_fn is None
+        assert sum(len(y) for _, y in loader_val) == [5, 4][rank]
+        seen += list(loader_val.sampler)
+    assert sorted(seen) == list(range(9))
+
+    sequential = [list(ValSampler(9, rank, 2, sequential=True)) for rank in (0, 1)]
+    assert sequential == [list(range(9)), []]
+    shuffled = [ValSampler(9, rank, 2, shuffle=True, seed=3).indices for rank in (0, 1)]
+    assert sorted(shuffled[0] + shuffled[1]) == list(range(9))
+
+
+def test_distributed_sampler_semantics():
+    samplers = [DistributedEpochSampler(7, rank, 2, seed=5) for rank in (0, 1)]
+    for sampler in samplers:
+        sampler.set_epoch(2)
+    shards = [[index for index, _ in sampler] for sampler in samplers]
+    assert [len(s) for s in samplers] == [4, 4]
+    assert set(shards[0] + shards[1]) == set(range(7))  # one index repeated as padding
+    sampler = samplers[0]
+    keys = list(sampler)
+    sampler.set_epoch(2, start_index=3)
+    assert list(sampler) == keys[3:] and len(sampler) == 4 and sampler.num_remaining == 1
+    sampler.set_epoch(3)
+    assert list(sampler) != keys
+    with pytest.raises(ValueError):
+        sampler.set_epoch(0, start_index=5)
+
+
+# ----------------------------------------------------------------------------- reproducibility
+def test_augmentation_is_reproducible_across_workers_and_resume(tmp_path):
+    root = make_tree(tmp_path / 'ds', train_per_class=6)  # 18 images: 4 batches of 4
+    opts = ('AUG.REPROB', 0.5, 'DATA.PERSISTENT_WORKERS', False)
+    _, _, loader0, _, _ = build_loader(config_for(root, *opts, 'DATA.NUM_WORKERS', 0))
+    _, _, loader2, _, _ = build_loader(config_for(root, *opts, 'DATA.NUM_WORKERS', 2))
+    rng_before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+
+    full = epoch_batches(loader0, 3)
+    assert len(full) == len(loader0) == 4
+    assert_same_batches(epoch_batches(loader2, 3), full)
+    tail = epoch_batches(loader2, 3, start_index=2 * 4)
+    assert len(loader2) == 4 and loader2.sampler.num_remaining == 10
+    assert_same_batches(tail, full[2:])
+    assert_same_batches(epoch_batches(loader0, 3, start_index=4), full[1:])
+    assert not torch.equal(epoch_batches(loader0, 4)[0][0], full[0][0])
+
+    # loaders never touch the global generators (workers 0 runs transforms in this process)
+    assert random.getstate() == rng_before[0]
+    assert np.array_equal(np.random.get_state()[1], rng_before[1])
+    assert torch.equal(torch.get_rng_state(), rng_before[2])
+
+
+def test_uint8_batches_normalized_by_to_device_match_the_float_path(tmp_path):
+    root = make_tree(tmp_path / 'ds')
+    for reprob in (0.0, 1.0):
+        config = config_for(root, 'AUG.REPROB', reprob)
+        floats, uint8s = build_loader(config, uint8=False), build_loader(config, uint8=True)
+        pairs = list(zip(epoch_batches(floats[2], 0), epoch_batches(uint8s[2], 0)))
+        pairs += list(zip(floats[3], uint8s[3]))
+        erased = 0
+        for (expected, expected_targets), (images, targets) in pairs:
+            assert images.dtype == torch.uint8 and images.shape == expected.shape
+            plans = getattr(images, 'deferred_erasing', [])
+            moved, targets = to_device(images, targets, 'cpu')
+            assert torch.equal(targets, expected_targets)
+            assert moved.dtype == torch.float32 and moved.is_contiguous()
+            # erasing: the boxes timm drew on the host are the planned ones; only the noise differs
+            kept = torch.ones(moved.shape[0], *moved.shape[2:], dtype=torch.bool)
+            for i, plan in plans:
+                for top, left, h, w in plan.boxes:
+                    kept[i, top:top + h, left:left + w] = False
+            erased += len(plans)
+            assert torch.equal(moved.permute(1, 0, 2, 3)[:, kept], expected.permute(1, 0, 2, 3)[:, kept])
+            if plans:
+                assert (moved.permute(1, 0, 2, 3)[:, ~kept] != expected.permute(1, 0, 2, 3)[:, ~kept]).all()
+        assert (erased > 0) == (reprob > 0)  # REPROB 1: every train image erased, val never
+
+
+# ----------------------------------------------------------------------------- mixup
+def test_mixup_targets_sum_to_one_and_off_gives_none(tmp_path):
+    config = make_tiny_config(None, 'AUG.MIXUP', 0.8, 'AUG.CUTMIX', 1.0)
+    mixup_fn = build_mixup(config)
+    images, targets = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(4):  # mixup and cutmix batches
+        _, mixed = mixup_fn(images.clone(), targets)
+        assert mixed.shape == (8, 10)
+        assert torch.allclose(mixed.sum(1), torch.ones(8))
+    root = make_tree(tmp_path / 'ds')
+    assert build_loader(config_for(root, 'AUG.MIXUP', 0.0, 'AUG.CUTMIX', 0.0))[4] is None
+
+
+# ----------------------------------------------------------------------------- image kinds and fast paths
+def test_grayscale_rgba_palette_cmyk_and_tiny_images_load(tmp_path):
+    config = config_for(tmp_path, 'DATA.IMG_SIZE', 48)
+    train, val = build_transform(True, config), build_transform(False, config)
+    files = [_save(str(tmp_path / 'gray.png'), mode='L'), _save(str(tmp_path / 'rgba.png'), mode='RGBA'),
+             _save(str(tmp_path / 'palette.png'), mode='P'), _save(str(tmp_path / 'cmyk.jpg'), mode='CMYK'),
+             _save(str(tmp_path / 'tiny.jpg'), size=(5, 7)), _save(str(tmp_path / 'gray.jpg'), mode='L')]
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # e.g. PIL's palette-transparency warning
+        for path in files:
+            for transform in (train, val):
+                with open(path, 'rb') as f:
+                    out = transform(open_image(f.read()))
+                assert out.shape == (3, 48, 48) and out.dtype == torch.float32, path
+
+
+def test_fast_decode_paths_stay_close_to_the_reference(tmp_path, monkeypatch):
+    drafts = []
+    load_rgb = transforms_module.load_rgb
+    monkeypatch.setattr(transforms_module, 'load_rgb', lambda img, draft_size=None: (
+        drafts.append(draft_size), load_rgb(img, draft_size))[1])
+    with open(_save(str(tmp_path / 'big.jpg'), size=(400, 360), seed=7, quality=95), 'rb') as f:
+        data = f.read()
+    fast = build_transform(True, config_for(tmp_path, 'AUG.REPROB', 0.0, 'AUG.AUTO_AUGMENT', 'none'))
+    exact = build_transform(True, config_for(tmp_path, 'AUG.REPROB', 0.0, 'AUG.AUTO_AUGMENT', 'none',
+                                             'DATA.FAST_DECODE', False))
+    for seed in range(5):
+        outputs = []
+        for transform in (fast, exact):
+            random.seed(seed)
+            torch.manual_seed(seed)
+            outputs.append(transform(open_image(data)))
+        assert outputs[0].shape == (3, 48, 48)
+        assert (outputs[0] - outputs[1]).abs().mean() < 0.05  # normalized units: ~1 gray level
+
+    val_exact = build_transform(False, config_for(tmp_path))
+    val_fast = build_transform(False, config_for(tmp_path, 'DATA.VAL_FAST_RESIZE', True))
+    a, b = val_exact(open_image(data)), val_fast(open_image(data))
+    assert (a - b).abs().mean() < 0.05
+    assert drafts[-2:] == [None, (100, 90)]  # val: 400x360 decoded at 1/4 for a 60x54 resize
+    assert sum(d is not None for d in drafts[:-2]) >= 3  # train crops of >= 96 px decode at 1/2 or less
+
+
+# ----------------------------------------------------------------------------- digits
+def _files(root):
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, names in os.walk(root) for f in names}
+
+
+def test_digits_written_once_and_used_as_image_folder(tmp_path):
+    root = str(tmp_path / 'digits')
+    assert ensure_digits(root) == root
+    files = _files(root)
+    assert sum(f.endswith('.png') for f in files) == 1797
+    assert len(os.listdir(os.path.join(root, 'train', '3'))) + len(os.listdir(os.path.join(root, 'val', '3'))) == 183
+    time.sleep(0.01)
+    ensure_digits(root)
+    assert _files(root) == files  # nothing rewritten
+    config = make_tiny_config(None, 'DATA.DATASET', 'digits', 'DATA.DATA_PATH', root)
+    dataset_train, dataset_val, _, loader_val, _ = build_loader(config)
+    assert (len(dataset_train), len(dataset_val)) == (1437, 360)
+    assert dataset_train.classes == [str(d) for d in range(10)]
+    images, targets = next(iter(loader_val))
+    assert images.shape == (8, 3, 32, 32)
+
+
+_SLOW_DIGITS = """
+import sys, time
+sys.path.insert(0, {root!r})
+from PIL import Image
+from data import digits
+save = Image.Image.save
+def slow_save(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    time.sleep(0.01)
+Image.Image.save = slow_save
+digits.ensure_digits({target!r})
+"""
+
+
+def test_digits_survive_a_killed_first_run(tmp_path):
+    target = str(tmp_path / 'digits')
+    proc = subprocess.Popen([sys.executable, '-c', _SLOW_DIGITS.format(root=ROOT, target=target)])
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            written = [f for f in _files(tmp_path) if f.endswith('.png')]
+            if len(written) >= 20:
+                break
+            time.sleep(0.05)
+        assert len(written) >= 20, 'the first run never started writing'
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not os.path.exists(target)  # only a temporary tree is left, never a half tree at the path
+    assert [e for e in os.listdir(tmp_path) if e.startswith('.digits.tmp-')]
+
+    ensure_digits(target)
+    assert sum(f.endswith('.png') for f in _files(target)) == 1797
+    assert os.path.isfile(os.path.join(target, MARKER))
+    assert os.listdir(tmp_path) == ['digits']  # the abandoned temporary tree is gone
+
+
+# ----------------------------------------------------------------------------- errors
+def _error(config):
+    with pytest.raises(DataError) as info:
+        build_loader(config)
+    message = str(info.value)
+    assert '\n' not in message
+    return message
+
+
+def test_bad_paths_and_settings_give_one_line_data_errors(tmp_path):
+    missing = tmp_path / 'nope'
+    assert str(missing) in _error(config_for(missing))
+    assert 'DATA.DATA_PATH is not set' in _error(config_for(''))
+
+    root = make_tree(tmp_path / 'ds')
+    assert 'MODEL.NUM_CLASSES is 5' in _error(config_for(root, 'MODEL.NUM_CLASSES', 5))
+    zip_error = _error(config_for(root, 'DATA.ZIP_MODE', True))
+    assert os.path.join(root, 'val.zip') in zip_error
+    make_zip(root, 'val')
+    os.remove(os.path.join(root, 'val_map.txt'))
+    assert os.path.join(root, 'val_map.txt') in _error(config_for(root, 'DATA.ZIP_MODE', True))
+
+    os.makedirs(tmp_path / 'ds' / 'train' / 'dog')
+    message = _error(config_for(root))
+    assert os.path.join(root, 'train', 'dog') in message and 'no images' in message
+
+    empty = tmp_path / 'empty'
+    os.makedirs(empty / 'train')
+    os.makedirs(empty / 'val')
+    assert os.path.join(empty, 'val') in _error(config_for(empty))
+    only_train = tmp_path / 'only_train'
+    os.makedirs(only_train / 'train' / 'ant')
+    assert os.path.join(only_train, 'val') in _error(config_for(only_train))
+
+    occupied = tmp_path / 'occupied'
+    os.makedirs(occupied / 'something')
+    assert str(occupied) in _error(make_tiny_config(None, 'DATA.DATASET', 'digits', 'DATA.DATA_PATH', str(occupied)))
+
+    unknown = config_for(root).clone()
+    unknown.defrost()
+    unknown.DATA.DATASET = 'cifar'
+    assert "'cifar'" in _error(unknown)

@@ -1,0 +1,167 @@
+"""Per-step LR schedules against their closed-form formulas, lr_scale, resuming, config errors."""
+import io
+import math
+
+import pytest
+import torch
+
+from errors import ConfigError
+from lr_scheduler import build_scheduler, lr_at
+
+STEPS = 5  # optimizer steps per epoch: 10 epochs = 50 steps, 2 warmup epochs = 10 steps
+TOTAL, WARMUP = 50, 10
+
+
+@pytest.fixture
+def schedule_config(tiny_config):
+    def factory(*opts):
+        return tiny_config('TRAIN.EPOCHS', 10, 'TRAIN.WARMUP_EPOCHS', 2, *opts)
+    return factory
+
+
+def make_optimizer(config, lr_scales=(None,)):
+    groups = []
+    for scale in lr_scales:
+        group = {'params': [torch.zeros(1, requires_grad=True)]}
+        if scale is not None:
+            group['lr_scale'] = scale
+        groups.append(group)
+    return torch.optim.AdamW(groups, lr=config.TRAIN.EFFECTIVE_LR)
+
+
+def lrs_of(config, steps, lr_scales=(None,)):
+    """The lr of group 0 after step_update(k) for each k, walking one scheduler through the steps."""
+    optimizer = make_optimizer(config, lr_scales)
+    scheduler = build_scheduler(config, optimizer, STEPS)
+    result = []
+    for k in steps:
+        scheduler.step_update(k)
+        result.append(optimizer.param_groups[0]['lr'])
+    return result
+
+
+def warmup_lr(config, k):
+    lr, warmup = config.TRAIN.EFFECTIVE_LR, config.TRAIN.EFFECTIVE_WARMUP_LR
+    return warmup + (lr - warmup) * k / WARMUP
+
+
+def cosine_lr(config, t, T):
+    lr, lr_min = config.TRAIN.EFFECTIVE_LR, config.TRAIN.EFFECTIVE_MIN_LR
+    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * t / T))
+
+
+def check(config, expected):
+    steps = sorted(expected)
+    assert lrs_of(config, steps) == pytest.approx([expected[k] for k in steps], rel=1e-9)
+    # the pure helper gives the same numbers
+    assert [lr_at(config, STEPS, k) for k in steps] == pytest.approx([expected[k] for k in steps], rel=1e-9)
+
+
+def test_cosine_with_warmup_prefix(schedule_config):
+    config = schedule_config()
+    assert config.TRAIN.LR_SCHEDULER.NAME == 'cosine' and config.TRAIN.LR_SCHEDULER.WARMUP_PREFIX
+    # the schedule runs on the LRs scaled by the global batch
+    assert config.TRAIN.EFFECTIVE_LR != config.TRAIN.BASE_LR
+    expected = {k: warmup_lr(config, k) for k in (0, 1, 5, 9)}
+    expected.update({k: cosine_lr(config, k - WARMUP, TOTAL - WARMUP) for k in (10, 11, 30, 49, 50)})
+    expected[60] = config.TRAIN.EFFECTIVE_MIN_LR  # past the end it stays at the minimum
+    check(config, expected)
+    assert expected[0] == config.TRAIN.EFFECTIVE_WARMUP_LR
+    assert expected[10] == pytest.approx(config.TRAIN.EFFECTIVE_LR)
+    assert expected[50] == pytest.approx(config.TRAIN.EFFECTIVE_MIN_LR)
+
+
+def test_cosine_without_warmup_prefix(schedule_config):
+    config = schedule_config('TRAIN.LR_SCHEDULER.WARMUP_PREFIX', False)
+    expected = {k: warmup_lr(config, k) for k in (0, 9)}
+    expected.update({k: cosine_lr(config, k, TOTAL) for k in (10, 25, 49, 50)})
+    check(config, expected)
+
+
+def test_cosine_without_warmup(schedule_config):
+    config = schedule_config('TRAIN.WARMUP_EPOCHS', 0)
+    check(config, {k: cosine_lr(config, k, TOTAL) for k in (0, 1, 25, 50)})
+
+
+def test_linear(schedule_config):
+    config = schedule_config('TRAIN.LR_SCHEDULER.NAME', 'linear')
+    lr, lr_min = config.TRAIN.EFFECTIVE_LR, config.TRAIN.EFFECTIVE_MIN_LR
+    expected = {k: warmup_lr(config, k) for k in (0, 3, 9)}
+    expected.update({k: lr - (lr - lr_min) * (k - WARMUP) / (TOTAL - WARMUP) for k in (10, 20, 49, 50)})
+    expected[55] = lr_min
+    check(config, expected)
+
+
+def test_step(schedule_config):
+    # decay by 0.5 every 3 epochs = 15 steps, counted from the start of training
+    config = schedule_config('TRAIN.LR_SCHEDULER.NAME', 'step', 'TRAIN.LR_SCHEDULER.DECAY_EPOCHS', 3,
+                             'TRAIN.LR_SCHEDULER.DECAY_RATE', 0.5)
+    lr = config.TRAIN.EFFECTIVE_LR
+    expected = {0: warmup_lr(config, 0), 9: warmup_lr(config, 9)}
+    expected.update({10: lr, 14: lr, 15: lr * 0.5, 29: lr * 0.5, 30: lr * 0.25, 49: lr * 0.125})
+    check(config, expected)
+
+
+def test_multistep(schedule_config):
+    # milestones at epochs 4 and 7 = steps 20 and 35: the decay applies from the milestone step on
+    config = schedule_config('TRAIN.LR_SCHEDULER.NAME', 'multistep', 'TRAIN.LR_SCHEDULER.MULTISTEPS', [4, 7],
+                             'TRAIN.LR_SCHEDULER.GAMMA', 0.1)
+    lr = config.TRAIN.EFFECTIVE_LR
+    expected = {0: warmup_lr(config, 0), 5: warmup_lr(config, 5)}
+    expected.update({10: lr, 19: lr, 20: lr * 0.1, 34: lr * 0.1, 35: lr * 0.01, 50: lr * 0.01})
+    check(config, expected)
+
+
+@pytest.mark.parametrize('name', ['cosine', 'linear', 'step', 'multistep'])
+def test_lr_scale_honoured(schedule_config, name):
+    config = schedule_config('TRAIN.LR_SCHEDULER.NAME', name, 'TRAIN.LR_SCHEDULER.MULTISTEPS', [4])
+    optimizer = make_optimizer(config, lr_scales=(None, 0.25))
+    scheduler = build_scheduler(config, optimizer, STEPS)
+    for k in (0, 5, 10, 30, 50):
+        scheduler.step_update(k)
+        full, scaled = (group['lr'] for group in optimizer.param_groups)
+        assert full == pytest.approx(lr_at(config, STEPS, k), rel=1e-12)
+        assert scaled == pytest.approx(0.25 * full, rel=1e-12)
+
+
+def is_plain(value):
+    """Only built-in types: what torch.load(weights_only=True) accepts without extra globals."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+@pytest.mark.parametrize('name', ['cosine', 'linear', 'step', 'multistep'])
+def test_resume(schedule_config, name):
+    """A run stopped after step 22 and resumed there follows the same lrs as an uninterrupted one."""
+    config = schedule_config('TRAIN.LR_SCHEDULER.NAME', name, 'TRAIN.LR_SCHEDULER.MULTISTEPS', [4, 7])
+    optimizer = make_optimizer(config)
+    scheduler = build_scheduler(config, optimizer, STEPS)
+    walked = []
+    for k in range(TOTAL):
+        scheduler.step_update(k)
+        walked.append(optimizer.param_groups[0]['lr'])
+        if k == 22:
+            state = scheduler.state_dict()
+    assert is_plain(state)
+    buffer = io.BytesIO()
+    torch.save({'lr_scheduler': state}, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)['lr_scheduler']
+
+    for load_state in (True, False):  # with the saved state, and a fresh scheduler alone
+        optimizer = make_optimizer(config)
+        resumed = build_scheduler(config, optimizer, STEPS)
+        if load_state:
+            resumed.load_state_dict(state)
+        for k in range(22, TOTAL):
+            resumed.step_update(k)
+            assert optimizer.param_groups[0]['lr'] == walked[k]
+
+
+def test_unknown_scheduler(schedule_config):
+    config = schedule_config('TRAIN.LR_SCHEDULER.NAME', 'plateau')
+    with pytest.raises(ConfigError, match=r"'plateau'.*cosine, linear, step, multistep"):
+        build_scheduler(config, make_optimizer(config), STEPS)

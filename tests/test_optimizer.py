@@ -1,0 +1,150 @@
+"""Parameter groups of the optimizer (which Swin weights decay), optimizer choice, layer-wise LR decay."""
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from errors import ConfigError
+from lr_scheduler import build_scheduler
+from models import build_model
+from optimizer import build_optimizer, swin_layer_id
+
+
+def group_names(optimizer, model):
+    """Parameter names of each optimizer group."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group['params']] for group in optimizer.param_groups]
+
+
+def split_by_decay(optimizer, model):
+    decay, no_decay = set(), set()
+    for group, names in zip(optimizer.param_groups, group_names(optimizer, model)):
+        (decay if group['weight_decay'] > 0 else no_decay).update(names)
+    return decay, no_decay
+
+
+def test_swin_decay_split(tiny_config):
+    config = tiny_config('MODEL.SWIN.APE', True)
+    model = build_model(config)
+    optimizer = build_optimizer(config, model)
+    decay, no_decay = split_by_decay(optimizer, model)
+    all_names = [n for n, _ in model.named_parameters()]
+
+    # every parameter exactly once
+    listed = [n for names in group_names(optimizer, model) for n in names]
+    assert sorted(listed) == sorted(all_names)
+    assert not decay & no_decay
+
+    assert 'absolute_pos_embed' in no_decay
+    tables = [n for n in all_names if n.endswith('relative_position_bias_table')]
+    assert tables and set(tables) <= no_decay
+    assert not any(n.endswith('.bias') for n in decay)
+    modules = dict(model.named_modules())
+    for name in all_names:
+        module_name, _, param_name = name.rpartition('.')
+        module = modules[module_name]
+        if isinstance(module, nn.LayerNorm):
+            assert name in no_decay
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and param_name == 'weight':
+            assert name in decay
+    assert {'patch_embed.proj.weight', 'head.weight', 'layers.0.downsample.reduction.weight'} <= decay
+    assert {'norm.weight', 'norm.bias', 'patch_embed.proj.bias'} <= no_decay
+    assert [g['weight_decay'] for g in optimizer.param_groups] == [config.TRAIN.WEIGHT_DECAY, 0.0]
+
+
+def test_adamw_settings(tiny_config):
+    config = tiny_config()
+    optimizer = build_optimizer(config, build_model(config))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    # the LR scaled by the global batch, not the configured one
+    assert config.TRAIN.EFFECTIVE_LR != config.TRAIN.BASE_LR
+    for group in optimizer.param_groups:
+        assert group['lr'] == config.TRAIN.EFFECTIVE_LR
+        assert group['eps'] == config.TRAIN.OPTIMIZER.EPS
+        assert group['betas'] == tuple(config.TRAIN.OPTIMIZER.BETAS)
+        assert group['foreach'] and not group['fused']  # CPU parameters
+        assert 'lr_scale' not in group
+
+
+def test_sgd_by_name(tiny_config):
+    config = tiny_config('TRAIN.OPTIMIZER.NAME', 'sgd', 'TRAIN.OPTIMIZER.MOMENTUM', 0.8)
+    optimizer = build_optimizer(config, build_model(config))
+    assert isinstance(optimizer, torch.optim.SGD)
+    for group in optimizer.param_groups:
+        assert group['nesterov'] and group['momentum'] == 0.8
+        assert group['lr'] == config.TRAIN.EFFECTIVE_LR
+
+
+def test_unknown_optimizer(tiny_config):
+    config = tiny_config('TRAIN.OPTIMIZER.NAME', 'lamb')
+    with pytest.raises(ConfigError, match=r"'lamb'.*adamw, sgd"):
+        build_optimizer(config, build_model(config))
+
+
+def test_wrapped_model_same_groups(tiny_config):
+    """DataParallel (like DDP: .module) around torch.compile (._orig_mod): the same, official, names."""
+    config = tiny_config('MODEL.SWIN.APE', True)
+    model = build_model(config)
+    wrapped = nn.DataParallel(torch.compile(model))
+    plain = build_optimizer(config, model)
+    optimizer = build_optimizer(config, wrapped)
+    assert group_names(optimizer, model) == group_names(plain, model)
+    assert 'absolute_pos_embed' in split_by_decay(optimizer, model)[1]
+
+
+def test_model_without_skip_lists(tiny_config):
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    model[2].weight.requires_grad_(False)  # frozen weights are not optimized
+    optimizer = build_optimizer(tiny_config(), model)
+    decay, no_decay = split_by_decay(optimizer, model)
+    assert decay == {'0.weight'}
+    assert no_decay == {'0.bias', '1.weight', '1.bias', '2.bias'}
+
+
+def test_layer_decay_ids():
+    depths = [2, 2]
+    assert swin_layer_id('patch_embed.proj.weight', depths) == 0
+    assert swin_layer_id('absolute_pos_embed', depths) == 0
+    assert swin_layer_id('layers.0.blocks.0.attn.qkv.weight', depths) == 1
+    assert swin_layer_id('layers.0.blocks.1.norm1.weight', depths) == 2
+    assert swin_layer_id('layers.0.downsample.reduction.weight', depths) == 2
+    assert swin_layer_id('layers.1.blocks.0.attn.relative_position_bias_table', depths) == 3
+    assert swin_layer_id('layers.1.blocks.1.mlp.fc2.bias', depths) == 4
+    assert swin_layer_id('norm.weight', depths) == 5
+    assert swin_layer_id('head.weight', depths) == 5
+
+
+def test_layer_decay_scales(tiny_config):
+    config = tiny_config('TRAIN.LAYER_DECAY', 0.5, 'MODEL.SWIN.APE', True)
+    model = build_model(config)
+    optimizer = build_optimizer(config, model)
+    scale = {}
+    for group, names in zip(optimizer.param_groups, group_names(optimizer, model)):
+        scale.update({n: group['lr_scale'] for n in names})
+    assert len(scale) == len(list(model.parameters()))
+    assert scale['patch_embed.proj.weight'] == scale['absolute_pos_embed'] == 0.5 ** 5 == min(scale.values())
+    assert scale['layers.0.blocks.0.attn.qkv.weight'] == 0.5 ** 4
+    assert scale['layers.0.downsample.reduction.weight'] == scale['layers.0.blocks.1.mlp.fc1.weight'] == 0.5 ** 3
+    assert scale['layers.1.blocks.1.mlp.fc1.weight'] == 0.5
+    assert scale['head.weight'] == scale['norm.weight'] == 1.0
+    # weight decay is still split inside each layer
+    decay, no_decay = split_by_decay(optimizer, model)
+    assert 'head.weight' in decay and 'head.bias' in no_decay
+
+    # the scheduler multiplies each group's lr by its scale
+    build_scheduler(config, optimizer, steps_per_epoch=10)
+    for group in optimizer.param_groups:
+        assert group['lr'] == pytest.approx(config.TRAIN.EFFECTIVE_WARMUP_LR * group['lr_scale'])
+
+
+def test_logs_group_sizes(tiny_config, caplog):
+    config = tiny_config()
+    model = build_model(config)
+    logger = logging.getLogger('test_optimizer')
+    with caplog.at_level(logging.INFO, logger='test_optimizer'):
+        optimizer = build_optimizer(config, model, logger)
+    lines = [r.getMessage() for r in caplog.records if r.name == 'test_optimizer']
+    assert len(lines) == len(optimizer.param_groups) == 2
+    for line, group in zip(lines, optimizer.param_groups):
+        assert f"{len(group['params'])} tensors, {sum(p.numel() for p in group['params'])} parameters" in line

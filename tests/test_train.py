@@ -1,0 +1,145 @@
+"""The training engine as users run it: main.py in real processes on a tiny dataset."""
+import glob
+import os
+import signal
+import subprocess
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from helpers import (ROOT, assert_same_weights, child_env, load_weights, logged_losses, main_command,
+                     make_image_folder, read, run_main, tiny_yaml, wait_for)
+
+RECIPE = """TRAIN:
+  EPOCHS: 2
+  WARMUP_EPOCHS: 1
+  BASE_LR: 2e-3
+  MIN_LR: 1e-5
+  WARMUP_LR: 1e-6
+"""
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('images'))
+
+
+@pytest.fixture(scope='module')
+def train_config(tmp_path_factory, dataset):
+    # real loader workers and the full augmentation recipe (RandAugment, erasing, Mixup/CutMix, drop path)
+    return tiny_yaml(tmp_path_factory.mktemp('cfg') / 'tiny.yaml', dataset, extra=RECIPE, num_workers=2)
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory, train_config):
+    """One uninterrupted 2-epoch run that the interrupted runs must reproduce bit for bit."""
+    output = tmp_path_factory.mktemp('reference')
+    result = run_main('--cfg', train_config, '--output', str(output))
+    assert result.returncode == 0, result.stderr
+    return os.path.join(output, 'tiny', 'default'), result
+
+
+def test_training_run_writes_logs_checkpoints_and_events(reference_run):
+    run_dir, result = reference_run
+    log = read(os.path.join(run_dir, 'log_rank0.txt'))
+    assert ' * Acc@1 ' in log and 'Max accuracy: ' in log
+    assert 'Test: 21 images' in log                     # every val image counted once
+    assert len(logged_losses(log)) == 2 * 12            # 48 images / batch 4, PRINT_FREQ 1, 2 epochs
+    assert 'Training done in' in result.stdout and 'best Acc@1' in result.stdout
+    for name in ('config.yaml', 'last.pth', 'best.pth', 'ckpt_epoch_0.pth', 'ckpt_epoch_1.pth'):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    state = torch.load(os.path.join(run_dir, 'last.pth'), map_location='cpu', weights_only=True)
+    assert state['epoch'] == 1 and state['class_names'] == ['circle', 'square', 'stripes']
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    tags = events.Tags()['scalars']
+    for tag in ('train/loss', 'train/lr', 'train/grad_norm', 'val/acc1', 'val/acc5', 'val/loss'):
+        assert tag in tags, tag
+    assert len(events.Scalars('train/loss')) == 24
+
+
+def test_kill_9_then_rerun_resumes_exactly(tmp_path, train_config, reference_run):
+    """A run killed with SIGKILL after its first checkpoint, then simply rerun, ends bit-identical."""
+    output = tmp_path / 'out'
+    run_dir = output / 'tiny' / 'default'
+    process = subprocess.Popen(main_command('--cfg', train_config, '--output', str(output)), cwd=ROOT,
+                               env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (run_dir / 'ckpt_epoch_0.pth').exists(), 240, 'the first checkpoint')
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    result = run_main('--cfg', train_config, '--output', str(output))
+    assert result.returncode == 0, result.stderr
+    log = read(run_dir / 'log_rank0.txt')
+    assert 'resumed from' in log
+    reference_dir = reference_run[0]
+    assert_same_weights(load_weights(run_dir / 'last.pth'), load_weights(os.path.join(reference_dir, 'last.pth')))
+    assert logged_losses(log) == logged_losses(read(os.path.join(reference_dir, 'log_rank0.txt')))
+
+
+def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, train_config, reference_run):
+    output = tmp_path / 'out'
+    run_dir = output / 'tiny' / 'default'
+    process = subprocess.Popen(main_command('--cfg', train_config, '--output', str(output)), cwd=ROOT,
+                               env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = run_dir / 'log_rank0.txt'
+    wait_for(lambda: log_path.exists() and 'Train: [0/2][2/12]' in read(log_path), 240, 'training step 2')
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, out
+    assert 'SIGTERM received: stopped at epoch' in out and 'run the same command to resume' in out
+    mid = glob.glob(str(run_dir / 'ckpt_epoch_*_step_*.pth'))
+    assert len(mid) == 1, os.listdir(run_dir)
+    state = torch.load(mid[0], map_location='cpu', weights_only=True)
+    assert state['step_in_epoch'] > 0
+
+    result = run_main('--cfg', train_config, '--output', str(output))
+    assert result.returncode == 0, result.stderr
+    reference_dir = reference_run[0]
+    assert_same_weights(load_weights(run_dir / 'last.pth'), load_weights(os.path.join(reference_dir, 'last.pth')))
+    assert logged_losses(read(log_path)) == logged_losses(read(os.path.join(reference_dir, 'log_rank0.txt')))
+
+
+def test_eval_reports_accuracy_and_never_changes_weights(tmp_path, train_config, reference_run):
+    checkpoint = os.path.join(reference_run[0], 'last.pth')
+    before = open(checkpoint, 'rb').read()
+    output = tmp_path / 'eval'
+    result = run_main('--cfg', train_config, '--eval', '--resume', checkpoint, '--output', str(output))
+    assert result.returncode == 0, result.stderr
+    assert ' * Acc@1 ' in result.stdout and 'Accuracy of the network on the 21 test images' in result.stdout
+    assert open(checkpoint, 'rb').read() == before
+    assert not glob.glob(str(output / '**' / '*.pth'), recursive=True)
+
+
+def test_throughput_prints_the_official_line_without_a_dataset(tmp_path, dataset):
+    config = tiny_yaml(tmp_path / 'tiny.yaml', '')
+    result = run_main('--cfg', config, '--throughput', '--output', str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert 'random input' in result.stdout
+    line = [l for l in result.stdout.splitlines() if 'batch_size 4 throughput ' in l]
+    assert line and float(line[0].rsplit(' ', 1)[1]) > 0
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--opts', 'TRAIN.EPOCH', '1'], 'unknown config key TRAIN.EPOCH in --opts'),
+    (['--data-path', '/no/such/dataset'], '/no/such/dataset'),
+    (['--device', 'cuda:0'], 'CUDA was asked for but is not available'),
+    (['--resume', '/no/such/ckpt.pth'], '/no/such/ckpt.pth'),
+])
+def test_user_mistakes_end_with_one_line(tmp_path, train_config, args, message):
+    if message.startswith('CUDA') and torch.cuda.is_available():
+        pytest.skip('this machine has CUDA')
+    result = run_main('--cfg', train_config, '--output', str(tmp_path), *args)
+    assert result.returncode == 2
+    assert 'Traceback' not in result.stderr
+    errors = [l for l in result.stderr.splitlines() if l.startswith('error')]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    result = run_main('--cfg', str(tmp_path / 'missing.yaml'))
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert f"config file not found: {tmp_path / 'missing.yaml'}" in result.stderr

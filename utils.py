@@ -1,0 +1,263 @@
+"""Runtime helpers: processes and devices, seeding, mixed precision, preemption signals, small reductions."""
+import contextlib
+import os
+import random
+import signal
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from errors import ConfigError
+
+
+# -----------------------------------------------------------------------------
+# Processes and devices
+# -----------------------------------------------------------------------------
+def resolve_device(config):
+    """torch.device for this process from DEVICE (auto | cpu | cuda | cuda:N) and LOCAL_RANK."""
+    name = config.DEVICE
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name.startswith('cuda'):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"DEVICE {config.DEVICE!r}: CUDA was asked for but is not available "
+                              f"(use --device cpu)")
+        if name == 'cuda':
+            if config.LOCAL_RANK >= torch.cuda.device_count():
+                raise ConfigError(f"LOCAL_RANK {config.LOCAL_RANK} has no GPU: only "
+                                  f"{torch.cuda.device_count()} visible")
+            name = f'cuda:{config.LOCAL_RANK}'
+    elif name != 'cpu':
+        raise ConfigError(f"DEVICE {config.DEVICE!r} is unknown (use auto, cpu, cuda or cuda:N)")
+    return torch.device(name)
+
+
+def init_distributed(config):
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1; seed; return device."""
+    device = resolve_device(config)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    if config.WORLD_SIZE > 1 and not dist.is_initialized():
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        dist.init_process_group(backend=backend, init_method='env://',
+                                device_id=device if device.type == 'cuda' else None)
+    seed_everything(config.SEED + config.RANK)
+    return device
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over ranks in place (no-op in a single process); returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...]; a one-item list in a single process."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj, src=0):
+    """The object of rank src, on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def unwrap_model(model):
+    """The bare module under DistributedDataParallel / DataParallel / timm ModelEma (``.module``) and
+    torch.compile (``._orig_mod``) wrappers, nested in any order."""
+    while True:
+        if isinstance(getattr(model, '_orig_mod', None), torch.nn.Module):
+            model = model._orig_mod
+        elif isinstance(getattr(model, 'module', None), torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def weights_checksum(model):
+    """One number summarizing every parameter: equal across ranks when DDP keeps them in sync."""
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# Files
+# -----------------------------------------------------------------------------
+def _temp_path(path):
+    """A hidden, unique name next to path: never matches *.pth, so a stray one is never taken for a checkpoint."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f'.{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+
+
+def _fsync_dir(folder):
+    # the rename itself lives in the directory entry: without this a power loss can undo it
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # platforms without directory file descriptors
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_atomically(write, path):
+    """Call write(temp_path), fsync, then rename onto path: path is either the old or the complete new file."""
+    temp = _temp_path(path)
+    try:
+        write(temp)
+        with open(temp, 'rb') as f:  # hard links and copies need their own flush to disk
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        if os.path.lexists(temp):  # a failed write, or a rename onto a link of the same file (a no-op)
+            os.remove(temp)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_text_atomically(path, text):
+    def write(temp):
+        with open(temp, 'x') as f:
+            f.write(text)
+
+    replace_atomically(write, path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Mixed precision
+# -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Precision:
+    """What autocast does on this run: off, bfloat16 (no scaler) or float16 (with GradScaler)."""
+    device_type: str
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def enabled(self):
+        return self.dtype != torch.float32
+
+    @property
+    def needs_scaler(self):
+        return self.dtype == torch.float16
+
+    def autocast(self):
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def __str__(self):
+        return str(self.dtype).replace('torch.', '') if self.enabled else 'float32 (AMP off)'
+
+
+def resolve_precision(config, device):
+    """AMP_ENABLE + AMP_DTYPE on CUDA; on CPU only an explicit AMP_DTYPE bfloat16 turns AMP on."""
+    if not config.AMP_ENABLE:
+        return Precision(device.type)
+    if device.type == 'cuda':
+        if config.AMP_DTYPE == 'float16':
+            return Precision('cuda', torch.float16)
+        if config.AMP_DTYPE == 'bfloat16' or torch.cuda.is_bf16_supported():
+            if not torch.cuda.is_bf16_supported():
+                raise ConfigError("AMP_DTYPE bfloat16 is not supported by this GPU (use float16)")
+            return Precision('cuda', torch.bfloat16)
+        return Precision('cuda', torch.float16)
+    if config.AMP_DTYPE == 'bfloat16':
+        return Precision(device.type, torch.bfloat16)
+    return Precision(device.type)
+
+
+# -----------------------------------------------------------------------------
+# Preemption
+# -----------------------------------------------------------------------------
+class StopRequest:
+    """Turns SIGTERM/SIGINT (what clusters send before preemption) into a flag the loop polls.
+
+    ``should_stop()`` must be called at the same steps on every rank: it takes the max over a CPU (gloo)
+    group, so all ranks agree without a host sync on the GPU stream, and no rank is left waiting.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+        self._group = None
+        if is_distributed():
+            self._group = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else dist.group.WORLD
+
+    def install(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means "now"
+        self.signum = signum
+
+    def should_stop(self):
+        """True on every rank once any rank got a signal; then ``signal_name``/``exit_code`` say which."""
+        received = torch.tensor([self.signum], dtype=torch.int32)
+        if self._group is not None:
+            dist.all_reduce(received, op=dist.ReduceOp.MAX, group=self._group)
+        self.signum = int(received.item())
+        return self.signum != 0
+
+    @property
+    def signal_name(self):
+        return signal.Signals(self.signum).name if self.signum else None
+
+    @property
+    def exit_code(self):
+        return 128 + self.signum if self.signum else 0  # the shell's convention for "ended by a signal"
