@@ -70,7 +70,7 @@ _C.MODEL.PRETRAINED = ''
 _C.MODEL.RESUME = ''
 # Number of classes (must match the dataset)
 _C.MODEL.NUM_CLASSES = 1000
-# Dropout rate before the classifier
+# Dropout rate (after the patch embedding, on the attention projection and in the MLPs, as officially)
 _C.MODEL.DROP_RATE = 0.0
 # Stochastic depth rate (linearly increasing over blocks)
 _C.MODEL.DROP_PATH_RATE = 0.1
@@ -214,6 +214,8 @@ _C.AUG.REPROB = 0.25
 _C.AUG.REMODE = 'pixel'
 # Random erasing count
 _C.AUG.RECOUNT = 1
+# Horizontal flip probability (timm's hflip; 0 for data where mirroring changes the class, e.g. digits)
+_C.AUG.HFLIP = 0.5
 # Mixup alpha, mixup enabled if > 0
 _C.AUG.MIXUP = 0.8
 # Cutmix alpha, cutmix enabled if > 0

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 import checkpoint
 import utils
 from config import build_parser, get_config
-from data import build_loader, check_bad_images
+from data import build_loader, check_bad_images, to_device
 from engine import throughput, train_one_epoch, validate
 from errors import SwinTrainError
 from logger import MetricWriter, create_logger, format_max_accuracy, format_network_accuracy, save_config
@@ -59,11 +59,11 @@ def main(config):
 def run_throughput(config, model, device, precision, logger):
     """Images/s of the forward pass; a real val batch when a dataset is given, random input otherwise."""
     if config.DATA.DATA_PATH:
-        images, _ = next(iter(build_loader(config)[3]))
+        images, _ = to_device(*next(iter(build_loader(config)[3])), device)
     else:
         logger.info("no --data-path: measuring throughput on random input")
-        images = torch.randn(config.DATA.BATCH_SIZE, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
-    throughput(images.to(device), model, precision, logger)
+        images = torch.randn(config.DATA.BATCH_SIZE, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
+    throughput(images, model, precision, logger)
     return 0
 
 

@@ -1,5 +1,6 @@
 """build_loader: the datasets, samplers and loaders of a run and the Mixup/CutMix function (the structure
 of the official Swin data/build.py)."""
+import logging
 import os
 
 import torch
@@ -13,6 +14,7 @@ from .samplers import DistributedEpochSampler, ShardSampler, ValSampler
 from .transforms import build_transform
 
 _FOLDER_DATASETS = ('imagenet', 'imagenet22K')
+_logger = logging.getLogger('swin.data')
 
 
 def build_loader(config, uint8=None):
@@ -50,6 +52,9 @@ def build_loader(config, uint8=None):
         raise DataError(f"{dataset_train.root} gives each of {config.WORLD_SIZE} processes {len(sampler_train)} "
                         f"images, fewer than DATA.BATCH_SIZE {config.DATA.BATCH_SIZE}")
     loader_train = _make_loader(config, dataset_train, sampler_train, drop_last=True)
+    _logger.info(f"rank {config.RANK}: train {dataset_train}, {len(loader_train)} batches per epoch; "
+                 f"val {dataset_val}, {len(loader_val)} batches on this rank"
+                 f"{'; uint8 batches normalized on the device' if uint8 else ''}")
     return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)
 
 
@@ -97,7 +102,9 @@ def _fill_cache(config, dataset, indices):
     """DATA.CACHE_MODE in zip mode: full caches every image, part only those this rank reads."""
     if not config.DATA.ZIP_MODE or config.DATA.CACHE_MODE == 'no':
         return
-    dataset.cache(range(len(dataset)) if config.DATA.CACHE_MODE == 'full' else indices)
+    indices = range(len(dataset)) if config.DATA.CACHE_MODE == 'full' else indices
+    _logger.info(f"caching {len(indices)} images of {dataset.reader.path} in memory ({config.DATA.CACHE_MODE})")
+    dataset.cache(indices)
 
 
 def _make_loader(config, dataset, sampler, drop_last):

@@ -73,7 +73,10 @@ def _too_many_message(loader, total):
 
 def check_bad_images(data_loader, logger=None):
     """Number of unreadable (skipped and replaced) images in the loader's latest pass; call it after each
-    epoch. Raises DataError when they are more than DATA.MAX_BAD_FRACTION of the images loaded."""
+    epoch. Raises DataError when they are more than DATA.MAX_BAD_FRACTION of the images loaded. Loaders not
+    built by build_loader do not track unreadable images: 0."""
+    if not isinstance(data_loader, ImageLoader):
+        return 0
     bad, loaded = data_loader.bad_images, data_loader.images_loaded
     if bad > data_loader.max_bad_fraction * loaded:
         raise DataError(_too_many_message(data_loader, loaded))

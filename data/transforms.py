@@ -5,7 +5,8 @@
   only behind DATA.VAL_FAST_RESIZE, because it changes pixels.
 * uint8 output: with ``uint8=True`` a transform ends in a :class:`DeferredImage` (HWC uint8 pixels and the
   random-erasing boxes) instead of a normalized float tensor; ``data.to_device`` converts, normalizes and
-  erases on the device. Same numbers as the float path, less host work and 4x smaller batches.
+  erases on the device. The same values as the float path (erasing noise aside), less host work and 4x
+  smaller batches to pass between processes and copy to the GPU.
 
 Every transform starts from a *lazily opened* PIL image (header parsed, pixels not decoded), so the decoder
 can be told the size it needs. Decoding failures raise :class:`BadImage`.
@@ -108,8 +109,9 @@ class DecodeRandomResizedCrop(RandomResizedCropAndInterpolation):
 
 class FastResizeCenterCrop:
     """Validation resize (+ center crop) that decodes JPEGs at a reduced scale when the resized image stays
-    at least as large, and resamples only the crop region. Pixels can differ from Resize + CenterCrop by one
-    level (float rounding in PIL's filter weights), so it is opt-in (DATA.VAL_FAST_RESIZE)."""
+    at least as large, and resamples only the crop region. Pixels differ slightly from Resize + CenterCrop
+    (DCT-domain downscaling; PIL takes the crop box in single precision, so some roundings flip), so it is
+    opt-in (DATA.VAL_FAST_RESIZE)."""
 
     def __init__(self, img_size, resize_size, interpolation):
         self.img_size, self.resize_size = img_size, resize_size  # resize_size None: straight to img_size
@@ -205,11 +207,9 @@ def fix_posterize(transform):
             op.aug_fn = _posterize
 
 
-def _interpolation(name, is_train):
-    if name == 'random':
-        # train: timm picks bilinear or bicubic per image; val: the official code falls back to bilinear
-        return 'random' if is_train else InterpolationMode.BILINEAR
-    return InterpolationMode(name)
+def _val_interpolation(name):
+    # 'random' (timm picks per image in training) falls back to bilinear in validation, as in the official code
+    return InterpolationMode.BILINEAR if name == 'random' else InterpolationMode(name)
 
 
 def build_transform(is_train, config, uint8=False):
@@ -226,6 +226,7 @@ def build_transform(is_train, config, uint8=False):
             re_prob=aug.REPROB,
             re_mode=aug.REMODE,
             re_count=aug.RECOUNT,
+            hflip=aug.HFLIP,
             interpolation=config.DATA.INTERPOLATION,
             separate=True,
         )
@@ -243,7 +244,7 @@ def build_transform(is_train, config, uint8=False):
             return transforms.Compose(steps + [ToDeferredImage(erasing)])
         return transforms.Compose(steps + final.transforms)
 
-    interpolation = _interpolation(config.DATA.INTERPOLATION, is_train=False)
+    interpolation = _val_interpolation(config.DATA.INTERPOLATION)
     crop = config.TEST.CROP and size > 32
     resize_size = int((256 / 224) * size) if crop else None
     if config.DATA.VAL_FAST_RESIZE:

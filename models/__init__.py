@@ -2,4 +2,4 @@
 from .build import build_model
 from .swin_transformer import SwinTransformer
 
-__all__ = ['build_model', 'SwinTransformer']
+__all__ = ['SwinTransformer', 'build_model']

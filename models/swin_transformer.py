@@ -15,8 +15,6 @@ What differs is how window attention is computed (same results):
   the explicit softmax path. Both give the same outputs and gradients.
 * Attention output goes back to the (B, H, W, C) map in one permute copy before ``proj`` (a per-token linear).
 """
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,11 +23,12 @@ from timm.layers import DropPath, to_2tuple, trunc_normal_
 
 from errors import ConfigError
 
-# Masked-out logits get -100 like the official code (not -inf: a row is never fully masked, and -100
-# keeps fp16 finite); exp(-100) is 0 at fp32 precision.
+# Logits between tokens from different regions of a shifted window get -100 like the official code: exp(-100)
+# is negligible next to the unmasked terms, and unlike -inf it stays finite in fp16 and in sums with the bias.
 _MASK_VALUE = -100.0
-# Row stride of the attention mask, in elements: CUDA's memory-efficient SDPA kernel wants 16-byte aligned
-# mask rows (8 halves); N = 49 is not, and SDPA would otherwise pad a copy of the mask on every call.
+# Row stride of the attention mask, in elements: CUDA's memory-efficient SDPA kernel needs mask rows aligned to
+# 8 elements; for N = 49 SDPA would otherwise warn and pad a copy of the mask on every call. (Not testable on
+# CPU; the CPU kernels accept either layout.)
 _MASK_ALIGN = 8
 
 
@@ -84,14 +83,14 @@ def shifted_window_mask(input_resolution, window_size, shift_size):
     return torch.zeros(same.shape).masked_fill_(~same, _MASK_VALUE)
 
 
-def _sdpa_fits(q, attn_mask):
-    """Whether ``scaled_dot_product_attention`` is the fast way to compute this attention.
+def _sdpa_is_faster(x, bias_table):
+    """Whether ``scaled_dot_product_attention`` beats the explicit path for this call.
 
-    On CPU, SDPA's flash kernel cannot give the mask a gradient, so while the bias table is trained SDPA falls
-    back to its math path, which is slower than the explicit path below (same math, see docs/PERFORMANCE.md).
-    CUDA kernels (memory-efficient attention) do compute the mask gradient.
+    SDPA's CPU flash kernel gives the mask no gradient, so while the bias table is being trained SDPA runs its
+    math fallback on CPU, slower than the explicit path (same math; docs/PERFORMANCE.md). CUDA's
+    memory-efficient kernel does compute the mask gradient.
     """
-    return not (q.device.type == 'cpu' and attn_mask.requires_grad)
+    return not (x.device.type == 'cpu' and torch.is_grad_enabled() and bias_table.requires_grad)
 
 
 class WindowAttention(nn.Module):
@@ -134,15 +133,15 @@ class WindowAttention(nn.Module):
     def attention_mask(self, mask=None, dtype=None):
         """Relative position bias plus the optional (nW, N, N) shift mask: (1, heads or nW * heads, N, N).
 
-        Built once per forward and shared by every image of the batch. Its rows are padded in memory to a
-        multiple of ``_MASK_ALIGN`` elements and sliced back (the shape stays N), see ``_MASK_ALIGN``.
+        Built once per forward and shared by every image of the batch (4-D: SDPA's CPU flash kernel rejects
+        a 3-D mask). Rows are padded in memory to ``_MASK_ALIGN`` elements and sliced back to N.
         """
         N = self.window_size[0] * self.window_size[1]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         bias = bias.view(N, N, self.num_heads).permute(2, 0, 1)  # heads, N, N
         if mask is not None:
             bias = (mask.unsqueeze(1) + bias).flatten(0, 1)  # nW * heads, N, N
-        bias = bias.unsqueeze(0).to(dtype or bias.dtype)  # 4-D: SDPA's CPU flash kernel rejects a 3-D mask  # cast before padding: a later cast would drop the alignment
+        bias = bias.unsqueeze(0).to(dtype or bias.dtype)  # cast before padding: a later cast drops the padding
         if N % _MASK_ALIGN:
             bias = F.pad(bias, (0, -N % _MASK_ALIGN))[..., :N]
         return bias
@@ -152,25 +151,25 @@ class WindowAttention(nn.Module):
         B, H, W, C = x.shape
         wh, ww = self.window_size
         nh, nw = H // wh, W // ww
-        heads = self.num_heads
+        heads, head_dim = self.num_heads, C // self.num_heads
         # cut the qkv map into windows and heads in one copy: 3, B, nW, heads, N, head_dim
-        qkv = self.qkv(x).view(B, nh, wh, nw, ww, 3, heads, C // heads)
-        qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, B, nh * nw, heads, wh * ww, C // heads)
-        attn_mask = self.attention_mask(mask, qkv.dtype)
-        # batch of (B * nW, heads) without a shift mask, (B, nW * heads) with one: the mask then broadcasts
+        qkv = self.qkv(x).view(B, nh, wh, nw, ww, 3, heads, head_dim)
+        qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, B, nh * nw, heads, wh * ww, head_dim)
+        # as a batch of (B * nW, heads) without a shift mask, of (B, nW * heads) with one: the mask broadcasts
         q, k, v = (qkv.flatten(1, 2) if mask is None else qkv.flatten(2, 3)).unbind(0)
 
-        if self.fused_attn and _sdpa_fits(q, attn_mask):
+        if self.fused_attn and _sdpa_is_faster(x, self.relative_position_bias_table):
+            attn_mask = self.attention_mask(mask, q.dtype)  # SDPA wants the mask in the query's dtype
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale,
                                                dropout_p=self.attn_drop.p if self.training else 0.)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1) + attn_mask
+            attn = (q * self.scale) @ k.transpose(-2, -1) + self.attention_mask(mask)
             attn = self.attn_drop(attn.softmax(dim=-1))
             x = attn @ v
 
-        # windows and heads back to the (B, H, W, C) map in one copy; proj is per token
-        # (reshape: SDPA may return a transposed layout; splitting dims is still a view)
-        x = x.reshape(B, nh, nw, heads, wh, ww, C // heads).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, H, W, C)
+        # windows and heads back to the (B, H, W, C) map in one copy (proj is per token); reshape, not view:
+        # SDPA may return a transposed layout, and splitting dims stays a view on it
+        x = x.reshape(B, nh, nw, heads, wh, ww, head_dim).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, H, W, C)
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self):

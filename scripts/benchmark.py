@@ -1,11 +1,12 @@
 """Throughput of our Swin Transformer against timm's (and optionally the official repo's), in one process.
 
-For each model size, every implementation gets the same batch, dtype and inputs; rounds are interleaved (the
-order rotates each round) and the median images/s over the rounds is reported, so that load from other
-processes hits all columns alike. Two measurements per setting:
+For each model size, every implementation gets the same batch, dtype and inputs. Rounds are interleaved (the
+order rotates each round); the table shows the median images/s over the rounds, and each ratio is the median of
+the per-round ratios, so that load from other processes hits both sides of a ratio alike. Two measurements:
 
 * infer: eval mode, ``torch.inference_mode``, forward only.
-* train: train mode, forward + cross-entropy + backward + AdamW step (the whole optimizer step).
+* train: train mode, forward + cross-entropy + backward + AdamW step (the whole optimizer step; fp16 with a
+  GradScaler). bf16/fp16 run under autocast with fp32 weights, as in training.
 
 On CUDA, training rows also report MFU = images/s x 6 x MACs per image / peak FLOP/s (``flops()`` counts
 multiply-accumulates of one forward; forward + backward is about 3 forwards, 2 FLOPs per MAC).
@@ -122,18 +123,20 @@ def make_step(model, mode, device, dtype, images, labels):
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # as a real fp16 run would
 
     def step():
         with autocast:
             loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
     return step
 
 
 def measure(steps, args, device, batch_size, label):
-    """Interleaved rounds over the implementations: {name: median images/s}."""
+    """Interleaved rounds over the implementations: {name: [images/s of each round]}."""
     names = list(steps)
     for name in names:
         log(f'  {label}: warmup {name}')
@@ -151,7 +154,7 @@ def measure(steps, args, device, batch_size, label):
             synchronize(device)
             rates[name].append(args.iters * batch_size / (time.perf_counter() - start))
         log(f'  {label}: round {r + 1}/{args.rounds}: ' + ', '.join(f'{n} {rates[n][-1]:.2f}' for n in names))
-    return {name: statistics.median(values) for name, values in rates.items()}
+    return rates
 
 
 def peak_tflops(device, dtype_name, args):
@@ -167,14 +170,19 @@ def peak_tflops(device, dtype_name, args):
     return None
 
 
+def paired_ratio(ours, theirs):
+    """Median over rounds of ours/theirs: each round's pair ran back to back, so load changes cancel."""
+    return statistics.median(a / b for a, b in zip(ours, theirs))
+
+
 def format_table(rows, columns):
     header = ['model', 'dtype', 'compile', 'mode'] + [f'{c} img/s' for c in columns]
     header += [f'ours/{c}' for c in columns if c != 'ours'] + ['MFU ours']
     lines = [header]
     for row in rows:
         line = [row['model'], row['dtype'], row['compile'], row['mode']]
-        line += [f"{row['rates'][c]:.2f}" for c in columns]
-        line += [f"{row['rates']['ours'] / row['rates'][c]:.3f}x" for c in columns if c != 'ours']
+        line += [f"{statistics.median(row['rates'][c]):.2f}" for c in columns]
+        line += [f"{paired_ratio(row['rates']['ours'], row['rates'][c]):.3f}x" for c in columns if c != 'ours']
         line += [f"{100 * row['mfu']:.1f}%" if row['mfu'] is not None else '-']
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -201,7 +209,10 @@ def main(argv=None):
     official_cls = load_official(args.official) if args.official else None
     compile_flags = [False, True] if args.compile else [False]
 
-    device_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
+    if device.type == 'cuda':
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f'CPU ({torch.get_num_threads()} threads)'
     log(f'device {device_name}, torch {torch.__version__}, batch {args.batch_size}, img {args.img_size}, '
         f'{args.rounds} rounds x {args.iters} steps (median), our attention: {args.attn}')
 
@@ -225,12 +236,14 @@ def main(argv=None):
                              for n, m in runnable.items()}
                     rates = measure(steps, args, device, args.batch_size, label)
                     peak = peak_tflops(device, dtype_name, args)
-                    mfu = rates['ours'] * 6 * macs / (peak * 1e12) if peak and mode == 'train' else None
+                    ours = statistics.median(rates['ours'])
+                    mfu = ours * 6 * macs / (peak * 1e12) if peak and mode == 'train' else None
                     rows.append(dict(model=f'Swin-{arch}', dtype=dtype_name, compile='yes' if compiled else 'no',
                                      mode=mode, rates=rates, mfu=mfu))
         del models
     print(f'device: {device_name}; torch {torch.__version__}; batch {args.batch_size}; img {args.img_size}; '
-          f'median of {args.rounds} interleaved rounds x {args.iters} steps; our attention: {args.attn}'
+          f'median of {args.rounds} interleaved rounds x {args.iters} steps (ratios: median of per-round ratios); '
+          f'our attention: {args.attn}'
           f'{"; timm attention: fused" if args.timm_fused_attn else ""}')
     print(format_table(rows, columns))
 

@@ -6,12 +6,15 @@ tensors, normalized in the workers), a plain DataLoader with the same workers an
 
 * ``ours``: what a CPU run builds (float batches, normalized in the workers).
 * ``ours-u8``: what a CUDA run builds (uint8 batches; ``data.to_device`` converts and normalizes them on the
-  device). Every timed loop calls to_device / ``.to(device)``, so on a CPU-only machine the conversion is
-  paid by the main process here (on a GPU it runs there instead).
+  device). The wall-clock loop calls to_device / ``.to(device)``, so with ``--device cpu`` the main process
+  pays for the conversion there; the CPU-time column counts host work only (conversion not included, it
+  belongs to the GPU in this configuration).
 
-Rounds are interleaved (each pipeline once per round, order rotating) and the median is reported, so load
-from other processes hits every column alike. Without ``--data-path`` a synthetic ImageNet-like tree (JPEGs
-of 400-500 px) is written to a temporary folder.
+Two measurements per pipeline: images/s of the real loader (``--workers`` processes, wall clock), and CPU
+time per image of the same pipeline run in this process (0 workers, ``time.process_time``: decode,
+transforms, collate, to_device), which other load on the machine barely disturbs. Rounds are interleaved
+(each pipeline once per round, order rotating) and medians are reported. Without ``--data-path`` a synthetic
+ImageNet-like tree (JPEGs of 400-500 px, ``--side``) is written to a temporary folder.
 
 Examples::
 
@@ -43,6 +46,8 @@ def parse_args():
     parser.add_argument('--data-path', help='ImageFolder root with train/ and val/ (default: synthetic)')
     parser.add_argument('--classes', type=int, default=8, help='synthetic: class folders')
     parser.add_argument('--images-per-class', type=int, default=40, help='synthetic: images per class')
+    parser.add_argument('--side', type=int, nargs=2, default=(400, 500), metavar=('MIN', 'MAX'),
+                        help='synthetic: range of image width and height in pixels')
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--img-size', type=int, default=224)
@@ -55,15 +60,15 @@ def parse_args():
     return parser.parse_args()
 
 
-def write_synthetic(root, classes, per_class, seed=0):
-    """An ImageFolder tree of photo-like JPEGs (smooth color fields plus grain, 400-500 px, quality 90);
-    val/ holds hard links to the train files."""
+def write_synthetic(root, classes, per_class, side=(400, 500), seed=0):
+    """An ImageFolder tree of photo-like JPEGs (smooth color fields plus grain, sides in ``side`` px,
+    quality 90); val/ holds hard links to the train files."""
     rng = np.random.default_rng(seed)
     for c in range(classes):
         for split in ('train', 'val'):
             os.makedirs(os.path.join(root, split, f'class{c:03d}'), exist_ok=True)
         for i in range(per_class):
-            w, h = (int(v) for v in rng.integers(400, 501, size=2))
+            w, h = (int(v) for v in rng.integers(side[0], side[1] + 1, size=2))
             field = rng.integers(0, 256, (int(rng.integers(3, 10)), int(rng.integers(3, 10)), 3), dtype=np.uint8)
             pixels = np.asarray(Image.fromarray(field).resize((w, h), Image.BICUBIC), dtype=np.int16)
             pixels = np.clip(pixels + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
@@ -95,76 +100,89 @@ def baseline_loaders(config, root, workers, batch_size):
     return train, val
 
 
-def images_per_second(loader, device, move, warmup, batches, epoch):
+def seconds_per_image(loader, device, move, warmup, batches, epoch, clock):
     if hasattr(loader.sampler, 'set_epoch'):
         loader.sampler.set_epoch(epoch)
     it = iter(loader)
     for _ in range(warmup):
         move(*next(it), device)
-    start, seen = time.perf_counter(), 0
+    start, seen = clock(), 0
     for _ in range(batches):
         images, _ = move(*next(it), device)
         seen += images.shape[0]
-    elapsed = time.perf_counter() - start
+    elapsed = clock() - start
     del it  # stops the workers
-    return seen / elapsed
+    return elapsed / seen
 
 
 def plain_move(images, targets, device):
     return images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 
+def host_only(images, targets, device):
+    """ours-u8 CPU time: the host's share ends with the uint8 batch (to_device's work runs on the GPU)."""
+    return images, targets
+
+
 def main():
     args = parse_args()
+    torch.set_num_threads(1)  # as in loader workers; keeps the in-process CPU times comparable
     tmp = None
     root = args.data_path
     if root is None:
         tmp = tempfile.TemporaryDirectory(prefix='swin-data-bench-')
         root = tmp.name
         print(f"writing {args.classes * args.images_per_class} synthetic JPEGs to {root} ...", flush=True)
-        write_synthetic(root, args.classes, args.images_per_class)
+        write_synthetic(root, args.classes, args.images_per_class, args.side)
     num_classes = len([d for d in os.scandir(os.path.join(root, 'train')) if d.is_dir()])
     opts = ['DATA.DATA_PATH', root, 'DATA.IMG_SIZE', args.img_size, 'DATA.BATCH_SIZE', args.batch_size,
             'DATA.NUM_WORKERS', args.workers, 'DATA.PERSISTENT_WORKERS', False, 'MODEL.NUM_CLASSES', num_classes,
             'DEVICE', args.device] + list(args.opts)
-    config = load_config(None, opts, environ={})
     needed = (args.warmup + args.batches) * args.batch_size
-    print(f"{torch.__version__=} workers={args.workers} batch={args.batch_size} img={args.img_size} "
+    print(f"torch {torch.__version__}, workers={args.workers}, batch={args.batch_size}, img={args.img_size}, "
           f"device={args.device}; each measurement: {args.warmup} warm-up + {args.batches} timed batches")
 
-    base_train, base_val = baseline_loaders(config, root, args.workers, args.batch_size)
-    ours_float = data.build_loader(config, uint8=False)
-    ours_u8 = data.build_loader(config, uint8=True)
-    for name, loader in (('train', base_train), ('val', base_val)):
-        if len(loader.dataset) < needed:
-            sys.exit(f"{name} has {len(loader.dataset)} images; this run needs {needed}")
-    pipelines = {
-        'train baseline': (base_train, plain_move),
-        'train ours': (ours_float[2], data.to_device),
-        'train ours-u8': (ours_u8[2], data.to_device),
-        'val baseline': (base_val, plain_move),
-        'val ours': (ours_float[3], data.to_device),
-        'val ours-u8': (ours_u8[3], data.to_device),
-    }
-    if args.val_fast_resize:
-        fast = load_config(None, opts + ['DATA.VAL_FAST_RESIZE', True, 'EVAL_MODE', True], environ={})
-        pipelines['val ours-u8-fast'] = (data.build_loader(fast, uint8=True)[3], data.to_device)
+    pipelines = {}  # name -> {'wall': (loader, move), 'cpu': (loader, move)}
+    u8_move = {'wall': data.to_device, 'cpu': host_only}
+    for kind, kind_opts in (('wall', opts), ('cpu', opts + ['DATA.NUM_WORKERS', 0])):
+        cfg = load_config(None, kind_opts, environ={})
+        base_train, base_val = baseline_loaders(cfg, root, cfg.DATA.NUM_WORKERS, args.batch_size)
+        ours_float, ours_u8 = data.build_loader(cfg, uint8=False), data.build_loader(cfg, uint8=True)
+        if len(base_train.dataset) < needed:
+            sys.exit(f"{root} has {len(base_train.dataset)} train images; this run needs {needed}")
+        entries = {
+            'train baseline': (base_train, plain_move),
+            'train ours': (ours_float[2], data.to_device),
+            'train ours-u8': (ours_u8[2], u8_move[kind]),
+            'val baseline': (base_val, plain_move),
+            'val ours': (ours_float[3], data.to_device),
+            'val ours-u8': (ours_u8[3], u8_move[kind]),
+        }
+        if args.val_fast_resize:
+            fast = load_config(None, kind_opts + ['DATA.VAL_FAST_RESIZE', True, 'EVAL_MODE', True], environ={})
+            entries['val ours-u8-fast'] = (data.build_loader(fast, uint8=True)[3], u8_move[kind])
+        for name, entry in entries.items():
+            pipelines.setdefault(name, {})[kind] = entry
 
-    results = {name: [] for name in pipelines}
     names = list(pipelines)
+    results = {(name, kind): [] for name in names for kind in ('wall', 'cpu')}
+    clocks = {'wall': time.perf_counter, 'cpu': time.process_time}
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            loader, move = pipelines[name]
-            results[name].append(images_per_second(loader, args.device, move, args.warmup, args.batches, r))
-        print(f"round {r + 1}/{args.rounds}: " + ', '.join(f"{n} {results[n][-1]:.0f}" for n in names), flush=True)
+            for kind in ('wall', 'cpu'):
+                loader, move = pipelines[name][kind]
+                results[name, kind].append(seconds_per_image(loader, args.device, move, args.warmup, args.batches,
+                                                             r, clocks[kind]))
+        print(f"round {r + 1}/{args.rounds} images/s: "
+              + ', '.join(f"{n} {1 / results[n, 'wall'][-1]:.0f}" for n in names), flush=True)
 
-    print(f"\n{'pipeline':<20}{'images/s (median)':>18}{'vs baseline':>13}")
+    print(f"\n{'pipeline':<20}{'images/s':>10}{'speed-up':>10}{'host CPU ms/image':>20}{'speed-up':>10}")
     for name in names:
-        split = name.split()[0]
-        median = statistics.median(results[name])
-        base = statistics.median(results[f'{split} baseline'])
-        print(f"{name:<20}{median:>18.1f}{median / base:>12.2f}x")
+        base = f"{name.split()[0]} baseline"
+        wall, cpu = (statistics.median(results[name, kind]) for kind in ('wall', 'cpu'))
+        base_wall, base_cpu = (statistics.median(results[base, kind]) for kind in ('wall', 'cpu'))
+        print(f"{name:<20}{1 / wall:>10.1f}{base_wall / wall:>9.2f}x{cpu * 1e3:>20.2f}{base_cpu / cpu:>9.2f}x")
     if tmp is not None:
         tmp.cleanup()
 

@@ -112,8 +112,8 @@ def logged_losses(log_text):
     return {(int(e), int(s)): loss for e, s, loss in TRAIN_LINE.findall(log_text)}
 
 
-def load_weights(path):
-    return torch.load(path, map_location='cpu', weights_only=True)['model']
+def load_weights(path, key='model'):
+    return torch.load(path, map_location='cpu', weights_only=True)[key]
 
 
 def assert_same_weights(a, b):

@@ -126,12 +126,12 @@ def test_part_cache_keeps_each_rank_on_its_shard(tmp_path):
         assert sorted(dataset_train._cache) == list(range(rank, 9, 2))
         assert sorted(dataset_val._cache) == list(range(rank, 9, 2))
         orders = []
-        for epoch in (0, 1):
+        for epoch in range(3):
             sampler.set_epoch(epoch)
             indices = [index for index, _ in sampler]
-            assert set(indices) == set(range(rank, 9, 2))
-            orders.append(indices)
-        assert orders[0] != orders[1] or rank == 1  # reshuffled each epoch
+            assert set(indices) == set(range(rank, 9, 2)) and len(indices) == 5  # shard of 4 padded to 5
+            orders.append(tuple(indices))
+        assert len(set(orders)) > 1  # reshuffled per epoch
         lengths.append(len(loader_train))
     assert lengths[0] == lengths[1]  # same number of steps on every rank
 
@@ -296,8 +296,11 @@ def test_grayscale_rgba_palette_cmyk_and_tiny_images_load(tmp_path):
 def test_fast_decode_paths_stay_close_to_the_reference(tmp_path, monkeypatch):
     drafts = []
     load_rgb = transforms_module.load_rgb
-    monkeypatch.setattr(transforms_module, 'load_rgb', lambda img, draft_size=None: (
-        drafts.append(draft_size), load_rgb(img, draft_size))[1])
+
+    def recording_load_rgb(img, draft_size=None):
+        drafts.append(draft_size)
+        return load_rgb(img, draft_size)
+    monkeypatch.setattr(transforms_module, 'load_rgb', recording_load_rgb)
     with open(_save(str(tmp_path / 'big.jpg'), size=(400, 360), seed=7, quality=95), 'rb') as f:
         data = f.read()
     fast = build_transform(True, config_for(tmp_path, 'AUG.REPROB', 0.0, 'AUG.AUTO_AUGMENT', 'none'))
@@ -343,23 +346,29 @@ def test_digits_written_once_and_used_as_image_folder(tmp_path):
     assert images.shape == (8, 3, 32, 32)
 
 
-_SLOW_DIGITS = """
-import sys, time
-sys.path.insert(0, {root!r})
-from PIL import Image
-from data import digits
-save = Image.Image.save
-def slow_save(self, *args, **kwargs):
-    save(self, *args, **kwargs)
-    time.sleep(0.01)
-Image.Image.save = slow_save
+def _digits_process(target, slow=False):
+    """A process running ensure_digits(target); it loads data/digits.py alone (not the data package, which
+    imports torch) to start fast. ``slow``: sleep after each image, so it can be killed mid-write."""
+    code = f"""
+import importlib.util, sys, time
+sys.path.insert(0, {ROOT!r})
+spec = importlib.util.spec_from_file_location('digits', {os.path.join(ROOT, 'data', 'digits.py')!r})
+digits = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(digits)
+if {slow!r}:
+    save = digits.Image.Image.save
+    def slow_save(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        time.sleep(0.01)
+    digits.Image.Image.save = slow_save
 digits.ensure_digits({target!r})
 """
+    return subprocess.Popen([sys.executable, '-c', code])
 
 
 def test_digits_survive_a_killed_first_run(tmp_path):
     target = str(tmp_path / 'digits')
-    proc = subprocess.Popen([sys.executable, '-c', _SLOW_DIGITS.format(root=ROOT, target=target)])
+    proc = _digits_process(target, slow=True)
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -378,6 +387,14 @@ def test_digits_survive_a_killed_first_run(tmp_path):
     assert sum(f.endswith('.png') for f in _files(target)) == 1797
     assert os.path.isfile(os.path.join(target, MARKER))
     assert os.listdir(tmp_path) == ['digits']  # the abandoned temporary tree is gone
+
+
+def test_concurrent_ranks_build_digits_once(tmp_path):
+    target = str(tmp_path / 'digits')
+    procs = [_digits_process(target) for _ in range(2)]
+    assert [proc.wait(timeout=120) for proc in procs] == [0, 0]
+    assert sum(f.endswith('.png') for f in _files(target)) == 1797
+    assert os.listdir(tmp_path) == ['digits']
 
 
 # ----------------------------------------------------------------------------- errors

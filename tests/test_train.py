@@ -17,6 +17,8 @@ RECIPE = """TRAIN:
   BASE_LR: 2e-3
   MIN_LR: 1e-5
   WARMUP_LR: 1e-6
+MODEL_EMA: True
+MODEL_EMA_DECAY: 0.9
 """
 
 
@@ -44,13 +46,16 @@ def test_training_run_writes_logs_checkpoints_and_events(reference_run):
     run_dir, result = reference_run
     log = read(os.path.join(run_dir, 'log_rank0.txt'))
     assert ' * Acc@1 ' in log and 'Max accuracy: ' in log
-    assert 'Test: 21 images' in log                     # every val image counted once
+    assert log.count('Test: 21 images') == 2            # every val image counted once
+    assert log.count('EMA: 21 images') == 2             # the EMA weights are evaluated alongside
     assert len(logged_losses(log)) == 2 * 12            # 48 images / batch 4, PRINT_FREQ 1, 2 epochs
     assert 'Training done in' in result.stdout and 'best Acc@1' in result.stdout
     for name in ('config.yaml', 'last.pth', 'best.pth', 'ckpt_epoch_0.pth', 'ckpt_epoch_1.pth'):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     state = torch.load(os.path.join(run_dir, 'last.pth'), map_location='cpu', weights_only=True)
     assert state['epoch'] == 1 and state['class_names'] == ['circle', 'square', 'stripes']
+    assert state['model_ema'].keys() == state['model'].keys()
+    assert not torch.equal(state['model_ema']['head.weight'], state['model']['head.weight'])
     events = EventAccumulator(run_dir)
     events.Reload()
     tags = events.Tags()['scalars']
@@ -76,7 +81,9 @@ def test_kill_9_then_rerun_resumes_exactly(tmp_path, train_config, reference_run
     log = read(run_dir / 'log_rank0.txt')
     assert 'resumed from' in log
     reference_dir = reference_run[0]
-    assert_same_weights(load_weights(run_dir / 'last.pth'), load_weights(os.path.join(reference_dir, 'last.pth')))
+    for key in ('model', 'model_ema'):
+        assert_same_weights(load_weights(run_dir / 'last.pth', key),
+                            load_weights(os.path.join(reference_dir, 'last.pth'), key))
     assert logged_losses(log) == logged_losses(read(os.path.join(reference_dir, 'log_rank0.txt')))
 
 
@@ -99,7 +106,9 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, train_config, ref
     result = run_main('--cfg', train_config, '--output', str(output))
     assert result.returncode == 0, result.stderr
     reference_dir = reference_run[0]
-    assert_same_weights(load_weights(run_dir / 'last.pth'), load_weights(os.path.join(reference_dir, 'last.pth')))
+    for key in ('model', 'model_ema'):
+        assert_same_weights(load_weights(run_dir / 'last.pth', key),
+                            load_weights(os.path.join(reference_dir, 'last.pth'), key))
     assert logged_losses(read(log_path)) == logged_losses(read(os.path.join(reference_dir, 'log_rank0.txt')))
 
 
@@ -143,3 +152,14 @@ def test_missing_config_file_is_one_line(tmp_path):
     result = run_main('--cfg', str(tmp_path / 'missing.yaml'))
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert f"config file not found: {tmp_path / 'missing.yaml'}" in result.stderr
+
+
+@pytest.mark.slow
+def test_compiled_training_run(tmp_path, dataset):
+    """--compile: torch.compile before the (absent) DDP wrap; checkpoints keep the plain state_dict keys."""
+    config = tiny_yaml(tmp_path / 'tiny.yaml', dataset, extra="TRAIN:\n  EPOCHS: 1\n  WARMUP_EPOCHS: 0\n")
+    result = run_main('--cfg', config, '--compile', '--output', str(tmp_path), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'compiling the model with torch.compile' in result.stdout
+    weights = load_weights(tmp_path / 'tiny' / 'default' / 'last.pth')
+    assert 'head.weight' in weights and not any(key.startswith('_orig_mod') for key in weights)
