@@ -4,7 +4,6 @@ The hot loop keeps running sums on the device and reads them (one host sync) onl
 optimizer steps, so the GPU is never stalled by logging.
 """
 import contextlib
-import datetime
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -13,7 +12,7 @@ import torch
 
 from data import to_device
 from errors import TrainingError
-from logger import format_accuracy, format_throughput
+from logger import format_accuracy, format_eta, format_throughput
 from utils import all_reduce_sum, unwrap_model
 
 
@@ -139,7 +138,7 @@ def train_one_epoch(config, model, criterion, data_loader, optimizer, lr_schedul
     loss_sum, batches = epoch_sums[0].item(), epoch_sums[1].item()
     epoch_time = time.time() - epoch_start
     if stopped_at is None:
-        logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
+        logger.info(f"EPOCH {epoch} training takes {format_eta(epoch_time)}")
     return EpochResult(global_step, stopped_at, loss_sum / max(batches, 1))
 
 
@@ -156,7 +155,7 @@ def log_train_window(config, logger, writer, optimizer, window_sums, epoch, step
     scale_text = f"\tloss_scale {scaler.get_scale():.1f}" if scaler is not None else ''
     logger.info(
         f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{step}/{steps_per_epoch}]\t"
-        f"eta {datetime.timedelta(seconds=int(eta))} lr {lr:.6f}\t wd {wd:.4f}\t"
+        f"eta {format_eta(eta)} lr {lr:.6f}\t wd {wd:.4f}\t"
         f"time {step_time:.4f}\tloss {loss:.4f}\tgrad_norm {grad_norm:.4f}{scale_text}\t"
         f"mem {memory_mb(device):.0f}MB\t{images_per_sec:.1f} img/s")
     if writer is not None:

@@ -8,7 +8,6 @@
 The story of a run, in order: config -> processes -> logging -> model -> data -> optimizer and schedule
 -> resume or pretrained weights -> throughput | eval | train (epoch: train, validate, checkpoint).
 """
-import datetime
 import os
 import sys
 import time
@@ -25,7 +24,8 @@ from config import build_parser, get_config
 from data import build_loader, check_bad_images, to_device
 from engine import throughput, train_one_epoch, validate
 from errors import SwinTrainError
-from logger import MetricWriter, create_logger, format_max_accuracy, format_network_accuracy, save_config
+from logger import (MetricWriter, create_logger, format_eta, format_max_accuracy, format_network_accuracy,
+                    save_config)
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
@@ -187,7 +187,7 @@ def run_training(config, model, dataset_train, loader_train, loader_val, mixup_f
         writer.close()
 
     logger.info(f"weights checksum {utils.weights_checksum(model):.12e}")
-    total = datetime.timedelta(seconds=int(time.time() - start_time))
+    total = format_eta(time.time() - start_time)
     final = f"final Acc@1 {acc1:.2f}%, " if acc1 is not None else ''
     logger.info(f"Training done in {total}: {final}best Acc@1 {max_accuracy:.2f}%. "
                 f"Outputs in {config.OUTPUT_DIR} (best.pth, last.pth, log_rank0.txt, config.yaml, TensorBoard)")

@@ -202,11 +202,10 @@ def resolve_precision(config, device):
     if device.type == 'cuda':
         if config.AMP_DTYPE == 'float16':
             return Precision('cuda', torch.float16)
-        if config.AMP_DTYPE == 'bfloat16' or torch.cuda.is_bf16_supported():
-            if not torch.cuda.is_bf16_supported():
-                raise ConfigError("AMP_DTYPE bfloat16 is not supported by this GPU (use float16)")
-            return Precision('cuda', torch.bfloat16)
-        return Precision('cuda', torch.float16)
+        bf16_supported = torch.cuda.is_bf16_supported()
+        if config.AMP_DTYPE == 'bfloat16' and not bf16_supported:
+            raise ConfigError("AMP_DTYPE bfloat16 is not supported by this GPU (use float16)")
+        return Precision('cuda', torch.bfloat16 if bf16_supported else torch.float16)
     if config.AMP_DTYPE == 'bfloat16':
         return Precision(device.type, torch.bfloat16)
     return Precision(device.type)
