@@ -49,9 +49,10 @@ _C.DATA.MAX_BAD_FRACTION = 0.01
 _C.DATA.PERSISTENT_WORKERS = True
 # Batches each worker loads ahead
 _C.DATA.PREFETCH_FACTOR = 2
-# Train: decode JPEGs at 1/2..1/8 size (DCT scaling) when the random crop still keeps >= IMG_SIZE pixels
-_C.DATA.FAST_DECODE = True
-# Val: reduced-size JPEG decode and resize of only the center crop (faster; pixels may differ by 1 level)
+# Train: random-resized crops resized by torch's uint8 SIMD kernels (pixels within a level of PIL's) from
+# JPEGs decoded at 1/2..1/8 size when the crop keeps >= IMG_SIZE pixels; False: exactly timm's transform
+_C.DATA.FAST_CROP = True
+# Val: the same fast resize for the val resize + center crop (opt-in: pixels may differ from PIL's by a level)
 _C.DATA.VAL_FAST_RESIZE = False
 # With CUDA: loaders yield uint8 images that data.to_device normalizes (and random-erases) on the GPU
 _C.DATA.DEVICE_NORMALIZE = True

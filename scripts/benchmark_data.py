@@ -6,14 +6,14 @@ tensors, normalized in the workers), a plain DataLoader with the same workers an
 
 * ``ours``: what a CPU run builds (float batches, normalized in the workers).
 * ``ours-u8``: what a CUDA run builds (uint8 batches; ``data.to_device`` converts and normalizes them on the
-  device). The wall-clock loop calls to_device / ``.to(device)``, so with ``--device cpu`` the main process
-  pays for the conversion there; the CPU-time column counts host work only (conversion not included, it
-  belongs to the GPU in this configuration).
+  device). On CUDA the wall-clock loop includes to_device; with ``--device cpu`` (no GPU to measure the
+  configuration on) both columns stop at the host's uint8 batch, since the conversion belongs to the GPU.
 
 Two measurements per pipeline: images/s of the real loader (``--workers`` processes, wall clock), and CPU
 time per image of the same pipeline run in this process (0 workers, ``time.process_time``: decode,
-transforms, collate, to_device), which other load on the machine barely disturbs. Rounds are interleaved
-(each pipeline once per round, order rotating) and medians are reported. Without ``--data-path`` a synthetic
+transforms, collate, to_device), which other load on the machine disturbs less. Rounds are interleaved
+(each pipeline once per round, order rotating); the table shows medians over the rounds, and each speed-up is
+the median of the per-round speed-ups, so that load from other processes hits both sides of a ratio alike. Without ``--data-path`` a synthetic
 ImageNet-like tree (JPEGs of 400-500 px, ``--side``) is written to a temporary folder.
 
 Examples::
@@ -45,15 +45,15 @@ def parse_args():
     parser = argparse.ArgumentParser('input pipeline benchmark')
     parser.add_argument('--data-path', help='ImageFolder root with train/ and val/ (default: synthetic)')
     parser.add_argument('--classes', type=int, default=8, help='synthetic: class folders')
-    parser.add_argument('--images-per-class', type=int, default=40, help='synthetic: images per class')
+    parser.add_argument('--images-per-class', type=int, default=64, help='synthetic: images per class')
     parser.add_argument('--side', type=int, nargs=2, default=(400, 500), metavar=('MIN', 'MAX'),
                         help='synthetic: range of image width and height in pixels')
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--batches', type=int, default=8, help='timed batches per measurement')
+    parser.add_argument('--batches', type=int, default=12, help='timed batches per measurement')
     parser.add_argument('--warmup', type=int, default=2, help='untimed batches first (worker start-up)')
-    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--val-fast-resize', action='store_true', help='also time DATA.VAL_FAST_RESIZE')
     parser.add_argument('--opts', nargs='*', default=[], help='extra config KEY VALUE pairs')
@@ -143,7 +143,7 @@ def main():
           f"device={args.device}; each measurement: {args.warmup} warm-up + {args.batches} timed batches")
 
     pipelines = {}  # name -> {'wall': (loader, move), 'cpu': (loader, move)}
-    u8_move = {'wall': data.to_device, 'cpu': host_only}
+    u8_move = {'wall': data.to_device if args.device.startswith('cuda') else host_only, 'cpu': host_only}
     for kind, kind_opts in (('wall', opts), ('cpu', opts + ['DATA.NUM_WORKERS', 0])):
         cfg = load_config(None, kind_opts, environ={})
         base_train, base_val = baseline_loaders(cfg, root, cfg.DATA.NUM_WORKERS, args.batch_size)
@@ -181,8 +181,9 @@ def main():
     for name in names:
         base = f"{name.split()[0]} baseline"
         wall, cpu = (statistics.median(results[name, kind]) for kind in ('wall', 'cpu'))
-        base_wall, base_cpu = (statistics.median(results[base, kind]) for kind in ('wall', 'cpu'))
-        print(f"{name:<20}{1 / wall:>10.1f}{base_wall / wall:>9.2f}x{cpu * 1e3:>20.2f}{base_cpu / cpu:>9.2f}x")
+        wall_ratio, cpu_ratio = (statistics.median(b / t for b, t in zip(results[base, kind], results[name, kind]))
+                                 for kind in ('wall', 'cpu'))
+        print(f"{name:<20}{1 / wall:>10.1f}{wall_ratio:>9.2f}x{cpu * 1e3:>20.2f}{cpu_ratio:>9.2f}x")
     if tmp is not None:
         tmp.cleanup()
 
