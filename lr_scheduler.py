@@ -41,7 +41,9 @@ def build_scheduler(config, optimizer, steps_per_epoch):
 
     if name == 'cosine':
         t_initial = total_steps - warmup['warmup_t'] if sched.WARMUP_PREFIX else total_steps
-        scheduler = CosineLRScheduler(optimizer, t_initial=max(1, t_initial), lr_min=train.EFFECTIVE_MIN_LR,
+        # t_initial <= 1 only when warmup fills (almost) the whole run: the run then never reaches a cosine
+        # step past its first, so 2 gives the same rates and spares timm's "will have no effect" warning
+        scheduler = CosineLRScheduler(optimizer, t_initial=max(2, t_initial), lr_min=train.EFFECTIVE_MIN_LR,
                                       cycle_limit=1, warmup_prefix=sched.WARMUP_PREFIX, **warmup)
     elif name == 'linear':
         scheduler = LinearLRScheduler(optimizer, t_initial=total_steps, lr_min=train.EFFECTIVE_MIN_LR, **warmup)

@@ -71,6 +71,13 @@ def test_cosine_with_warmup_prefix(schedule_config):
     assert expected[50] == pytest.approx(config.TRAIN.EFFECTIVE_MIN_LR)
 
 
+def test_run_that_is_all_warmup(schedule_config, caplog):
+    config = schedule_config('TRAIN.EPOCHS', 2)  # = WARMUP_EPOCHS: the cosine part never runs
+    with caplog.at_level('WARNING'):
+        check(config, {k: warmup_lr(config, k) for k in (0, 1, 5, 9)} | {10: config.TRAIN.EFFECTIVE_LR})
+    assert not any('no effect' in record.getMessage() for record in caplog.records)  # timm's confusing warning
+
+
 def test_cosine_without_warmup_prefix(schedule_config):
     config = schedule_config('TRAIN.LR_SCHEDULER.WARMUP_PREFIX', False)
     expected = {k: warmup_lr(config, k) for k in (0, 9)}
