@@ -2,8 +2,9 @@
 
 * Fast crops (train by default, DATA.FAST_CROP; validation only behind DATA.VAL_FAST_RESIZE, because pixels
   change): the resize runs on torch's uint8 antialiased kernels (SIMD; ~4x faster than PIL's resample at
-  ImageNet sizes, pixels within one level of PIL's), and a JPEG is decoded at 1/2..1/8 scale (PIL ``draft``:
-  libjpeg scales in the DCT domain) when the output still keeps at least IMG_SIZE pixels per side.
+  ImageNet sizes; PIL's filters, rounded differently: nearly all pixels within one level of PIL's), and a JPEG
+  is decoded at 1/2..1/8 scale (PIL ``draft``: libjpeg scales in the DCT domain) when the output still keeps
+  at least IMG_SIZE pixels per side.
 * uint8 output: with ``uint8=True`` a transform ends in a :class:`DeferredImage` (HWC uint8 pixels and the
   random-erasing boxes) instead of a normalized float tensor; ``data.to_device`` converts, normalizes and
   erases on the device. The same values as the float path (erasing noise aside), less host work and 4x
@@ -105,7 +106,7 @@ class DecodeRandomResizedCrop(RandomResizedCropAndInterpolation):
 
     With ``fast``, a JPEG crop that keeps at least the output size per side at 1/2..1/8 scale is decoded at
     that scale and resampled by PIL from the reduced image; any other crop is resized by torch's uint8 kernels
-    (bilinear/bicubic; pixels within a level of PIL's). The same region either way. Without it: exactly timm's.
+    (bilinear/bicubic; nearly all pixels within a level of PIL's). The same region either way. Without it: exactly timm's.
     """
 
     def __init__(self, size, scale, ratio, interpolation, fast=True):
@@ -133,7 +134,7 @@ class DecodeRandomResizedCrop(RandomResizedCropAndInterpolation):
 class FastResizeCenterCrop:
     """Validation resize (+ center crop), fast: a JPEG at least twice the resized size is decoded at reduced
     scale and PIL resamples only the crop's region from it; other images are resized by torch's uint8 kernels.
-    Pixels differ slightly from PIL's Resize + CenterCrop (within a level on the torch path), so it is opt-in
+    Pixels differ slightly from PIL's Resize + CenterCrop (nearly all within a level on the torch path), so it is opt-in
     (DATA.VAL_FAST_RESIZE)."""
 
     def __init__(self, img_size, resize_size, interpolation):
