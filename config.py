@@ -49,8 +49,8 @@ _C.DATA.MAX_BAD_FRACTION = 0.01
 _C.DATA.PERSISTENT_WORKERS = True
 # Batches each worker loads ahead
 _C.DATA.PREFETCH_FACTOR = 2
-# Train: random-resized crops resized by torch's uint8 SIMD kernels (pixels within a level of PIL's) from
-# JPEGs decoded at 1/2..1/8 size when the crop keeps >= IMG_SIZE pixels; False: exactly timm's transform
+# Train: random-resized crops resized by torch's uint8 SIMD kernels (nearly all pixels within a level of
+# PIL's), or from JPEGs decoded at 1/2..1/8 size when the crop keeps >= IMG_SIZE pixels; False: exactly timm's
 _C.DATA.FAST_CROP = True
 # Val: the same fast resize for the val resize + center crop (opt-in: pixels may differ from PIL's by a level)
 _C.DATA.VAL_FAST_RESIZE = False

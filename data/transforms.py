@@ -106,7 +106,8 @@ class DecodeRandomResizedCrop(RandomResizedCropAndInterpolation):
 
     With ``fast``, a JPEG crop that keeps at least the output size per side at 1/2..1/8 scale is decoded at
     that scale and resampled by PIL from the reduced image; any other crop is resized by torch's uint8 kernels
-    (bilinear/bicubic; nearly all pixels within a level of PIL's). The same region either way. Without it: exactly timm's.
+    (bilinear/bicubic; nearly all pixels within a level of PIL's). The same region either way. Without
+    ``fast``: exactly timm's.
     """
 
     def __init__(self, size, scale, ratio, interpolation, fast=True):
@@ -134,8 +135,8 @@ class DecodeRandomResizedCrop(RandomResizedCropAndInterpolation):
 class FastResizeCenterCrop:
     """Validation resize (+ center crop), fast: a JPEG at least twice the resized size is decoded at reduced
     scale and PIL resamples only the crop's region from it; other images are resized by torch's uint8 kernels.
-    Pixels differ slightly from PIL's Resize + CenterCrop (nearly all within a level on the torch path), so it is opt-in
-    (DATA.VAL_FAST_RESIZE)."""
+    Pixels differ slightly from PIL's Resize + CenterCrop (nearly all within a level on the torch path), so it
+    is opt-in (DATA.VAL_FAST_RESIZE)."""
 
     def __init__(self, img_size, resize_size, interpolation):
         self.img_size, self.resize_size = img_size, resize_size  # resize_size None: straight to img_size

@@ -13,8 +13,9 @@ Two measurements per pipeline: images/s of the real loader (``--workers`` proces
 time per image of the same pipeline run in this process (0 workers, ``time.process_time``: decode,
 transforms, collate, to_device), which other load on the machine disturbs less. Rounds are interleaved
 (each pipeline once per round, order rotating); the table shows medians over the rounds, and each speed-up is
-the median of the per-round speed-ups, so that load from other processes hits both sides of a ratio alike. Without ``--data-path`` a synthetic
-ImageNet-like tree (JPEGs of 400-500 px, ``--side``) is written to a temporary folder.
+the median of the per-round speed-ups, so that load from other processes hits both sides of a ratio alike.
+Without ``--data-path`` a synthetic ImageNet-like tree (JPEGs of 400-500 px, ``--side``) is written to a
+temporary folder.
 
 Examples::
 

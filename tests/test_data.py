@@ -321,6 +321,7 @@ def test_fast_crops_stay_within_a_level_of_the_reference(tmp_path, monkeypatch):
     plain = ('AUG.REPROB', 0.0, 'AUG.AUTO_AUGMENT', 'none', 'AUG.COLOR_JITTER', 0.0)  # crop + flip only
     fast = build_transform(True, config_for(tmp_path, *plain), uint8=True)
     exact = build_transform(True, config_for(tmp_path, *plain, 'DATA.FAST_CROP', False), uint8=True)
+    reduced = 0
     for seed in range(6):
         # 90x80: no crop can be decoded at reduced size, so only the resampler differs: torch's uint8
         # kernels against PIL's, the same crop box and filter
@@ -328,11 +329,10 @@ def test_fast_crops_stay_within_a_level_of_the_reference(tmp_path, monkeypatch):
         assert _near(_pixels(fast, images['small'], seed), _pixels(exact, images['small'], seed))
         assert drafts == [None, None]
         # 400x360: crops decoded at reduced size (DCT-domain scaling) differ more on this grainy image
+        drafts.clear()
         assert (_pixels(fast, images['big'], seed) - _pixels(exact, images['big'], seed)).abs().float().mean() < 3
-    drafts.clear()
-    for seed in range(6):
-        _pixels(fast, images['big'], seed)
-    assert sum(d is not None for d in drafts) >= 3  # 400x360: most crops keep >= 96 px, decoded at 1/2 or less
+        reduced += drafts[0] is not None  # the fast transform's decode
+    assert reduced >= 3  # 400x360: most crops keep >= 96 px, decoded at 1/2 or less
 
     val_exact = build_transform(False, config_for(tmp_path), uint8=True)
     val_fast = build_transform(False, config_for(tmp_path, 'DATA.VAL_FAST_RESIZE', True), uint8=True)
