@@ -224,7 +224,10 @@ class StopRequest:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.signum = 0
+        self.signum = 0  # what all ranks agreed on; written only by should_stop()
+        # this process's own signal, written only by the handler: a signal whose handler runs while
+        # should_stop() is inside the all-reduce must not be overwritten by the (older) reduced value
+        self._received = 0
         self._previous = {}
         self._group = None
         if is_distributed():
@@ -241,16 +244,16 @@ class StopRequest:
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.signum and signum == signal.SIGINT:
+        if self._received and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C means "now"
-        self.signum = signum
+        self._received = signum
 
     def should_stop(self):
         """True on every rank once any rank got a signal; then ``signal_name``/``exit_code`` say which."""
-        received = torch.tensor([self.signum], dtype=torch.int32)
+        received = torch.tensor([self._received], dtype=torch.int32)
         if self._group is not None:
             dist.all_reduce(received, op=dist.ReduceOp.MAX, group=self._group)
-        self.signum = int(received.item())
+        self.signum = max(self.signum, int(received.item()))
         return self.signum != 0
 
     @property

@@ -3,11 +3,16 @@ import os
 import re
 import signal
 import subprocess
+import threading
+import time
 
 import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from helpers import (ROOT, assert_same_weights, child_env, load_weights, make_image_folder, read, tiny_yaml,
-                     torchrun_command, wait_for)
+from helpers import (ROOT, assert_same_weights, child_env, free_port, load_weights, make_image_folder, read,
+                     tiny_yaml, torchrun_command, wait_for)
+from utils import StopRequest
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +70,29 @@ def test_sigterm_to_one_rank_stops_both_and_resumes_exactly(tmp_path, config_pat
                             env=child_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert_same_weights(load_weights(run_dir / 'last.pth'), load_weights(two_rank_run / 'last.pth'))
+
+
+def _poll_while_signalled(rank, port, results):
+    """Rank 1 is already waiting inside should_stop()'s all-reduce when its SIGTERM arrives."""
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    stop = StopRequest().install()
+    if rank == 0:
+        time.sleep(1.0)  # hold the all-reduce open
+    else:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    polls = [stop.should_stop(), stop.should_stop()]
+    results[rank] = (polls, stop.signal_name, stop.exit_code)
+    stop.uninstall()
+    dist.destroy_process_group()
+
+
+def test_signal_during_the_agreement_all_reduce_is_not_lost():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_poll_while_signalled, args=(free_port(), results), nprocs=2)
+        results = dict(results)
+    # the first poll may or may not include it (the handler runs when the all-reduce returns); the next must
+    for rank in (0, 1):
+        polls, name, code = results[rank]
+        assert polls[1] is True and name == 'SIGTERM' and code == 143, (rank, results[rank])
+    assert results[0][0] == results[1][0]  # every poll agrees across ranks
