@@ -3,24 +3,83 @@
 The hot loop keeps running sums on the device and reads them (one host sync) only every PRINT_FREQ
 optimizer steps, so the GPU is never stalled by logging.
 """
+from __future__ import annotations
+
 import contextlib
+import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
+from yacs.config import CfgNode
 
 from data import to_device
 from errors import TrainingError
 from logger import format_accuracy, format_eta, format_throughput
-from utils import all_reduce_sum, unwrap_model
+from run_state import RunState, Runtime, TrainingObjects
+from utils import Precision, all_reduce_sum, unwrap_model
 
 
 @dataclass
 class EpochResult:
-    global_step: int               # optimizer steps done since the start of training
-    stopped_at: Optional[int]      # micro-batches of this epoch done when a stop was requested, else None
-    loss: float                    # mean training loss over this epoch's micro-batches (this rank)
+    stopped: bool    # a stop was requested: the epoch ended early (at an optimizer-step boundary)
+    loss: float      # mean training loss over the micro-batches this call trained (this rank)
+
+
+@dataclass
+class TrainWindow:
+    """What one training log line reports: the optimizer steps since the previous line, and the epoch so far."""
+    loss: float              # mean loss over the window's micro-batches
+    grad_norm: float         # mean gradient norm over the window's optimizer steps
+    steps: int               # optimizer steps in the window
+    seconds: float           # wall time of the window
+    epoch_steps: int         # optimizer steps this call has made in the epoch
+    epoch_seconds: float     # wall time of this call so far
+
+
+class _TrainMeter:
+    """Running sums kept on the device (no host sync per step), read once per log window."""
+
+    def __init__(self, device):
+        # [loss sum, micro-batches, grad-norm sum, optimizer steps]
+        self.epoch_sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.window_sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.step_loss = torch.zeros((), dtype=torch.float32, device=device)
+        self.epoch_start = self.window_start = time.time()
+        self.epoch_steps = 0
+
+    def add_micro_batch(self, loss, accumulation):
+        self.step_loss += loss / accumulation
+        self.window_sums[0] += loss
+        self.window_sums[1] += 1
+
+    def add_step(self, grad_norm, global_step):
+        """An optimizer step ended: record its gradient norm, and the step if its loss was not finite."""
+        self.epoch_steps += 1
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(self.step_loss),
+                                          torch.full_like(self.first_bad_step, global_step), self.first_bad_step)
+        self.step_loss.zero_()
+        self.window_sums[2] += grad_norm.detach().double()
+        self.window_sums[3] += 1
+
+    def read_window(self):
+        """The window's numbers (one host sync); the next window starts now."""
+        self.epoch_sums += self.window_sums
+        loss_sum, micro_batches, norm_sum, steps = self.window_sums.tolist()
+        self.window_sums.zero_()
+        now = time.time()
+        window = TrainWindow(loss_sum / max(micro_batches, 1), norm_sum / max(steps, 1), int(steps),
+                             now - self.window_start, self.epoch_steps, now - self.epoch_start)
+        self.window_start = now
+        return window
+
+    def epoch_loss(self):
+        self.epoch_sums += self.window_sums
+        self.window_sums.zero_()
+        loss_sum, micro_batches = self.epoch_sums[0].item(), self.epoch_sums[1].item()
+        return loss_sum / max(micro_batches, 1)
 
 
 def grad_norm_and_clip(parameters, max_norm):
@@ -40,7 +99,7 @@ def memory_mb(device):
 
 
 def raise_if_nonfinite(first_bad_step, lr):
-    """first_bad_step is a device tensor: -1 while every loss was finite, else the first bad step."""
+    """first_bad_step is a device tensor: -1 while every loss was finite, else the first bad optimizer step."""
     step = int(first_bad_step.item())
     if step >= 0:
         raise TrainingError(f"loss became NaN/inf at optimizer step {step} (lr {lr:.3g}); the last good "
@@ -48,122 +107,113 @@ def raise_if_nonfinite(first_bad_step, lr):
                             f"AMP_DTYPE bfloat16 instead of float16")
 
 
-def train_one_epoch(config, model, criterion, data_loader, optimizer, lr_scheduler, scaler, mixup_fn,
-                    epoch, steps_per_epoch, start_step, global_step, device, precision, logger,
-                    writer=None, model_ema=None, stop=None):
-    """Train over this epoch's micro-batches from ``start_step`` on (mid-epoch resume).
+def _forward_backward(objects, samples, targets, accumulation, sync, precision):
+    """One micro-batch: forward, loss, backward of loss / accumulation. Returns the (unscaled) loss, detached."""
+    model, scaler = objects.model, objects.scaler
+    # DDP all-reduces gradients on every backward unless told not to: only a step's last micro-batch syncs
+    no_sync = model.no_sync() if (not sync and hasattr(model, 'no_sync')) else contextlib.nullcontext()
+    with no_sync:
+        with precision.autocast():
+            outputs = model(samples)
+            loss = objects.criterion(outputs, targets)
+        scaled_loss = loss / accumulation
+        if scaler is not None:
+            scaler.scale(scaled_loss).backward()
+        else:
+            scaled_loss.backward()
+    return loss.detach().float()
 
-    ``steps_per_epoch`` counts optimizer steps; each is ``TRAIN.ACCUMULATION_STEPS`` micro-batches, the
-    last partial group of the loader is skipped so every step sees the same number of samples.
-    """
-    model.train()
-    accum = config.TRAIN.ACCUMULATION_STEPS
-    num_batches = steps_per_epoch * accum
-    batch_size = config.DATA.BATCH_SIZE
+
+def _optimizer_step(objects, clip_grad):
+    """Unscale, measure (and clip) the gradients, step, zero them. Returns the gradient norm (device tensor)."""
+    optimizer, scaler = objects.optimizer, objects.scaler
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    grad_norm = grad_norm_and_clip(objects.model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
-    # device-side running sums: [loss sum, micro-batches, grad-norm sum, optimizer steps]
-    epoch_sums = torch.zeros(4, dtype=torch.float64, device=device)
-    window_sums = torch.zeros(4, dtype=torch.float64, device=device)
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    step_loss = torch.zeros((), dtype=torch.float32, device=device)
 
-    epoch_start = window_start = time.time()
-    steps_done = 0
-    stopped_at = None
-    for idx, (samples, targets) in enumerate(data_loader, start=start_step):
-        if idx >= num_batches:
+def train_one_epoch(config: CfgNode, objects: TrainingObjects, data_loader: Iterable, state: RunState,
+                    steps_per_epoch: int, runtime: Runtime) -> EpochResult:
+    """Train epoch ``state.epoch`` from micro-batch ``state.micro_batch`` on (non-zero on a mid-epoch resume),
+    advancing ``state.micro_batch`` and ``state.global_step`` as it goes.
+
+    ``steps_per_epoch`` counts optimizer steps; each is ``TRAIN.ACCUMULATION_STEPS`` micro-batches, and the
+    last partial group of the loader is skipped so every step sees the same number of samples. Stops early,
+    at a step boundary, when ``runtime.stop`` says so (the caller then saves ``state``).
+    """
+    objects.model.train()
+    accumulation = config.TRAIN.ACCUMULATION_STEPS
+    micro_batches = steps_per_epoch * accumulation
+    objects.optimizer.zero_grad(set_to_none=True)
+    meter = _TrainMeter(runtime.device)
+    stopped = False
+    for samples, targets in data_loader:
+        if state.micro_batch >= micro_batches:
             break
-        samples, targets = to_device(samples, targets, device)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
-
-        is_update = (idx + 1) % accum == 0
-        # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
-        no_sync = model.no_sync() if (not is_update and hasattr(model, 'no_sync')) else contextlib.nullcontext()
-        with no_sync:
-            with precision.autocast():
-                outputs = model(samples)
-                loss = criterion(outputs, targets)
-            scaled_loss = loss / accum
-            if scaler is not None:
-                scaler.scale(scaled_loss).backward()
-            else:
-                scaled_loss.backward()
-        loss = loss.detach().float()
-        step_loss += loss / accum
-        window_sums[0] += loss
-        window_sums[1] += 1
-        if not is_update:
+        samples, targets = to_device(samples, targets, runtime.device)
+        if objects.mixup_fn is not None:
+            samples, targets = objects.mixup_fn(samples, targets)
+        state.micro_batch += 1
+        ends_step = state.micro_batch % accumulation == 0
+        loss = _forward_backward(objects, samples, targets, accumulation, ends_step, runtime.precision)
+        meter.add_micro_batch(loss, accumulation)
+        if not ends_step:
             continue
 
-        if scaler is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        grad_norm = grad_norm_and_clip(model.parameters(), config.TRAIN.CLIP_GRAD)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        global_step += 1
-        steps_done += 1
-        lr_scheduler.step_update(global_step)
-        if model_ema is not None:
-            model_ema.update(unwrap_model(model), step=global_step)
+        grad_norm = _optimizer_step(objects, config.TRAIN.CLIP_GRAD)
+        state.global_step += 1
+        objects.lr_scheduler.step_update(state.global_step)
+        if objects.model_ema is not None:
+            objects.model_ema.update(unwrap_model(objects.model), step=state.global_step)
+        meter.add_step(grad_norm, state.global_step)
 
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(step_loss),
-                                     torch.full_like(first_bad_step, global_step), first_bad_step)
-        step_loss.zero_()
-        window_sums[2] += grad_norm.detach().double()
-        window_sums[3] += 1
-
-        step_in_epoch = (idx + 1) // accum
+        step_in_epoch = state.steps_in_epoch(accumulation)
         if step_in_epoch % config.PRINT_FREQ == 0 or step_in_epoch == steps_per_epoch:
-            epoch_sums += window_sums
-            now = time.time()
-            log_train_window(config, logger, writer, optimizer, window_sums, epoch, step_in_epoch,
-                             steps_per_epoch, global_step, now - window_start, now - epoch_start, steps_done,
-                             batch_size * accum * config.WORLD_SIZE, device, scaler)
-            raise_if_nonfinite(first_bad_step, optimizer.param_groups[0]['lr'])
-            window_sums.zero_()
-            window_start = now
+            log_train_window(config, objects, state, meter.read_window(), steps_per_epoch, runtime)
+            raise_if_nonfinite(meter.first_bad_step, objects.optimizer.param_groups[0]['lr'])
 
-        if stop is not None and stop.should_stop():
-            stopped_at = idx + 1
+        if runtime.stop is not None and runtime.stop.should_stop():
+            stopped = True
             break
 
-    epoch_sums += window_sums
-    raise_if_nonfinite(first_bad_step, optimizer.param_groups[0]['lr'])
-    loss_sum, batches = epoch_sums[0].item(), epoch_sums[1].item()
-    epoch_time = time.time() - epoch_start
-    if stopped_at is None:
-        logger.info(f"EPOCH {epoch} training takes {format_eta(epoch_time)}")
-    return EpochResult(global_step, stopped_at, loss_sum / max(batches, 1))
+    loss = meter.epoch_loss()
+    raise_if_nonfinite(meter.first_bad_step, objects.optimizer.param_groups[0]['lr'])
+    if not stopped:
+        runtime.logger.info(f"EPOCH {state.epoch} training takes {format_eta(time.time() - meter.epoch_start)}")
+    return EpochResult(stopped, loss)
 
 
-def log_train_window(config, logger, writer, optimizer, window_sums, epoch, step, steps_per_epoch,
-                     global_step, window_time, epoch_time, steps_done, images_per_step, device, scaler):
-    """One training log line (the official fields) and the matching TensorBoard scalars."""
-    loss_sum, batches, norm_sum, steps = window_sums.tolist()
-    loss, grad_norm = loss_sum / max(batches, 1), norm_sum / max(steps, 1)
-    step_time = window_time / max(steps, 1)
-    eta = (epoch_time / max(steps_done, 1)) * (steps_per_epoch - step)
+def log_train_window(config: CfgNode, objects: TrainingObjects, state: RunState, window: TrainWindow,
+                     steps_per_epoch: int, runtime: Runtime) -> None:
+    """One training log line (the official fields) and the matching TensorBoard scalars, at the optimizer step
+    ``state.global_step`` (the line shows the step within the epoch)."""
+    optimizer, scaler = objects.optimizer, objects.scaler
+    step = state.steps_in_epoch(config.TRAIN.ACCUMULATION_STEPS)
+    step_time = window.seconds / max(window.steps, 1)
+    eta = (window.epoch_seconds / max(window.epoch_steps, 1)) * (steps_per_epoch - step)
     lr = optimizer.param_groups[0]['lr']
     wd = max(group['weight_decay'] for group in optimizer.param_groups)
+    images_per_step = config.DATA.BATCH_SIZE * config.TRAIN.ACCUMULATION_STEPS * config.WORLD_SIZE
     images_per_sec = images_per_step / step_time if step_time > 0 else 0.0
     scale_text = f"\tloss_scale {scaler.get_scale():.1f}" if scaler is not None else ''
-    logger.info(
-        f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{step}/{steps_per_epoch}]\t"
+    runtime.logger.info(
+        f"Train: [{state.epoch}/{config.TRAIN.EPOCHS}][{step}/{steps_per_epoch}]\t"
         f"eta {format_eta(eta)} lr {lr:.6f}\t wd {wd:.4f}\t"
-        f"time {step_time:.4f}\tloss {loss:.4f}\tgrad_norm {grad_norm:.4f}{scale_text}\t"
-        f"mem {memory_mb(device):.0f}MB\t{images_per_sec:.1f} img/s")
-    if writer is not None:
-        writer.add_scalars({'train/loss': loss, 'train/lr': lr, 'train/grad_norm': grad_norm,
-                            'train/images_per_sec': images_per_sec}, global_step)
+        f"time {step_time:.4f}\tloss {window.loss:.4f}\tgrad_norm {window.grad_norm:.4f}{scale_text}\t"
+        f"mem {memory_mb(runtime.device):.0f}MB\t{images_per_sec:.1f} img/s")
+    if runtime.writer is not None:
+        runtime.writer.add_scalars({'train/loss': window.loss, 'train/lr': lr, 'train/grad_norm': window.grad_norm,
+                                    'train/images_per_sec': images_per_sec}, state.global_step)
 
 
-def topk_correct(output, target, ks=(1, 5)):
+def topk_correct(output: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
     """Number of samples whose target is among the top-k predictions, for each k (device tensors)."""
     maxk = min(max(ks), output.shape[1])
     pred = output.topk(maxk, dim=1).indices
@@ -172,7 +222,8 @@ def topk_correct(output, target, ks=(1, 5)):
 
 
 @torch.no_grad()
-def validate(config, data_loader, model, device, precision, logger, header='Test'):
+def validate(config: CfgNode, data_loader: Iterable, model: torch.nn.Module, device: torch.device,
+             precision: Precision, logger: logging.Logger, header: str = 'Test') -> tuple[float, float, float]:
     """Exact top-1/top-5 and loss: counts are summed over ranks, each image counted once.
 
     Returns (acc1, acc5, loss) in percent / mean cross-entropy.
@@ -207,7 +258,8 @@ def validate(config, data_loader, model, device, precision, logger, header='Test
 
 
 @torch.no_grad()
-def throughput(images, model, precision, logger, warmup=50, iterations=30):
+def throughput(images: torch.Tensor, model: torch.nn.Module, precision: Precision, logger: logging.Logger,
+               warmup: int = 50, iterations: int = 30) -> float:
     """The official protocol: ``warmup`` forward passes, then ``iterations`` timed ones on one batch."""
     model.eval()
     batch_size = images.shape[0]

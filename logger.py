@@ -1,13 +1,17 @@
 """Logging of a run: text logs (console on rank 0, one file per rank), the resolved config, TensorBoard scalars,
 and the formats of the official log lines (so that every caller prints them the same way).
 """
+from __future__ import annotations
+
 import datetime
 import logging
 import os
 import sys
 
+from yacs.config import CfgNode
+
+from checkpoint.files import write_text_atomically
 from errors import ConfigError
-from utils import write_text_atomically
 
 _FORMAT = '[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(message)s'
 _COLOR_FORMAT = ('\033[32m[%(asctime)s %(name)s]\033[0m\033[33m(%(filename)s %(lineno)d)\033[0m: '
@@ -15,7 +19,7 @@ _COLOR_FORMAT = ('\033[32m[%(asctime)s %(name)s]\033[0m\033[33m(%(filename)s %(l
 _DATE_FORMAT = '%Y-%m-%d %H:%M:%S'
 
 
-def create_logger(output_dir, dist_rank=0, name='swin'):
+def create_logger(output_dir: str, dist_rank: int = 0, name: str = 'swin') -> logging.Logger:
     """The run's logger: rank 0 also prints to stdout; every rank appends to output_dir/log_rank{rank}.txt.
 
     Calling it again (same name) replaces the handlers it added before instead of adding more.
@@ -49,7 +53,7 @@ def create_logger(output_dir, dist_rank=0, name='swin'):
     return logger
 
 
-def save_config(config, output_dir):
+def save_config(config: CfgNode, output_dir: str) -> str:
     """Write the full resolved config to output_dir/config.yaml (atomically; call on rank 0). Returns the path."""
     try:
         os.makedirs(output_dir, exist_ok=True)
@@ -65,26 +69,26 @@ def _not_writable(folder, error):
 class MetricWriter:
     """TensorBoard scalars in output_dir (event files); does nothing when not enabled (ranks other than 0)."""
 
-    def __init__(self, output_dir, enabled=True):
+    def __init__(self, output_dir: str, enabled: bool = True):
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # imported only where it is used
             self.writer = SummaryWriter(log_dir=output_dir)
 
-    def add_scalar(self, tag, value, step):
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:
             self.writer.add_scalar(tag, float(value), step)
 
-    def add_scalars(self, scalars, step):
+    def add_scalars(self, scalars: dict[str, float], step: int) -> None:
         """One scalar per ``{tag: value}`` entry, all at ``step`` (tags such as 'train/loss')."""
         for tag, value in scalars.items():
             self.add_scalar(tag, value, step)
 
-    def flush(self):
+    def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()
 
-    def close(self):
+    def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -93,23 +97,23 @@ class MetricWriter:
 # -----------------------------------------------------------------------------
 # The official log lines
 # -----------------------------------------------------------------------------
-def format_accuracy(acc1, acc5):
+def format_accuracy(acc1: float, acc5: float) -> str:
     return f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}'
 
 
-def format_network_accuracy(num_images, acc1):
+def format_network_accuracy(num_images: int, acc1: float) -> str:
     return f"Accuracy of the network on the {num_images} test images: {acc1:.1f}%"
 
 
-def format_max_accuracy(max_accuracy):
+def format_max_accuracy(max_accuracy: float) -> str:
     return f'Max accuracy: {max_accuracy:.2f}%'
 
 
-def format_throughput(batch_size, throughput):
+def format_throughput(batch_size: int, throughput: float) -> str:
     """``throughput`` in images per second (the official measure: 30 batches / their time)."""
     return f"batch_size {batch_size} throughput {throughput}"
 
 
-def format_eta(seconds):
+def format_eta(seconds: float) -> str:
     """Seconds as H:MM:SS (whole seconds), as in the official training lines."""
     return str(datetime.timedelta(seconds=int(seconds)))

@@ -12,18 +12,21 @@ The schedules keep no running state: ``step_update(k)`` gives the lr of step k w
 resumed run only has to call it with the step it resumes at. A group's lr is multiplied by its ``lr_scale``
 (layer-wise LR decay, see optimizer.py) when it has one.
 """
+from __future__ import annotations
+
 import bisect
 
 import torch
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
+from yacs.config import CfgNode
 
 from errors import ConfigError
 
 SCHEDULERS = ('cosine', 'linear', 'step', 'multistep')
 
 
-def build_scheduler(config, optimizer, steps_per_epoch):
+def build_scheduler(config: CfgNode, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Scheduler:
     """The schedule named by TRAIN.LR_SCHEDULER.NAME, counted in optimizer steps.
 
     As in the official Swin code, WARMUP_PREFIX only shapes the cosine: when set, the cosine spans the steps after
@@ -61,7 +64,7 @@ def build_scheduler(config, optimizer, steps_per_epoch):
     return scheduler
 
 
-def lr_at(config, steps_per_epoch, step):
+def lr_at(config: CfgNode, steps_per_epoch: int, step: int) -> float:
     """The scheduled lr (``lr_scale`` 1) at optimizer step ``step``: to plot or check a schedule."""
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.TRAIN.EFFECTIVE_LR)
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)

@@ -8,15 +8,20 @@
 The story of a run, in order: config -> processes -> logging -> model -> data -> optimizer and schedule
 -> resume or pretrained weights -> throughput | eval | train (epoch: train, validate, checkpoint).
 """
+from __future__ import annotations
+
 import os
 import sys
 import time
 import traceback
 
 import torch
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from yacs.config import CfgNode
 
 import checkpoint
 import utils
@@ -24,69 +29,81 @@ from config import build_parser, get_config
 from data import build_loader, check_bad_images, to_device
 from engine import throughput, train_one_epoch, validate
 from errors import SwinTrainError
-from logger import (MetricWriter, create_logger, format_eta, format_max_accuracy, format_network_accuracy,
-                    save_config)
+from logger import MetricWriter, create_logger, format_eta, format_max_accuracy, format_network_accuracy, save_config
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
+from run_state import RunState, Runtime, TrainingObjects
 
 
-def main(config):
+def main(config: CfgNode) -> int:
     device = utils.init_distributed(config)
     logger = create_logger(config.OUTPUT_DIR, config.RANK, name=config.MODEL.NAME)
     if utils.is_main_process():
         save_config(config, config.OUTPUT_DIR)
-    precision = utils.resolve_precision(config, device)
-    logger.info(f"rank {config.RANK}/{config.WORLD_SIZE} (pid {os.getpid()}) on {device}, precision {precision}; "
-                f"full config: {config.OUTPUT_DIR}/config.yaml")
+    runtime = Runtime(device, utils.resolve_precision(config, device), logger)
+    logger.info(f"rank {config.RANK}/{config.WORLD_SIZE} (pid {os.getpid()}) on {device}, precision "
+                f"{runtime.precision}; full config: {config.OUTPUT_DIR}/config.yaml")
 
     model = build_model(config).to(device)
     logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
                 f"{model.flops() / 1e9:.2f} GMACs at {config.DATA.IMG_SIZE}px")
 
     if config.THROUGHPUT_MODE:
-        return run_throughput(config, model, device, precision, logger)
+        return run_throughput(config, model, runtime)
 
-    dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config)
+    _, _, loader_train, loader_val, mixup_fn = build_loader(config)
 
     if config.EVAL_MODE:
-        return run_eval(config, model, loader_val, device, precision, logger)
+        return run_eval(config, model, loader_val, runtime)
 
-    return run_training(config, model, dataset_train, loader_train, loader_val, mixup_fn,
-                        device, precision, logger)
+    return run_training(config, model, loader_train, loader_val, mixup_fn, runtime)
 
 
-def run_throughput(config, model, device, precision, logger):
+def run_throughput(config: CfgNode, model: torch.nn.Module, runtime: Runtime) -> int:
     """Images/s of the forward pass; a real val batch when a dataset is given, random input otherwise."""
+    device = runtime.device
     if config.DATA.DATA_PATH:
         images, _ = to_device(*next(iter(build_loader(config)[3])), device)
     else:
-        logger.info("no --data-path: measuring throughput on random input")
+        runtime.logger.info("no --data-path: measuring throughput on random input")
         images = torch.randn(config.DATA.BATCH_SIZE, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
-    throughput(images, model, precision, logger)
+    throughput(images, model, runtime.precision, runtime.logger)
     return 0
 
 
-def run_eval(config, model, loader_val, device, precision, logger):
+def run_eval(config: CfgNode, model: torch.nn.Module, loader_val: DataLoader, runtime: Runtime) -> int:
     """Evaluate released or trained weights (never trains, never writes a checkpoint)."""
+    logger = runtime.logger
     if config.MODEL.PRETRAINED:
         checkpoint.load_pretrained(config, model, logger)
     else:
         path = config.MODEL.RESUME or checkpoint.find_resume_checkpoint(config.OUTPUT_DIR, logger)
         if not path:
             raise SwinTrainError("--eval needs weights: give --resume PATH or --pretrained PATH")
-        checkpoint.load_model_weights(model, path, logger)
-    acc1, acc5, _ = validate(config, loader_val, model, device, precision, logger)
+        checkpoint.load_model_weights(model, path, logger, model_type=config.MODEL.TYPE)
+    acc1, acc5, _ = validate(config, loader_val, model, runtime.device, runtime.precision, logger)
     logger.info(format_network_accuracy(len(loader_val.dataset), acc1))
     return 0
 
 
-def build_criterion(config, mixup_fn):
+def build_criterion(config: CfgNode, mixup_fn: Mixup | None) -> torch.nn.Module:
     if mixup_fn is not None:
         return SoftTargetCrossEntropy()  # label smoothing is folded into the mixed targets
     if config.MODEL.LABEL_SMOOTHING > 0:
         return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
     return torch.nn.CrossEntropyLoss()
+
+
+def build_training_objects(config, model, mixup_fn, steps_per_epoch, precision, logger):
+    """Criterion, optimizer, per-step LR schedule, gradient scaler (float16 only) and EMA around the model."""
+    optimizer = build_optimizer(config, model, logger)
+    return TrainingObjects(
+        model=model, criterion=build_criterion(config, mixup_fn), optimizer=optimizer,
+        lr_scheduler=build_scheduler(config, optimizer, steps_per_epoch),
+        scaler=torch.amp.GradScaler(precision.device_type) if precision.needs_scaler else None,
+        model_ema=ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if config.MODEL_EMA else None,
+        mixup_fn=mixup_fn)
 
 
 def wrap_model(config, model, device, logger):
@@ -99,89 +116,86 @@ def wrap_model(config, model, device, logger):
     return model
 
 
-def save(config, state_args, logger, is_best=False):
-    """Gather every rank's RNG state, then rank 0 writes the checkpoint while the others wait."""
-    rng_states = utils.all_gather_objects(checkpoint.capture_rng_state())
-    path = None
-    if utils.is_main_process():
-        state = checkpoint.training_state(config, rng_states=rng_states, **state_args)
-        path = checkpoint.save_checkpoint(config, state, logger, is_best=is_best)
-    utils.barrier()
-    return path
-
-
-def run_training(config, model, dataset_train, loader_train, loader_val, mixup_fn, device, precision, logger):
-    criterion = build_criterion(config, mixup_fn)
-    optimizer = build_optimizer(config, model, logger)
-    steps_per_epoch = len(loader_train) // config.TRAIN.ACCUMULATION_STEPS
-    if steps_per_epoch == 0:
-        raise SwinTrainError(f"the train split has {len(dataset_train)} images: too few for one step of "
-                             f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} x {config.WORLD_SIZE} processes x "
-                             f"TRAIN.ACCUMULATION_STEPS {config.TRAIN.ACCUMULATION_STEPS}")
-    lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
-    model_ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if config.MODEL_EMA else None
-    logger.info(f"global batch {config.TRAIN.GLOBAL_BATCH_SIZE} = {config.DATA.BATCH_SIZE} x "
-                f"{config.WORLD_SIZE} processes x {config.TRAIN.ACCUMULATION_STEPS} accumulation -> lr "
-                f"{config.TRAIN.EFFECTIVE_LR:.3g} (warmup from {config.TRAIN.EFFECTIVE_WARMUP_LR:.3g}, "
-                f"min {config.TRAIN.EFFECTIVE_MIN_LR:.3g}); {steps_per_epoch} steps per epoch")
-
-    start_epoch, start_step, global_step, max_accuracy = 0, 0, 0, 0.0
+def resume_or_start(config, objects, steps_per_epoch, logger):
+    """Where training starts: explicit --resume > auto-resume (rank 0 picks, broadcast) > --pretrained > scratch."""
     resume_path = config.MODEL.RESUME
     if not resume_path and config.TRAIN.AUTO_RESUME:
         # rank 0 decides, so ranks with their own local output folders cannot resume from different files
         found = checkpoint.find_resume_checkpoint(config.OUTPUT_DIR, logger) if utils.is_main_process() else None
         resume_path = utils.broadcast_object(found)
+    state = RunState()
     if resume_path:
-        state = checkpoint.load_training_state(resume_path, config, logger)
-        start_epoch, start_step, global_step, max_accuracy = checkpoint.restore_training_state(
-            state, model, optimizer, lr_scheduler, scaler, model_ema, logger, rank=config.RANK,
-            steps_per_epoch=steps_per_epoch)
-        logger.info(f"resumed from {resume_path}: epoch {start_epoch}, step {start_step}, "
-                    f"max accuracy {max_accuracy:.2f}%")
+        ckpt = checkpoint.load_training_state(resume_path, config, logger)
+        state = checkpoint.restore_training_state(ckpt, objects, logger, rank=config.RANK,
+                                                  steps_per_epoch=steps_per_epoch)
+        logger.info(f"resumed from {resume_path}: epoch {state.epoch}, micro-batch {state.micro_batch} "
+                    f"(step {state.steps_in_epoch(config.TRAIN.ACCUMULATION_STEPS)}), "
+                    f"max accuracy {state.max_accuracy:.2f}%")
     elif config.MODEL.PRETRAINED:
-        checkpoint.load_pretrained(config, model, logger)
-    lr_scheduler.step_update(global_step)
-    train_model = wrap_model(config, model, device, logger)
+        checkpoint.load_pretrained(config, objects.model, logger)
+    return state
 
-    def state_args(epoch, step_in_epoch):
-        return dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler,
-                    model_ema=model_ema, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
-                    max_accuracy=max_accuracy, class_names=list(dataset_train.classes))
 
-    writer = MetricWriter(config.OUTPUT_DIR, enabled=utils.is_main_process())
-    stop = utils.StopRequest().install()
+def save(config, objects, state, class_names, logger, is_best=False):
+    """Gather every rank's RNG state, then rank 0 writes the checkpoint while the others wait."""
+    rng_states = utils.all_gather_objects(checkpoint.capture_rng_state())
+    path = None
+    if utils.is_main_process():
+        ckpt = checkpoint.training_state(config, objects, state, class_names, rng_states)
+        path = checkpoint.save_checkpoint(config, ckpt, logger, is_best=is_best)
+    utils.barrier()
+    return path
+
+
+def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoader, loader_val: DataLoader,
+                 mixup_fn: Mixup | None, runtime: Runtime) -> int:
+    """Train from scratch, a checkpoint or pretrained weights; validate and save after every epoch."""
+    logger, accumulation = runtime.logger, config.TRAIN.ACCUMULATION_STEPS
+    steps_per_epoch = len(loader_train) // accumulation
+    if steps_per_epoch == 0:
+        raise SwinTrainError(f"the train split has {len(loader_train.dataset)} images: too few for one step of "
+                             f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} x {config.WORLD_SIZE} processes x "
+                             f"TRAIN.ACCUMULATION_STEPS {accumulation}")
+    objects = build_training_objects(config, model, mixup_fn, steps_per_epoch, runtime.precision, logger)
+    logger.info(f"global batch {config.TRAIN.GLOBAL_BATCH_SIZE} = {config.DATA.BATCH_SIZE} x "
+                f"{config.WORLD_SIZE} processes x {accumulation} accumulation -> lr "
+                f"{config.TRAIN.EFFECTIVE_LR:.3g} (warmup from {config.TRAIN.EFFECTIVE_WARMUP_LR:.3g}, "
+                f"min {config.TRAIN.EFFECTIVE_MIN_LR:.3g}); {steps_per_epoch} steps per epoch")
+
+    state = resume_or_start(config, objects, steps_per_epoch, logger)
+    objects.lr_scheduler.step_update(state.global_step)
+    objects.model = wrap_model(config, model, runtime.device, logger)
+    class_names = list(loader_train.dataset.classes)
+    runtime.writer = writer = MetricWriter(config.OUTPUT_DIR, enabled=utils.is_main_process())
+    runtime.stop = stop = utils.StopRequest().install()
     acc1 = None
-    logger.info(f"Start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}")
+    logger.info(f"Start training: epochs {state.epoch}..{config.TRAIN.EPOCHS - 1}")
     start_time = time.time()
     try:
-        for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-            loader_train.sampler.set_epoch(epoch, start_index=start_step * config.DATA.BATCH_SIZE)
-            result = train_one_epoch(config, train_model, criterion, loader_train, optimizer, lr_scheduler,
-                                     scaler, mixup_fn, epoch, steps_per_epoch, start_step, global_step,
-                                     device, precision, logger, writer, model_ema, stop)
-            global_step = result.global_step
+        while state.epoch < config.TRAIN.EPOCHS:
+            epoch = state.epoch
+            loader_train.sampler.set_epoch(epoch, start_index=state.micro_batch * config.DATA.BATCH_SIZE)
+            result = train_one_epoch(config, objects, loader_train, state, steps_per_epoch, runtime)
             check_bad_images(loader_train, logger)
-            if result.stopped_at is not None:
-                path = save(config, state_args(epoch, result.stopped_at), logger)
+            if result.stopped:
+                path = save(config, objects, state, class_names, logger)
                 logger.info(f"{stop.signal_name} received: stopped at epoch {epoch} step "
-                            f"{result.stopped_at // config.TRAIN.ACCUMULATION_STEPS}/{steps_per_epoch}, "
+                            f"{state.steps_in_epoch(accumulation)}/{steps_per_epoch}, "
                             f"checkpoint {path or 'written by rank 0'}; run the same command to resume")
                 return stop.exit_code
-            start_step = 0
 
-            acc1, acc5, val_loss = validate(config, loader_val, train_model, device, precision, logger)
+            acc1, acc5, val_loss = validate(config, loader_val, objects.model, runtime.device, runtime.precision,
+                                            logger)
             writer.add_scalars({'val/acc1': acc1, 'val/acc5': acc5, 'val/loss': val_loss,
                                 'train/epoch_loss': result.loss}, epoch)
-            if model_ema is not None:
-                ema_acc1, ema_acc5, _ = validate(config, loader_val, model_ema.module, device, precision,
-                                                 logger, header='EMA')
+            if objects.model_ema is not None:
+                ema_acc1, ema_acc5, _ = validate(config, loader_val, objects.model_ema.module, runtime.device,
+                                                 runtime.precision, logger, header='EMA')
                 writer.add_scalars({'val/ema_acc1': ema_acc1, 'val/ema_acc5': ema_acc5}, epoch)
-            is_best = acc1 > max_accuracy
-            max_accuracy = max(max_accuracy, acc1)
-            logger.info(format_max_accuracy(max_accuracy))
+            is_best = state.finish_epoch(acc1)
+            logger.info(format_max_accuracy(state.max_accuracy))
             if (epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or is_best:
-                save(config, state_args(epoch, 0), logger, is_best=is_best)
+                save(config, objects, state, class_names, logger, is_best=is_best)
     finally:
         stop.uninstall()
         writer.close()
@@ -189,12 +203,12 @@ def run_training(config, model, dataset_train, loader_train, loader_val, mixup_f
     logger.info(f"weights checksum {utils.weights_checksum(model):.12e}")
     total = format_eta(time.time() - start_time)
     final = f"final Acc@1 {acc1:.2f}%, " if acc1 is not None else ''
-    logger.info(f"Training done in {total}: {final}best Acc@1 {max_accuracy:.2f}%. "
+    logger.info(f"Training done in {total}: {final}best Acc@1 {state.max_accuracy:.2f}%. "
                 f"Outputs in {config.OUTPUT_DIR} (best.pth, last.pth, log_rank0.txt, config.yaml, TensorBoard)")
     return 0
 
 
-def run(argv=None):
+def run(argv: list[str] | None = None) -> int:
     """Command-line entry: user mistakes end with one line (and exit 2), not a traceback."""
     args = build_parser().parse_args(argv)
     try:

@@ -3,7 +3,13 @@
 The learning rate set here is ``TRAIN.EFFECTIVE_LR``; the scheduler (lr_scheduler.py) overwrites every group's
 lr at each step, multiplied by the group's ``lr_scale`` when layer decay is on.
 """
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Sequence
+
 import torch
+from yacs.config import CfgNode
 
 from errors import ConfigError
 from utils import unwrap_model
@@ -11,7 +17,8 @@ from utils import unwrap_model
 OPTIMIZERS = ('adamw', 'sgd')
 
 
-def build_optimizer(config, model, logger=None):
+def build_optimizer(config: CfgNode, model: torch.nn.Module,
+                    logger: logging.Logger | None = None) -> torch.optim.Optimizer:
     """AdamW (default) or SGD for ``model``; a DDP or torch.compile wrapper around it is fine."""
     name = config.TRAIN.OPTIMIZER.NAME.lower()
     if name not in OPTIMIZERS:
@@ -39,13 +46,14 @@ def build_optimizer(config, model, logger=None):
                              weight_decay=config.TRAIN.WEIGHT_DECAY, **kernel)
 
 
-def skip_weight_decay(name, param, skip=(), skip_keywords=()):
+def skip_weight_decay(name: str, param: torch.Tensor, skip: Collection[str] = (),
+                      skip_keywords: Collection[str] = ()) -> bool:
     """True for parameters trained without weight decay: norms, biases, position tables (official rule)."""
     return (param.ndim <= 1 or name.endswith('.bias') or name in skip
             or any(keyword in name for keyword in skip_keywords))
 
 
-def swin_layer_id(name, depths):
+def swin_layer_id(name: str, depths: Sequence[int]) -> int:
     """Layer id of a Swin parameter for layer-wise LR decay: 0 (patch embedding) .. sum(depths) + 1 (head)."""
     num_layers = sum(depths)
     if name.startswith(('patch_embed', 'absolute_pos_embed')):
@@ -59,7 +67,9 @@ def swin_layer_id(name, depths):
     return num_layers + 1  # final norm, head
 
 
-def param_groups(model, weight_decay, skip=(), skip_keywords=(), layer_decay=1.0, depths=()):
+def param_groups(model: torch.nn.Module, weight_decay: float, skip: Collection[str] = (),
+                 skip_keywords: Collection[str] = (), layer_decay: float = 1.0,
+                 depths: Sequence[int] = ()) -> tuple[list[dict], list[list[str]]]:
     """Parameter groups for the optimizer, and the parameter names of each group (for logging).
 
     Without layer decay: [decay, no-decay]. With it: one decay and one no-decay group per layer id, each with

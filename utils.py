@@ -1,14 +1,16 @@
 """Runtime helpers: processes and devices, seeding, mixed precision, preemption signals, small reductions."""
+from __future__ import annotations
+
 import contextlib
-import os
 import random
 import signal
-import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from yacs.config import CfgNode
 
 from errors import ConfigError
 
@@ -16,26 +18,30 @@ from errors import ConfigError
 # -----------------------------------------------------------------------------
 # Processes and devices
 # -----------------------------------------------------------------------------
-def resolve_device(config):
-    """torch.device for this process from DEVICE (auto | cpu | cuda | cuda:N) and LOCAL_RANK."""
-    name = config.DEVICE
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if name.startswith('cuda'):
+def select_device(name: str = 'auto', local_rank: int = 0) -> torch.device:
+    """The one place a device is chosen: auto (CUDA when available, else CPU) | cpu | cuda (the GPU of
+    ``local_rank``) | cuda:N. Scripts call this too, so --device means the same everywhere."""
+    choice = name
+    if choice == 'auto':
+        choice = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if choice.startswith('cuda'):
         if not torch.cuda.is_available():
-            raise ConfigError(f"DEVICE {config.DEVICE!r}: CUDA was asked for but is not available "
-                              f"(use --device cpu)")
-        if name == 'cuda':
-            if config.LOCAL_RANK >= torch.cuda.device_count():
-                raise ConfigError(f"LOCAL_RANK {config.LOCAL_RANK} has no GPU: only "
-                                  f"{torch.cuda.device_count()} visible")
-            name = f'cuda:{config.LOCAL_RANK}'
-    elif name != 'cpu':
-        raise ConfigError(f"DEVICE {config.DEVICE!r} is unknown (use auto, cpu, cuda or cuda:N)")
-    return torch.device(name)
+            raise ConfigError(f"DEVICE {name!r}: CUDA was asked for but is not available (use --device cpu)")
+        if choice == 'cuda':
+            if local_rank >= torch.cuda.device_count():
+                raise ConfigError(f"LOCAL_RANK {local_rank} has no GPU: only {torch.cuda.device_count()} visible")
+            choice = f'cuda:{local_rank}'
+    elif choice != 'cpu':
+        raise ConfigError(f"DEVICE {name!r} is unknown (use auto, cpu, cuda or cuda:N)")
+    return torch.device(choice)
 
 
-def init_distributed(config):
+def resolve_device(config: CfgNode) -> torch.device:
+    """torch.device for this process from DEVICE and LOCAL_RANK."""
+    return select_device(config.DEVICE, config.LOCAL_RANK)
+
+
+def init_distributed(config: CfgNode) -> torch.device:
     """Join the torchrun process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1; seed; return device."""
     device = resolve_device(config)
     if device.type == 'cuda':
@@ -49,40 +55,40 @@ def init_distributed(config):
     return device
 
 
-def cleanup_distributed():
+def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def is_distributed():
+def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def get_rank():
+def get_rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def get_world_size():
+def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def is_main_process():
+def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def barrier():
+def barrier() -> None:
     if is_distributed():
         dist.barrier()
 
 
-def all_reduce_sum(tensor):
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks in place (no-op in a single process); returns it."""
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
-def all_gather_objects(obj):
+def all_gather_objects(obj: Any) -> list[Any]:
     """[obj of rank 0, obj of rank 1, ...]; a one-item list in a single process."""
     if not is_distributed():
         return [obj]
@@ -91,7 +97,7 @@ def all_gather_objects(obj):
     return gathered
 
 
-def broadcast_object(obj, src=0):
+def broadcast_object(obj: Any, src: int = 0) -> Any:
     """The object of rank src, on every rank."""
     if not is_distributed():
         return obj
@@ -100,7 +106,7 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
-def unwrap_model(model):
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The bare module under DistributedDataParallel / DataParallel / timm ModelEma (``.module``) and
     torch.compile (``._orig_mod``) wrappers, nested in any order."""
     while True:
@@ -112,61 +118,15 @@ def unwrap_model(model):
             return model
 
 
-def weights_checksum(model):
+def weights_checksum(model: torch.nn.Module) -> float:
     """One number summarizing every parameter: equal across ranks when DDP keeps them in sync."""
     return float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
-def seed_everything(seed):
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-# -----------------------------------------------------------------------------
-# Files
-# -----------------------------------------------------------------------------
-def _temp_path(path):
-    """A hidden, unique name next to path: never matches *.pth, so a stray one is never taken for a checkpoint."""
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f'.{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
-
-
-def _fsync_dir(folder):
-    # the rename itself lives in the directory entry: without this a power loss can undo it
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory file descriptors
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def replace_atomically(write, path):
-    """Call write(temp_path), fsync, then rename onto path: path is either the old or the complete new file."""
-    temp = _temp_path(path)
-    try:
-        write(temp)
-        with open(temp, 'rb') as f:  # hard links and copies need their own flush to disk
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        if os.path.lexists(temp):  # a failed write, or a rename onto a link of the same file (a no-op)
-            os.remove(temp)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def write_text_atomically(path, text):
-    def write(temp):
-        with open(temp, 'x') as f:
-            f.write(text)
-
-    replace_atomically(write, path)
-    return path
 
 
 # -----------------------------------------------------------------------------
@@ -179,14 +139,14 @@ class Precision:
     dtype: torch.dtype = torch.float32
 
     @property
-    def enabled(self):
+    def enabled(self) -> bool:
         return self.dtype != torch.float32
 
     @property
-    def needs_scaler(self):
+    def needs_scaler(self) -> bool:
         return self.dtype == torch.float16
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager:
         if not self.enabled:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
@@ -195,7 +155,7 @@ class Precision:
         return str(self.dtype).replace('torch.', '') if self.enabled else 'float32 (AMP off)'
 
 
-def resolve_precision(config, device):
+def resolve_precision(config: CfgNode, device: torch.device) -> Precision:
     """AMP_ENABLE + AMP_DTYPE on CUDA; on CPU only an explicit AMP_DTYPE bfloat16 turns AMP on."""
     if not config.AMP_ENABLE:
         return Precision(device.type)
@@ -233,12 +193,12 @@ class StopRequest:
         if is_distributed():
             self._group = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else dist.group.WORLD
 
-    def install(self):
+    def install(self) -> StopRequest:
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def uninstall(self):
+    def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -248,7 +208,7 @@ class StopRequest:
             raise KeyboardInterrupt  # a second Ctrl-C means "now"
         self._received = signum
 
-    def should_stop(self):
+    def should_stop(self) -> bool:
         """True on every rank once any rank got a signal; then ``signal_name``/``exit_code`` say which."""
         received = torch.tensor([self._received], dtype=torch.int32)
         if self._group is not None:
@@ -257,9 +217,9 @@ class StopRequest:
         return self.signum != 0
 
     @property
-    def signal_name(self):
+    def signal_name(self) -> str | None:
         return signal.Signals(self.signum).name if self.signum else None
 
     @property
-    def exit_code(self):
+    def exit_code(self) -> int:
         return 128 + self.signum if self.signum else 0  # the shell's convention for "ended by a signal"

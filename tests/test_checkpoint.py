@@ -6,19 +6,22 @@ import signal
 import subprocess
 import sys
 import time
+from collections import OrderedDict
+from dataclasses import astuple
 
 import numpy as np
 import pytest
 import timm
 import torch
-from conftest import ROOT, TINY_OPTS, make_tiny_config
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
 import checkpoint
 from config import load_config
+from conftest import ROOT, TINY_OPTS, make_tiny_config
 from errors import CheckpointError
 from models import build_model
+from run_state import RunState, TrainingObjects
 
 LOG = logging.getLogger('test_checkpoint')
 TIMM_TINY_KWARGS = {'img_size': 32, 'patch_size': 2, 'window_size': 4, 'embed_dim': 24, 'depths': (2, 2),
@@ -35,16 +38,17 @@ def tiny_model(config, seed=0):
     return build_model(config).eval()
 
 
-class Run:
+class Run(TrainingObjects):
     """The training objects of a tiny run, one optimizer step in, as the engine holds them."""
 
     def __init__(self, config, seed=0, scaler=False, ema=False):
         self.config = config
-        self.model = tiny_model(config, seed)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
-        self.lr_scheduler = CosineLRScheduler(self.optimizer, t_initial=100, warmup_t=5, t_in_epochs=False)
-        self.scaler = torch.amp.GradScaler('cpu') if scaler else None
-        self.model_ema = ModelEmaV3(self.model, decay=0.9) if ema else None
+        model = tiny_model(config, seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        super().__init__(model, torch.nn.CrossEntropyLoss(), optimizer,
+                         CosineLRScheduler(optimizer, t_initial=100, warmup_t=5, t_in_epochs=False),
+                         scaler=torch.amp.GradScaler('cpu') if scaler else None,
+                         model_ema=ModelEmaV3(model, decay=0.9) if ema else None)
 
     def step(self):
         self.model.train()
@@ -58,15 +62,15 @@ class Run:
         self.model.eval()
         return self
 
-    def state(self, epoch, step_in_epoch=0, max_accuracy=50.0):
-        return checkpoint.training_state(
-            self.config, self.model, self.optimizer, self.lr_scheduler, self.scaler, self.model_ema, epoch,
-            step_in_epoch, global_step=10 * epoch + step_in_epoch, max_accuracy=max_accuracy,
-            class_names=[f'class{i}' for i in range(10)], rng_states=[checkpoint.capture_rng_state()])
+    def state(self, epoch, micro_batch=0, max_accuracy=50.0):
+        """The checkpoint after `epoch` (micro_batch 0), or `micro_batch` micro-batches into it."""
+        state = RunState(epoch + 1 if micro_batch == 0 else epoch, micro_batch, 10 * epoch + micro_batch,
+                         max_accuracy)
+        return checkpoint.training_state(self.config, self, state, [f'class{i}' for i in range(10)],
+                                         [checkpoint.capture_rng_state()])
 
     def restore(self, state, **kwargs):
-        return checkpoint.restore_training_state(state, self.model, self.optimizer, self.lr_scheduler, self.scaler,
-                                                 self.model_ema, LOG, **kwargs)
+        return astuple(checkpoint.restore_training_state(state, self, LOG, **kwargs))
 
 
 def assert_same_tensors(a, b):
@@ -104,8 +108,8 @@ step = 0
 while True:
     weights.fill_(step)
     atomic_save({{'model': {{'w': weights}}, 'optimizer': {{}}, 'lr_scheduler': {{}}, 'epoch': step,
-                 'step_in_epoch': 0, 'global_step': step, 'max_accuracy': 0.0, 'config': '',
-                 'format_version': 1}}, {str(path)!r})
+                 'micro_batch': 0, 'global_step': step, 'max_accuracy': 0.0, 'config': '',
+                 'format_version': 2}}, {str(path)!r})
     step += 1
 """
     proc = subprocess.Popen([sys.executable, '-c', code])
@@ -148,7 +152,7 @@ def test_resume_orders_mid_epoch_states(tiny_config):
     config = tiny_config('KEEP_CHECKPOINTS', 0)
     run = Run(config)
     checkpoint.save_checkpoint(config, run.state(1), LOG)
-    mid = checkpoint.save_checkpoint(config, run.state(2, step_in_epoch=7), LOG)
+    mid = checkpoint.save_checkpoint(config, run.state(2, micro_batch=7), LOG)
     assert mid.endswith('ckpt_epoch_2_step_7.pth')
     os.remove(os.path.join(config.OUTPUT_DIR, 'last.pth'))
     os.utime(mid, (0, 0))  # older on disk, but further in training: the recorded (epoch, step) decides
@@ -160,7 +164,7 @@ def test_retention_keeps_newest_k_and_last_best(tiny_config):
     run = Run(config)
     checkpoint.save_checkpoint(config, run.state(0), LOG)
     checkpoint.save_checkpoint(config, run.state(1, max_accuracy=90.0), LOG, is_best=True)
-    checkpoint.save_checkpoint(config, run.state(2, step_in_epoch=3), LOG)
+    checkpoint.save_checkpoint(config, run.state(2, micro_batch=3), LOG)
     checkpoint.save_checkpoint(config, run.state(2), LOG)
     checkpoint.save_checkpoint(config, run.state(3), LOG)
 
@@ -233,8 +237,30 @@ def test_resume_restores_everything(tiny_config):
     assert fresh.optimizer.state_dict()['state'][0]['step'] == run.optimizer.state_dict()['state'][0]['step']
     assert fresh.scaler.state_dict() == run.scaler.state_dict()
 
-    mid = run.state(4, step_in_epoch=5)
+    mid = run.state(4, micro_batch=5)
     assert fresh.restore(mid) == (4, 5, 45, 50.0)
+
+
+def as_format_1(ckpt):
+    """The checkpoint as the previous version wrote it: format_version 1, micro-batches under 'step_in_epoch'."""
+    old = {key: value for key, value in ckpt.items() if key != 'micro_batch'}
+    old.update(step_in_epoch=ckpt['micro_batch'], format_version=1)
+    return old
+
+
+def test_format_1_checkpoints_still_resume(tiny_config):
+    config = tiny_config('KEEP_CHECKPOINTS', 0)
+    run = Run(config).step()
+    os.makedirs(config.OUTPUT_DIR)
+    for ckpt in (as_format_1(run.state(1)), as_format_1(run.state(2, micro_batch=6))):
+        checkpoint.atomic_save(ckpt, os.path.join(config.OUTPUT_DIR, checkpoint.checkpoint_name(ckpt, 1)))
+    path = checkpoint.find_resume_checkpoint(config.OUTPUT_DIR, LOG)
+    assert path.endswith('ckpt_epoch_2_step_6.pth')  # mid-epoch 2 is further than the end of epoch 1
+
+    fresh = Run(config, seed=1)
+    assert fresh.restore(checkpoint.load_training_state(path, config, LOG)) == (2, 6, 26, 50.0)
+    assert_same_tensors(fresh.model.state_dict(), run.model.state_dict())
+    assert fresh.restore(as_format_1(run.state(1))) == (2, 0, 10, 50.0)
 
 
 def test_resume_from_official_checkpoint_and_bare_weights(tiny_config, tmp_path, caplog):
@@ -335,6 +361,36 @@ def test_wrong_checkpoint_names_tensor_and_shapes(tmp_path):
     deeper = tiny_model(make_tiny_config(None, 'MODEL.SWIN.DEPTHS', [2, 4]))
     with pytest.raises(CheckpointError, match=r'layers\.1\.blocks\.2\.norm1\.weight is missing .*and \d+ more'):
         checkpoint.load_model_weights(deeper, str(path), LOG)
+
+
+class ReversedHead(checkpoint.WeightFamily):
+    """A family whose other layout names the classifier 'fc' and whose bias tables need (toy) resizing."""
+
+    def to_official(self, sd):
+        return OrderedDict(('head.' + k[3:] if k.startswith('fc.') else k, v) for k, v in sd.items())
+
+    def adapt_pretrained(self, sd, model_sd, logger):
+        key = 'layers.0.blocks.0.attn.relative_position_bias_table'
+        sd[key] = sd[key].flip(0)
+        return [f'{key} flipped']
+
+
+def test_a_family_plugs_in_its_conversion_and_pretrained_adaptation(monkeypatch, caplog):
+    monkeypatch.setattr(checkpoint.weights, '_FAMILIES', dict(checkpoint.weights._FAMILIES))
+    checkpoint.register_family('toy', ReversedHead())
+    assert isinstance(checkpoint.weight_family('swin'), checkpoint.swin.SwinWeights)
+    with pytest.raises(ValueError, match='already registered'):
+        checkpoint.register_family('swin', ReversedHead())
+
+    source = tiny_model(make_tiny_config()).state_dict()
+    foreign = {('fc.' + k[5:] if k.startswith('head.') else k): v for k, v in source.items()}
+    assert_same_tensors(checkpoint.extract_state_dict(foreign, 'toy weights', 'toy'), source)
+    with pytest.raises(CheckpointError, match='head.weight is missing'):  # the swin family does not know 'fc.'
+        checkpoint.load_model_weights(tiny_model(make_tiny_config()), foreign, LOG)
+
+    key = 'layers.0.blocks.0.attn.relative_position_bias_table'
+    adapted = checkpoint.pretrained.adapt_pretrained(source, source, 'toy', LOG)
+    assert torch.equal(adapted[key], source[key].flip(0)) and f'{key} flipped' in caplog.text
 
 
 # -----------------------------------------------------------------------------

@@ -10,13 +10,14 @@ from errors import TrainingError
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
+from run_state import RunState, Runtime, TrainingObjects
 from utils import resolve_precision
 
 LOGGER = logging.getLogger('test_engine')
 
 
 def one_epoch(config, loader, criterion=None, seed=0):
-    """Train a freshly seeded tiny model for one epoch over loader; returns (model, result)."""
+    """Train a freshly seeded tiny model for one epoch over loader; returns (model, run state, result)."""
     torch.manual_seed(seed)
     model = build_model(config)
     optimizer = build_optimizer(config, model)
@@ -24,10 +25,11 @@ def one_epoch(config, loader, criterion=None, seed=0):
     scheduler = build_scheduler(config, optimizer, steps)
     scheduler.step_update(0)
     device = torch.device('cpu')
-    result = train_one_epoch(config, model, criterion or torch.nn.CrossEntropyLoss(), loader, optimizer,
-                             scheduler, None, None, epoch=0, steps_per_epoch=steps, start_step=0, global_step=0,
-                             device=device, precision=resolve_precision(config, device), logger=LOGGER)
-    return model, result
+    objects = TrainingObjects(model, criterion or torch.nn.CrossEntropyLoss(), optimizer, scheduler)
+    state = RunState()
+    result = train_one_epoch(config, objects, loader, state, steps,
+                             Runtime(device, resolve_precision(config, device), LOGGER))
+    return model, state, result
 
 
 def fixed_batches(batch_size, count=16):
@@ -43,9 +45,10 @@ def test_accumulation_of_two_batches_of_4_equals_one_batch_of_8(tiny_config):
     accumulated = tiny_config(*common, 'DATA.BATCH_SIZE', 4, 'TRAIN.ACCUMULATION_STEPS', 2)
     plain = tiny_config(*common, 'DATA.BATCH_SIZE', 8, 'TRAIN.ACCUMULATION_STEPS', 1)
     assert accumulated.TRAIN.EFFECTIVE_LR == plain.TRAIN.EFFECTIVE_LR   # same global batch -> same LR
-    model_a, result_a = one_epoch(accumulated, fixed_batches(4))
-    model_b, result_b = one_epoch(plain, fixed_batches(8))
-    assert result_a.global_step == result_b.global_step == 2
+    model_a, state_a, _ = one_epoch(accumulated, fixed_batches(4))
+    model_b, state_b, _ = one_epoch(plain, fixed_batches(8))
+    assert state_a.global_step == state_b.global_step == 2
+    assert (state_a.micro_batch, state_b.micro_batch) == (4, 2)
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     # and the update did something: weights moved away from the initial ones
@@ -56,8 +59,8 @@ def test_accumulation_of_two_batches_of_4_equals_one_batch_of_8(tiny_config):
 
 def test_trailing_partial_accumulation_group_is_skipped(tiny_config):
     config = tiny_config('TRAIN.ACCUMULATION_STEPS', 3, 'DATA.BATCH_SIZE', 4, 'AUG.MIXUP', 0.0, 'AUG.CUTMIX', 0.0)
-    _, result = one_epoch(config, fixed_batches(4))   # 4 micro-batches: one step of 3, one left over
-    assert result.global_step == 1
+    _, state, result = one_epoch(config, fixed_batches(4))   # 4 micro-batches: one step of 3, one left over
+    assert (state.global_step, state.micro_batch) == (1, 3) and not result.stopped
 
 
 class NonFiniteAt(torch.nn.Module):

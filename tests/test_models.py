@@ -1,5 +1,6 @@
 """Swin Transformer: equivalence with timm, official keys and counts, attention paths, checkpointing, errors."""
-import io
+import logging
+import os
 
 import pytest
 import timm
@@ -8,8 +9,11 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import checkpoint_filter_fn
 
 import models.swin_transformer as swin
+from checkpoint import load_model_weights
 from errors import ConfigError
 from models import SwinTransformer, build_model
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 
 # small models covering the cases of the window logic (stage maps in the comments)
 SHIFTED = dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=[2, 2], num_heads=[3, 6])  # 16, 8
@@ -268,18 +272,40 @@ def test_state_dict_has_the_official_keys():
     assert keys - masks == set(official_keys(CLAMPED['depths'], ape=True))
 
 
-def test_official_checkpoint_loads_strict(tiny_config):
-    model = build_model(tiny_config()).eval()
-    buffer = io.BytesIO()
-    torch.save({'model': model.state_dict(), 'epoch': 3}, buffer)
-    buffer.seek(0)
-    checkpoint = torch.load(buffer, map_location='cpu')
-    torch.manual_seed(123)
-    fresh = build_model(tiny_config()).eval()
-    x = torch.randn(1, 3, 32, 32)
-    assert not torch.equal(fresh(x), model(x))
-    fresh.load_state_dict(checkpoint['model'], strict=True)
-    assert torch.equal(fresh(x), model(x))
+def official_tiny_state_dict(seed=0):
+    """An official-layout state_dict built from the official code's key list (not from our model): random
+    parameters of the official shapes; buffers zero (every loader recomputes them from the config)."""
+    generator = torch.Generator().manual_seed(seed)
+    sd = {}
+    for line in open(os.path.join(FIXTURES, 'official_swin_tiny_keys.txt')):
+        if line.startswith('#'):
+            continue
+        key, shape, dtype = line.split()
+        shape, dtype = [int(n) for n in shape.split('x')], getattr(torch, dtype)
+        sd[key] = (torch.randn(shape, generator=generator) * 0.1 if dtype.is_floating_point and
+                   not key.endswith('attn_mask') else torch.zeros(shape, dtype=dtype))
+    return sd
+
+
+def test_official_checkpoint_loads_strict(tiny_config, tmp_path):
+    official = official_tiny_state_dict()
+    ours = build_model(tiny_config()).eval()
+    # the same entries, in the same order, with the same shapes and types as the official model's state_dict
+    assert [(k, v.shape, v.dtype) for k, v in ours.state_dict().items()] == \
+        [(k, v.shape, v.dtype) for k, v in official.items()]
+
+    path = tmp_path / 'official.pth'
+    torch.save({'model': official, 'optimizer': {}, 'lr_scheduler': {}, 'max_accuracy': 80.0, 'epoch': 299}, path)
+    load_model_weights(ours, str(path), logging.getLogger('test_models'))
+    for name, param in ours.named_parameters():
+        assert torch.equal(param, official[name]), name
+    # and the weights mean what they mean to timm's reader of official checkpoints
+    theirs = timm.models.swin_transformer.SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=24,
+                                                          depths=(2, 2), num_heads=(3, 6), num_classes=10).eval()
+    theirs.load_state_dict(checkpoint_filter_fn({'model': official}, theirs), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
 
 
 def test_no_weight_decay_names():

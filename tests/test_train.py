@@ -8,8 +8,19 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import (ROOT, assert_same_weights, child_env, load_weights, logged_losses, main_command,
-                     make_image_folder, read, run_main, tiny_yaml, wait_for)
+from helpers import (
+    ROOT,
+    assert_same_weights,
+    child_env,
+    load_weights,
+    logged_losses,
+    main_command,
+    make_image_folder,
+    read,
+    run_main,
+    tiny_yaml,
+    wait_for,
+)
 
 RECIPE = """TRAIN:
   EPOCHS: 2
@@ -101,7 +112,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, train_config, ref
     mid = glob.glob(str(run_dir / 'ckpt_epoch_*_step_*.pth'))
     assert len(mid) == 1, os.listdir(run_dir)
     state = torch.load(mid[0], map_location='cpu', weights_only=True)
-    assert state['step_in_epoch'] > 0
+    assert state['micro_batch'] > 0
 
     result = run_main('--cfg', train_config, '--output', str(output))
     assert result.returncode == 0, result.stderr
@@ -110,6 +121,31 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, train_config, ref
         assert_same_weights(load_weights(run_dir / 'last.pth', key),
                             load_weights(os.path.join(reference_dir, 'last.pth'), key))
     assert logged_losses(read(log_path)) == logged_losses(read(os.path.join(reference_dir, 'log_rank0.txt')))
+
+
+@pytest.mark.slow
+def test_step_means_optimizer_step_with_accumulation(tmp_path, dataset):
+    """With 2 micro-batches per optimizer step, the log, TensorBoard and the file name count the same steps."""
+    config = tiny_yaml(tmp_path / 'tiny.yaml', dataset, extra="TRAIN:\n  EPOCHS: 2\n  ACCUMULATION_STEPS: 2\n")
+    output = tmp_path / 'out'
+    run_dir = output / 'tiny' / 'default'
+    process = subprocess.Popen(main_command('--cfg', config, '--output', str(output)), cwd=ROOT,
+                               env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = run_dir / 'log_rank0.txt'
+    # 48 images / batch 4 = 12 micro-batches = 6 optimizer steps per epoch
+    wait_for(lambda: log_path.exists() and 'Train: [0/2][2/6]' in read(log_path), 240, 'optimizer step 2')
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, out
+
+    step = max(s for (_, s) in logged_losses(read(log_path)))  # the last step the log reported
+    assert step >= 2 and f'stopped at epoch 0 step {step}/6' in out
+    assert [p.name for p in run_dir.glob('ckpt_epoch_*.pth')] == [f'ckpt_epoch_0_step_{step}.pth']
+    state = torch.load(run_dir / f'ckpt_epoch_0_step_{step}.pth', map_location='cpu', weights_only=True)
+    assert (state['epoch'], state['micro_batch'], state['global_step']) == (0, 2 * step, step)
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert [event.step for event in events.Scalars('train/loss')] == list(range(1, step + 1))
 
 
 def test_eval_reports_accuracy_and_never_changes_weights(tmp_path, train_config, reference_run):
@@ -128,7 +164,7 @@ def test_throughput_prints_the_official_line_without_a_dataset(tmp_path, dataset
     result = run_main('--cfg', config, '--throughput', '--output', str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert 'random input' in result.stdout
-    line = [l for l in result.stdout.splitlines() if 'batch_size 4 throughput ' in l]
+    line = [text for text in result.stdout.splitlines() if 'batch_size 4 throughput ' in text]
     assert line and float(line[0].rsplit(' ', 1)[1]) > 0
 
 
@@ -144,7 +180,7 @@ def test_user_mistakes_end_with_one_line(tmp_path, train_config, args, message):
     result = run_main('--cfg', train_config, '--output', str(tmp_path), *args)
     assert result.returncode == 2
     assert 'Traceback' not in result.stderr
-    errors = [l for l in result.stderr.splitlines() if l.startswith('error')]
+    errors = [text for text in result.stderr.splitlines() if text.startswith('error')]
     assert len(errors) == 1 and message in errors[0], result.stderr
 
 
