@@ -98,16 +98,23 @@ def test_kill_9_then_rerun_resumes_exactly(tmp_path, train_config, reference_run
     assert logged_losses(log) == logged_losses(read(os.path.join(reference_dir, 'log_rank0.txt')))
 
 
-def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, train_config, reference_run):
-    output = tmp_path / 'out'
+def sigterm_after(config, output, line):
+    """Run main.py until its log shows ``line``, then SIGTERM it; returns (run folder, its output)."""
     run_dir = output / 'tiny' / 'default'
-    process = subprocess.Popen(main_command('--cfg', train_config, '--output', str(output)), cwd=ROOT,
+    process = subprocess.Popen(main_command('--cfg', config, '--output', str(output)), cwd=ROOT,
                                env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log_path = run_dir / 'log_rank0.txt'
-    wait_for(lambda: log_path.exists() and 'Train: [0/2][2/12]' in read(log_path), 240, 'training step 2')
+    wait_for(lambda: log_path.exists() and line in read(log_path), 240, line)
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, out
+    return run_dir, out
+
+
+def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, train_config, reference_run):
+    output = tmp_path / 'out'
+    run_dir, out = sigterm_after(train_config, output, 'Train: [0/2][2/12]')
+    log_path = run_dir / 'log_rank0.txt'
     assert 'SIGTERM received: stopped at epoch' in out and 'run the same command to resume' in out
     mid = glob.glob(str(run_dir / 'ckpt_epoch_*_step_*.pth'))
     assert len(mid) == 1, os.listdir(run_dir)
@@ -127,18 +134,10 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, train_config, ref
 def test_step_means_optimizer_step_with_accumulation(tmp_path, dataset):
     """With 2 micro-batches per optimizer step, the log, TensorBoard and the file name count the same steps."""
     config = tiny_yaml(tmp_path / 'tiny.yaml', dataset, extra="TRAIN:\n  EPOCHS: 2\n  ACCUMULATION_STEPS: 2\n")
-    output = tmp_path / 'out'
-    run_dir = output / 'tiny' / 'default'
-    process = subprocess.Popen(main_command('--cfg', config, '--output', str(output)), cwd=ROOT,
-                               env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log_path = run_dir / 'log_rank0.txt'
     # 48 images / batch 4 = 12 micro-batches = 6 optimizer steps per epoch
-    wait_for(lambda: log_path.exists() and 'Train: [0/2][2/6]' in read(log_path), 240, 'optimizer step 2')
-    process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, out
+    run_dir, out = sigterm_after(config, tmp_path / 'out', 'Train: [0/2][2/6]')
 
-    step = max(s for (_, s) in logged_losses(read(log_path)))  # the last step the log reported
+    step = max(s for (_, s) in logged_losses(read(run_dir / 'log_rank0.txt')))  # the last step the log reported
     assert step >= 2 and f'stopped at epoch 0 step {step}/6' in out
     assert [p.name for p in run_dir.glob('ckpt_epoch_*.pth')] == [f'ckpt_epoch_0_step_{step}.pth']
     state = torch.load(run_dir / f'ckpt_epoch_0_step_{step}.pth', map_location='cpu', weights_only=True)
