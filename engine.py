@@ -154,10 +154,10 @@ def train_one_epoch(config: CfgNode, objects: TrainingObjects, data_loader: Iter
     objects.optimizer.zero_grad(set_to_none=True)
     meter = _TrainMeter(runtime.device)
     stopped = False
-    for samples, targets in data_loader:
+    for batch in data_loader:
         if state.micro_batch >= micro_batches:
             break
-        samples, targets = to_device(samples, targets, runtime.device)
+        samples, targets = to_device(batch, runtime.device)
         if objects.mixup_fn is not None:
             samples, targets = objects.mixup_fn(samples, targets)
         state.micro_batch += 1
@@ -233,8 +233,8 @@ def validate(config: CfgNode, data_loader: Iterable, model: torch.nn.Module, dev
     # [correct@1, correct@5, loss sum, images]
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     start = time.time()
-    for idx, (images, target) in enumerate(data_loader):
-        images, target = to_device(images, target, device)
+    for idx, batch in enumerate(data_loader):
+        images, target = to_device(batch, device)
         with precision.autocast():
             output = model(images)
         output = output.float()

@@ -52,7 +52,7 @@ def main(config: CfgNode) -> int:
     if config.THROUGHPUT_MODE:
         return run_throughput(config, model, runtime)
 
-    _, _, loader_train, loader_val, mixup_fn = build_loader(config)
+    _, _, loader_train, loader_val, mixup_fn = build_loader(config, device)
 
     if config.EVAL_MODE:
         return run_eval(config, model, loader_val, runtime)
@@ -64,7 +64,7 @@ def run_throughput(config: CfgNode, model: torch.nn.Module, runtime: Runtime) ->
     """Images/s of the forward pass; a real val batch when a dataset is given, random input otherwise."""
     device = runtime.device
     if config.DATA.DATA_PATH:
-        images, _ = to_device(*next(iter(build_loader(config)[3])), device)
+        images, _ = to_device(next(iter(build_loader(config, device)[3])), device)
     else:
         runtime.logger.info("no --data-path: measuring throughput on random input")
         images = torch.randn(config.DATA.BATCH_SIZE, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
@@ -151,11 +151,7 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
                  mixup_fn: Mixup | None, runtime: Runtime) -> int:
     """Train from scratch, a checkpoint or pretrained weights; validate and save after every epoch."""
     logger, accumulation = runtime.logger, config.TRAIN.ACCUMULATION_STEPS
-    steps_per_epoch = len(loader_train) // accumulation
-    if steps_per_epoch == 0:
-        raise SwinTrainError(f"the train split has {len(loader_train.dataset)} images: too few for one step of "
-                             f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} x {config.WORLD_SIZE} processes x "
-                             f"TRAIN.ACCUMULATION_STEPS {accumulation}")
+    steps_per_epoch = len(loader_train) // accumulation  # >= 1: build_loader checks
     objects = build_training_objects(config, model, mixup_fn, steps_per_epoch, runtime.precision, logger)
     logger.info(f"global batch {config.TRAIN.GLOBAL_BATCH_SIZE} = {config.DATA.BATCH_SIZE} x "
                 f"{config.WORLD_SIZE} processes x {accumulation} accumulation -> lr "

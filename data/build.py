@@ -2,100 +2,114 @@
 of the official Swin data/build.py)."""
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 from timm.data import Mixup
+from yacs.config import CfgNode
 
 from errors import DataError
-from .datasets import FolderDataset, ZipDataset
+
+from .datasets import FolderDataset, ImageDataset, ZipDataset
 from .digits import ensure_digits
 from .loader import ImageLoader
 from .samplers import DistributedEpochSampler, ShardSampler, ValSampler
 from .transforms import build_transform
 
-_FOLDER_DATASETS = ('imagenet', 'imagenet22K')
 _logger = logging.getLogger('swin.data')
 
 
-def build_loader(config, uint8=None):
-    """(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn).
+def build_loader(config: CfgNode, device: torch.device | str = 'cpu', uint8: bool | None = None) -> tuple[
+        ImageDataset | None, ImageDataset, ImageLoader | None, ImageLoader, Mixup | None]:
+    """(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn) for a run computing on
+    ``device``.
 
-    In eval mode the train pieces are None (and train/ is not read). Train batches hold exactly
-    DATA.BATCH_SIZE samples; ``data_loader_train.sampler.set_epoch(epoch, start_index)`` orders an epoch
-    (see samplers.EpochSampler: len() stays the full epoch, ``num_remaining`` is what is left). Validation
-    shards exactly (each image once over all ranks). ``uint8``: loaders yield uint8 batches for
-    ``data.to_device`` to normalize; by default when DATA.DEVICE_NORMALIZE and the run uses CUDA.
+    In eval mode the train pieces are None (and train/ is not read). Loaders yield ``loader.Batch``es.
+    Train batches hold exactly DATA.BATCH_SIZE samples, in the order ``data_loader_train.sampler.set_epoch``
+    selects (see samplers.EpochSampler.set_epoch). Validation shards exactly (each image once over all
+    ranks). ``uint8``: loaders yield uint8 batches for ``data.to_device`` to normalize; by default when
+    DATA.DEVICE_NORMALIZE and ``device`` is a GPU.
     """
+    on_cuda = torch.device(device).type == 'cuda'
     if uint8 is None:
-        uint8 = config.DATA.DEVICE_NORMALIZE and uses_cuda(config)
+        uint8 = config.DATA.DEVICE_NORMALIZE and on_cuda
     root = data_root(config)
     dataset_val = build_dataset(False, config, root, uint8)
+    dataset_train = None if config.EVAL_MODE else build_dataset(True, config, root, uint8)
+    _check_classes(config, dataset_train, dataset_val)
+
     sampler_val = ValSampler(len(dataset_val), config.RANK, config.WORLD_SIZE, sequential=config.TEST.SEQUENTIAL,
                              shuffle=config.TEST.SHUFFLE, seed=config.SEED)
     _fill_cache(config, dataset_val, sampler_val.indices)
-    loader_val = _make_loader(config, dataset_val, sampler_val, drop_last=False)
-    if config.EVAL_MODE:
+    loader_val = _make_loader(config, dataset_val, sampler_val, on_cuda, drop_last=False)
+    if dataset_train is None:
         return None, dataset_val, None, loader_val, None
 
-    dataset_train = build_dataset(True, config, root, uint8)
-    if config.DATA.ZIP_MODE:
-        dataset_val.classes = dataset_train.classes  # val members are usually flat: name classes from train
-    elif dataset_val.classes != dataset_train.classes:
-        raise DataError(f"class folders of {dataset_val.root} differ from those of {dataset_train.root}")
     if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == 'part':
         sampler_train = ShardSampler(len(dataset_train), config.RANK, config.WORLD_SIZE, config.SEED)
         _fill_cache(config, dataset_train, sampler_train.shard)
     else:
         sampler_train = DistributedEpochSampler(len(dataset_train), config.RANK, config.WORLD_SIZE, config.SEED)
         _fill_cache(config, dataset_train, range(len(dataset_train)))
-    if len(sampler_train) < config.DATA.BATCH_SIZE:
+    step_samples = config.DATA.BATCH_SIZE * config.TRAIN.ACCUMULATION_STEPS
+    if len(sampler_train) < step_samples:
         raise DataError(f"{dataset_train.root} gives each of {config.WORLD_SIZE} processes {len(sampler_train)} "
-                        f"images, fewer than DATA.BATCH_SIZE {config.DATA.BATCH_SIZE}")
-    loader_train = _make_loader(config, dataset_train, sampler_train, drop_last=True)
+                        f"images, fewer than one optimizer step takes (DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} "
+                        f"x TRAIN.ACCUMULATION_STEPS {config.TRAIN.ACCUMULATION_STEPS})")
+    loader_train = _make_loader(config, dataset_train, sampler_train, on_cuda, drop_last=True)
     _logger.info(f"rank {config.RANK}: train {dataset_train}, {len(loader_train)} batches per epoch; "
                  f"val {dataset_val}, {len(loader_val)} batches on this rank"
                  f"{'; uint8 batches normalized on the device' if uint8 else ''}")
     return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)
 
 
-def uses_cuda(config):
-    """Whether the run computes on a GPU (config.DEVICE, 'auto' meaning: when one is available)."""
-    if config.DEVICE == 'auto':
-        return torch.cuda.is_available()
-    return config.DEVICE.startswith('cuda')
-
-
-def data_root(config):
-    """The dataset root folder; for digits, written on first use."""
-    dataset, path = config.DATA.DATASET, config.DATA.DATA_PATH
-    if dataset == 'digits':
+def data_root(config: CfgNode) -> str:
+    """The dataset root folder; for digits, written on first use. (DATA.DATASET is validated by config.)"""
+    path = config.DATA.DATA_PATH
+    if config.DATA.DATASET == 'digits':
         if config.DATA.ZIP_MODE:
             raise DataError("DATA.ZIP_MODE does not apply to DATA.DATASET digits (a folder tree)")
         return ensure_digits(path)
-    if dataset not in _FOLDER_DATASETS:
-        raise DataError(f"DATA.DATASET {dataset!r} is unknown (choose one of: imagenet, imagenet22K, digits)")
     if not path:
-        raise DataError(f"DATA.DATA_PATH is not set (--data-path): {dataset} needs a dataset folder")
+        raise DataError(f"DATA.DATA_PATH is not set (--data-path): {config.DATA.DATASET} needs a dataset folder")
     if not os.path.isdir(path):
         raise DataError(f"DATA.DATA_PATH {path} does not exist or is not a folder")
     return path
 
 
-def build_dataset(is_train, config, root, uint8=False):
+def build_dataset(is_train: bool, config: CfgNode, root: str, uint8: bool = False) -> ImageDataset:
     """The train or val split under ``root``: ``<split>/<class>/<image>``, or ``<split>.zip`` +
-    ``<split>_map.txt`` with DATA.ZIP_MODE. The class count must equal MODEL.NUM_CLASSES."""
+    ``<split>_map.txt`` with DATA.ZIP_MODE. (build_loader checks its classes against MODEL.NUM_CLASSES.)"""
     transform = build_transform(is_train, config, uint8)
     split = 'train' if is_train else 'val'
-    num_classes = config.MODEL.NUM_CLASSES
     if config.DATA.ZIP_MODE:
-        return ZipDataset(root, split, num_classes, transform)
+        return ZipDataset(root, split, config.MODEL.NUM_CLASSES, transform)
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise DataError(f"split folder {folder} not found (DATA.DATA_PATH must hold train/ and val/ class folders)")
-    dataset = FolderDataset(folder, transform)
-    if len(dataset.classes) != num_classes:
-        raise DataError(f"{folder} has {len(dataset.classes)} class folders but MODEL.NUM_CLASSES is {num_classes}")
-    return dataset
+    return FolderDataset(folder, transform)
+
+
+def build_val_transform(config: CfgNode) -> Callable:
+    """The validation transform of a config: a PIL image (any mode) -> normalized float CHW tensor, exactly
+    as the val loader preprocesses (for tools that predict on single images)."""
+    return build_transform(False, config)
+
+
+def _check_classes(config, dataset_train, dataset_val):
+    """The class check, made once: the train split (val in eval mode) has MODEL.NUM_CLASSES classes, and
+    val has train's classes. Zip val members are usually flat, so in zip mode val takes train's names."""
+    reference = dataset_train if dataset_train is not None else dataset_val
+    num_classes = config.MODEL.NUM_CLASSES
+    if len(reference.classes) != num_classes:
+        raise DataError(f"{reference.root} has {len(reference.classes)} class folders but MODEL.NUM_CLASSES "
+                        f"is {num_classes}")
+    if dataset_train is None:
+        return
+    if config.DATA.ZIP_MODE:
+        dataset_val.classes = dataset_train.classes
+    elif dataset_val.classes != dataset_train.classes:
+        raise DataError(f"class folders of {dataset_val.root} differ from those of {dataset_train.root}")
 
 
 def _fill_cache(config, dataset, indices):
@@ -107,7 +121,7 @@ def _fill_cache(config, dataset, indices):
     dataset.cache(indices)
 
 
-def _make_loader(config, dataset, sampler, drop_last):
+def _make_loader(config, dataset, sampler, on_cuda, drop_last):
     workers = config.DATA.NUM_WORKERS
     worker_options = dict(persistent_workers=config.DATA.PERSISTENT_WORKERS,
                           prefetch_factor=config.DATA.PREFETCH_FACTOR) if workers > 0 else {}
@@ -116,7 +130,7 @@ def _make_loader(config, dataset, sampler, drop_last):
         sampler=sampler,
         batch_size=config.DATA.BATCH_SIZE,
         num_workers=workers,
-        pin_memory=config.DATA.PIN_MEMORY and uses_cuda(config),
+        pin_memory=config.DATA.PIN_MEMORY and on_cuda,
         drop_last=drop_last,
         # the loader's own generator: starting an epoch never draws from the global torch RNG
         generator=torch.Generator().manual_seed(config.SEED),
@@ -124,7 +138,7 @@ def _make_loader(config, dataset, sampler, drop_last):
     )
 
 
-def build_mixup(config):
+def build_mixup(config: CfgNode) -> Mixup | None:
     """timm Mixup/CutMix (label smoothing folded into the mixed targets), or None when both are off."""
     aug = config.AUG
     if not (aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None):

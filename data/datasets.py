@@ -5,13 +5,15 @@ or an ``(index, seed)`` pair from a train sampler; with a seed, python ``random`
 torch are seeded from it first, so a sample's augmentation depends only on that seed.
 
 An unreadable file is replaced by the next readable sample (deterministic, and the batch keeps its size);
-its path and reason are queued for the loader, which logs and counts them in the main process.
+the :class:`Sample` carries its path and reason to the loader's batch, and the main process logs and counts
+them (loader.ImageLoader).
 """
 import contextlib
 import os
 import random
 import zipfile
 import zlib
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -19,25 +21,32 @@ from torch.utils.data import Dataset, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from errors import DataError
+
 from .transforms import BadImage, load_rgb, open_image
 from .zipdata import ZipReader, class_names, read_map_file
 
 # consecutive unreadable samples tolerated before giving up on a key
 MAX_SUBSTITUTES = 16
-# (path, reason) of the unreadable images this process met since the loader's collate last took them
-_bad_images = []
 _ZIP_ERRORS = (KeyError, zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError)
 
 
-def take_bad_images():
-    """The (path, reason) pairs queued since the last call, and clear the queue."""
-    taken = list(_bad_images)
-    _bad_images.clear()
-    return taken
+class BadImageReport(NamedTuple):
+    """An unreadable file that was skipped: its path and why it could not be read."""
+    path: str
+    reason: str
+
+
+class Sample(NamedTuple):
+    """What a dataset returns for one key. ``image`` is the transformed image of the first readable sample
+    from the key's index on (None when MAX_SUBSTITUTES in a row were unreadable); ``target`` its class;
+    ``skipped`` the unreadable files passed over to get it."""
+    image: Any
+    target: int
+    skipped: tuple[BadImageReport, ...] = ()
 
 
 @contextlib.contextmanager
-def seeded(seed):
+def seeded(seed: int | None):
     """Seed python, numpy and torch for one sample. In the main process (NUM_WORKERS 0) the global
     generators belong to the training loop, so their states are put back afterwards."""
     if seed is None:
@@ -78,16 +87,18 @@ class ImageDataset(Dataset):
         return self.transform(img) if self.transform is not None else load_rgb(img)
 
     def __getitem__(self, key):
+        """The Sample of an index, or of an ``(index, seed)`` key from a train sampler. Never raises for an
+        unreadable file: that is reported in the sample (this may run in a loader worker)."""
         index, seed = key if isinstance(key, tuple) else (key, None)
+        skipped = []
         for offset in range(MAX_SUBSTITUTES):
             i = (index + offset) % len(self)
             try:
                 with seeded(seed):
-                    return self.load(i), self.targets[i]
+                    return Sample(self.load(i), self.targets[i], tuple(skipped))
             except BadImage as e:
-                _bad_images.append((self.samples[i][0], str(e)))
-        raise DataError(f"{MAX_SUBSTITUTES} unreadable images in a row from {self.samples[index][0]} on "
-                        f"(last: {_bad_images[-1][1]})")
+                skipped.append(BadImageReport(self.samples[i][0], str(e)))
+        return Sample(None, self.targets[index], tuple(skipped))
 
     def __len__(self):
         return len(self.samples)

@@ -25,7 +25,7 @@ SPLIT_SEED = 0
 DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'datasets', 'digits')
 
 
-def ensure_digits(root=''):
+def ensure_digits(root: str = '') -> str:
     """Path of the complete digits tree at ``root`` (default: datasets/digits in the repository), writing
     it first if needed. A second call finds the marker and writes nothing."""
     root = os.path.abspath(root or DEFAULT_ROOT)

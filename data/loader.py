@@ -1,69 +1,99 @@
-"""The loader the engine iterates and the two calls it makes around it: ``to_device`` for every batch and
-``check_bad_images`` after every epoch."""
+"""What the engine iterates: :class:`Batch`, the loader that yields it, and the two calls made around it,
+``to_device`` for every batch and ``check_bad_images`` after every epoch.
+
+Unreadable images are reported one way: the dataset puts each skipped file in its Sample (in a worker or in
+this process), ``collate`` gathers them into the batch, and ImageLoader logs and counts them in the main
+process, which alone decides when there are too many.
+"""
 import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, default_collate
 
 from errors import DataError
-from .datasets import take_bad_images
-from .transforms import DeferredImage
+
+from .datasets import BadImageReport, Sample
+from .transforms import DeferredImage, ErasePlan
 
 _logger = logging.getLogger('swin.data')
 _normalize_constants = {}  # device -> (mean, std), shaped (1, 3, 1, 1)
 _erase_generators = {}  # device -> torch.Generator for random-erasing noise
 
 
-def collate(samples):
-    """(images, targets, extras) of one batch. extras: the unreadable images met while loading it and, for
-    uint8 batches, the random-erasing plans [(position in batch, ErasePlan)]."""
-    images, targets = zip(*samples)
-    erasing = []
-    if isinstance(images[0], DeferredImage):
-        erasing = [(i, image.erase) for i, image in enumerate(images) if image.erase is not None]
-        # stacked HWC (one plain copy per image), viewed as NCHW; to_device makes it contiguous
-        images = default_collate([image.pixels for image in images]).permute(0, 3, 1, 2)
-    else:
-        images = default_collate(list(images))
-    targets = torch.tensor(targets, dtype=torch.long)
-    return images, targets, {'bad_images': take_bad_images(), 'erasing': erasing}
+@dataclass(frozen=True)
+class Batch:
+    """One batch of a loader built by ``build_loader``.
+
+    images: NCHW, float and normalized; or uint8 pixels (a CUDA run with DATA.DEVICE_NORMALIZE) that
+        ``to_device`` converts, normalizes and random-erases on the device.
+    targets: int64 class indices.
+    erase: random-erasing plans of a uint8 batch, ``(position in batch, ErasePlan)``.
+    bad_images: the unreadable files skipped (each replaced by the next readable sample) to fill this batch.
+    error: set when a sample found no readable image (images and targets are then empty); the loader
+        raises it as DataError in the main process.
+    """
+    images: torch.Tensor
+    targets: torch.Tensor
+    erase: tuple[tuple[int, ErasePlan], ...] = ()
+    bad_images: tuple[BadImageReport, ...] = ()
+    error: str = ''
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def pin_memory(self) -> 'Batch':
+        """Called by the DataLoader's pin-memory thread (DATA.PIN_MEMORY on CUDA)."""
+        return replace(self, images=self.images.pin_memory(), targets=self.targets.pin_memory())
+
+
+def collate(samples: Sequence[Sample]) -> Batch:
+    """The Batch of a list of dataset Samples (runs in the loader's workers)."""
+    bad_images = tuple(report for sample in samples for report in sample.skipped)
+    failed = next((sample for sample in samples if sample.image is None), None)
+    if failed is not None:
+        first, last = failed.skipped[0], failed.skipped[-1]
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), bad_images=bad_images,
+                     error=f"{len(failed.skipped)} unreadable images in a row from {first.path} on "
+                           f"(last: {last.reason})")
+    images = [sample.image for sample in samples]
+    targets = torch.tensor([sample.target for sample in samples], dtype=torch.long)
+    if not isinstance(images[0], DeferredImage):
+        return Batch(default_collate(images), targets, bad_images=bad_images)
+    erase = tuple((i, image.erase) for i, image in enumerate(images) if image.erase is not None)
+    # stacked HWC (one plain copy per image), viewed as NCHW; to_device makes it contiguous
+    pixels = default_collate([image.pixels for image in images]).permute(0, 3, 1, 2)
+    return Batch(pixels, targets, erase=erase, bad_images=bad_images)
 
 
 class ImageLoader(DataLoader):
-    """A DataLoader of (images, targets) that logs every unreadable image (path and reason, logger
+    """A DataLoader of :class:`Batch` that logs every unreadable image (path and reason, logger
     ``swin.data``) and counts them per pass: ``bad_images`` and ``images_loaded`` describe the latest pass
     and are reset when the next one starts. A pass stops with DataError as soon as its unreadable images
-    exceed DATA.MAX_BAD_FRACTION of this rank's epoch, since check_bad_images would fail anyway."""
+    exceed DATA.MAX_BAD_FRACTION of this rank's epoch, since check_bad_images would fail anyway.
+    Train loaders are ordered by ``sampler.set_epoch`` (see samplers.EpochSampler.set_epoch)."""
 
-    def __init__(self, dataset, max_bad_fraction, **kwargs):
+    def __init__(self, dataset, max_bad_fraction: float, **kwargs):
         super().__init__(dataset, collate_fn=collate, **kwargs)
         self.max_bad_fraction = max_bad_fraction
         self.bad_images = 0
         self.images_loaded = 0
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Batch]:
         self.bad_images = self.images_loaded = 0
-        if self.num_workers == 0:
-            take_bad_images()  # forget reports from direct dataset use in this process
         allowance = self.max_bad_fraction * len(self.sampler)
-        batches = super().__iter__()
-        while True:
-            try:
-                images, targets, extras = next(batches)
-            except StopIteration:
-                return
-            except DataError as e:  # raised in a worker: torch put the worker's traceback in the message
-                raise DataError(str(e).strip().splitlines()[-1].split('DataError: ', 1)[-1]) from None
-            for path, reason in extras['bad_images']:
-                _logger.warning(f"skipped unreadable image {path}: {reason}")
-            self.bad_images += len(extras['bad_images'])
-            self.images_loaded += len(targets)
+        for batch in super().__iter__():
+            for report in batch.bad_images:
+                _logger.warning(f"skipped unreadable image {report.path}: {report.reason}")
+            self.bad_images += len(batch.bad_images)
+            if batch.error:
+                raise DataError(batch.error)
+            self.images_loaded += len(batch)
             if self.bad_images > allowance:
                 raise DataError(_too_many_message(self, len(self.sampler)))
-            if extras['erasing']:
-                images.deferred_erasing = extras['erasing']  # read by to_device
-            yield images, targets
+            yield batch
 
 
 def _too_many_message(loader, total):
@@ -71,7 +101,7 @@ def _too_many_message(loader, total):
             f"DATA.MAX_BAD_FRACTION {loader.max_bad_fraction} (paths in the warnings above)")
 
 
-def check_bad_images(data_loader, logger=None):
+def check_bad_images(data_loader: DataLoader, logger: logging.Logger | None = None) -> int:
     """Number of unreadable (skipped and replaced) images in the loader's latest pass; call it after each
     epoch. Raises DataError when they are more than DATA.MAX_BAD_FRACTION of the images loaded. Loaders not
     built by build_loader do not track unreadable images: 0."""
@@ -85,19 +115,18 @@ def check_bad_images(data_loader, logger=None):
     return bad
 
 
-def to_device(images, targets, device):
-    """Move a batch to ``device`` (non_blocking). A uint8 batch (DATA.DEVICE_NORMALIZE with CUDA) is then
-    converted, normalized with the ImageNet mean/std and random-erased there: the values the float host
-    path computes (ToTensor + Normalize), except that erasing noise comes from a device generator."""
-    erasing = getattr(images, 'deferred_erasing', None)
-    images = images.to(device, non_blocking=True)
-    targets = targets.to(device, non_blocking=True)
+def to_device(batch: Batch, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, targets) of a batch on ``device`` (non_blocking), ready for the model. A uint8 batch is
+    converted, normalized with the ImageNet mean/std and random-erased there: the values the float host path
+    computes (ToTensor + Normalize), except that erasing noise comes from a device generator."""
+    images = batch.images.to(device, non_blocking=True)
+    targets = batch.targets.to(device, non_blocking=True)
     if images.dtype != torch.uint8:
         return images, targets
     mean, std = _constants(images.device)
     images = images.contiguous().float().div_(255).sub_(mean).div_(std)  # ToTensor, Normalize: same ops
-    if erasing:
-        _erase(images, erasing)
+    if batch.erase:
+        _erase(images, batch.erase)
     return images, targets
 
 

@@ -17,7 +17,7 @@ def _mix64(x):
     return x ^ (x >> 31)
 
 
-def sample_seed(seed, epoch, index):
+def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The augmentation seed (63 bits) of dataset sample ``index`` in ``epoch`` of a run seeded ``seed``."""
     x = _mix64((seed & _MASK64) + 0x9E3779B97F4A7C15)
     x = _mix64(x ^ (epoch & _MASK64))
@@ -26,18 +26,24 @@ def sample_seed(seed, epoch, index):
 
 class EpochSampler(Sampler):
     """Base of the train samplers: this rank's keys of one epoch, in an order fixed by (SEED, epoch).
+    Subclasses define ``epoch_indices()``."""
 
-    ``set_epoch(epoch, start_index=0)`` selects the epoch and skips its first ``start_index`` keys of this
-    rank (mid-epoch resume: the same order, continued). ``len()`` is always the full epoch of this rank;
-    ``num_remaining`` is what the next iteration yields (``len() - start_index``). Both stay until the next
-    ``set_epoch``. Subclasses define ``epoch_indices()``.
-    """
-
-    def __init__(self, num_samples, seed):
+    def __init__(self, num_samples: int, seed: int):
         self.num_samples, self.seed = num_samples, seed
         self.epoch, self.start_index = 0, 0
 
-    def set_epoch(self, epoch, start_index=0):
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        """Select the epoch to iterate next; call it before every epoch. This is the one description of
+        the contract; the rest of the project refers here.
+
+        ``epoch`` fixes both the order of the samples (a permutation drawn from SEED + epoch) and each
+        sample's augmentation seed (from SEED, epoch and index): an epoch's batches depend on nothing else,
+        not on the worker count, earlier epochs or how the run got here. ``start_index`` skips this rank's
+        first ``start_index`` samples of that order, so a run resumed mid-epoch (``start_index`` =
+        micro-batches done x DATA.BATCH_SIZE) sees exactly the batches the interrupted run had left.
+        ``len()`` stays the full epoch of this rank (step counts and schedules do not change on resume);
+        ``num_remaining`` is what the next iteration yields. Both hold until the next ``set_epoch``.
+        """
         if not 0 <= start_index <= self.num_samples:
             raise ValueError(f"start_index {start_index} is outside this rank's epoch of {self.num_samples}")
         self.epoch, self.start_index = epoch, start_index

@@ -16,7 +16,7 @@ can be told the size it needs. Decoding failures raise :class:`BadImage`.
 import io
 import math
 import random
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import pil_modes_mapping, resized_crop
+from yacs.config import CfgNode
 
 _DRAFT_FACTORS = (8, 4, 2)  # the JPEG DCT scalings PIL's draft() offers
 # interpolations torch resizes on uint8 images; others fall back to PIL
@@ -37,7 +38,7 @@ class BadImage(Exception):
     """A file that cannot be read or decoded as an image; the dataset substitutes another sample."""
 
 
-def open_image(data):
+def open_image(data: bytes) -> Image.Image:
     """A lazily decoded PIL image from raw bytes: only the header is parsed here."""
     try:
         return Image.open(io.BytesIO(data))
@@ -45,7 +46,7 @@ def open_image(data):
         raise BadImage(f"{type(e).__name__}: {e}") from None
 
 
-def load_rgb(img, draft_size=None):
+def load_rgb(img: Image.Image, draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode a lazily opened image to RGB. ``draft_size`` lets a JPEG decode at a reduced scale that keeps
     at least that (width, height)."""
     try:
@@ -167,13 +168,13 @@ class ErasePlan(NamedTuple):
     """Random-erasing boxes (top, left, height, width) of one image, filled on the device."""
     mode: str
     noise_seed: int
-    boxes: Tuple[Tuple[int, int, int, int], ...]
+    boxes: tuple[tuple[int, int, int, int], ...]
 
 
 class DeferredImage(NamedTuple):
     """uint8 HWC pixels whose normalization (and random erasing) happen in ``data.to_device``."""
     pixels: torch.Tensor
-    erase: Optional[ErasePlan]
+    erase: ErasePlan | None
 
 
 class ToDeferredImage:
@@ -241,7 +242,7 @@ def _val_interpolation(name):
     return InterpolationMode.BILINEAR if name == 'random' else InterpolationMode(name)
 
 
-def build_transform(is_train, config, uint8=False):
+def build_transform(is_train: bool, config: CfgNode, uint8: bool = False) -> transforms.Compose:
     """The official Swin transforms (timm create_transform for train; resize + center crop for val), each
     starting with the decode step. ``uint8`` ends them in a DeferredImage instead of a float tensor."""
     size = config.DATA.IMG_SIZE

@@ -10,11 +10,11 @@ import zipfile
 from errors import DataError
 
 
-def read_map_file(map_path, zip_name):
+def read_map_file(map_path: str, zip_name: str) -> list[tuple[str, int]]:
     """[(member, label)] from a map file; DataError naming the file and line for a malformed line."""
     entries = []
     prefix = zip_name + '@'
-    with open(map_path, 'r', encoding='utf-8') as f:
+    with open(map_path, encoding='utf-8') as f:
         for line_no, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -27,7 +27,7 @@ def read_map_file(map_path, zip_name):
     return entries
 
 
-def class_names(entries, num_classes):
+def class_names(entries: list[tuple[str, int]], num_classes: int) -> list[str]:
     """Class names from the members' folder names (n01440764/...) when every label has exactly one folder
     and folders are distinct; otherwise the label numbers as strings."""
     folders = {}

@@ -106,23 +106,24 @@ def seconds_per_image(loader, device, move, warmup, batches, epoch, clock):
         loader.sampler.set_epoch(epoch)
     it = iter(loader)
     for _ in range(warmup):
-        move(*next(it), device)
+        move(next(it), device)
     start, seen = clock(), 0
     for _ in range(batches):
-        images, _ = move(*next(it), device)
+        images, _ = move(next(it), device)
         seen += images.shape[0]
     elapsed = clock() - start
     del it  # stops the workers
     return elapsed / seen
 
 
-def plain_move(images, targets, device):
+def plain_move(batch, device):
+    images, targets = batch
     return images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 
-def host_only(images, targets, device):
+def host_only(batch, device):
     """ours-u8 CPU time: the host's share ends with the uint8 batch (to_device's work runs on the GPU)."""
-    return images, targets
+    return batch.images, batch.targets
 
 
 def main():
@@ -148,7 +149,8 @@ def main():
     for kind, kind_opts in (('wall', opts), ('cpu', opts + ['DATA.NUM_WORKERS', 0])):
         cfg = load_config(None, kind_opts, environ={})
         base_train, base_val = baseline_loaders(cfg, root, cfg.DATA.NUM_WORKERS, args.batch_size)
-        ours_float, ours_u8 = data.build_loader(cfg, uint8=False), data.build_loader(cfg, uint8=True)
+        ours_float = data.build_loader(cfg, args.device, uint8=False)
+        ours_u8 = data.build_loader(cfg, args.device, uint8=True)
         if len(base_train.dataset) < needed:
             sys.exit(f"{root} has {len(base_train.dataset)} train images; this run needs {needed}")
         entries = {
@@ -161,7 +163,7 @@ def main():
         }
         if args.val_fast_resize:
             fast = load_config(None, kind_opts + ['DATA.VAL_FAST_RESIZE', True, 'EVAL_MODE', True], environ={})
-            entries['val ours-u8-fast'] = (data.build_loader(fast, uint8=True)[3], u8_move[kind])
+            entries['val ours-u8-fast'] = (data.build_loader(fast, args.device, uint8=True)[3], u8_move[kind])
         for name, entry in entries.items():
             pipelines.setdefault(name, {})[kind] = entry
 

@@ -14,13 +14,14 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, make_tiny_config
 from PIL import Image
 
-from conftest import ROOT, make_tiny_config
-from data import build_loader, build_mixup, check_bad_images, ensure_digits, to_device
+import data.transforms as transforms_module
+from data import Batch, build_loader, build_mixup, build_val_transform, check_bad_images, ensure_digits, to_device
+from data.datasets import BadImageReport
 from data.digits import MARKER
 from data.samplers import DistributedEpochSampler, ShardSampler, ValSampler
-import data.transforms as transforms_module
 from data.transforms import build_transform, open_image
 from errors import DataError
 
@@ -77,9 +78,9 @@ def epoch_batches(loader, epoch, start_index=0):
 
 def assert_same_batches(a, b):
     assert len(a) == len(b)
-    for (xa, ya), (xb, yb) in zip(a, b):
-        assert torch.equal(ya, yb)
-        assert torch.equal(xa, xb)
+    for batch_a, batch_b in zip(a, b):
+        assert torch.equal(batch_a.targets, batch_b.targets)
+        assert torch.equal(batch_a.images, batch_b.images)
 
 
 @contextlib.contextmanager
@@ -106,7 +107,7 @@ def test_folder_zip_and_cache_modes_give_the_same_samples(tmp_path):
         if mode in ('full', 'part'):  # one rank: part caches everything too
             assert dataset_train.num_cached == len(dataset_train) == 12
             assert dataset_val.num_cached == len(dataset_val) == 9
-        results[mode] = (epoch_batches(loader_train, 1), [(x, y) for x, y in loader_val])
+        results[mode] = (epoch_batches(loader_train, 1), list(loader_val))
     for mode in ('no', 'full', 'part'):
         assert_same_batches(results[mode][0], results['folder'][0])
         assert_same_batches(results[mode][1], results['folder'][1])
@@ -155,7 +156,7 @@ def test_unreadable_images_are_replaced_logged_and_counted(tmp_path, caplog):
     _, _, loader_train, _, _ = build_loader(config)
     with data_log(caplog):
         batches = epoch_batches(loader_train, 0)
-    assert [len(y) for _, y in batches] == [2] * 7
+    assert [len(batch) for batch in batches] == [2] * 7
     assert check_bad_images(loader_train) == 2
     messages = [r.getMessage() for r in caplog.records if r.name == 'swin.data']
     assert any(truncated in m for m in messages) and any(text_file in m for m in messages)
@@ -163,8 +164,33 @@ def test_unreadable_images_are_replaced_logged_and_counted(tmp_path, caplog):
     strict = config_for(root, 'DATA.BATCH_SIZE', 2, 'DATA.MAX_BAD_FRACTION', 0.1)
     _, _, loader_train, _, _ = build_loader(strict)
     with pytest.raises(DataError, match='MAX_BAD_FRACTION'):
-        epoch_batches(loader_train, 0)
-        check_bad_images(loader_train)
+        epoch_batches(loader_train, 0)  # stops mid-pass, once 2 of 14 exceed 10%
+    with pytest.raises(DataError, match='MAX_BAD_FRACTION'):
+        check_bad_images(loader_train)  # the aborted pass's count is over the fraction too
+
+
+def test_batches_carry_the_files_skipped_to_fill_them(tmp_path):
+    """Bad-image reports go one way: dataset Sample -> Batch -> the loader's count in the main process, with
+    no state shared between a direct dataset read and a loader pass, in a worker or not."""
+    root = make_tree(tmp_path / 'ds')
+    bad_files = sorted(_add_bad_images(root))
+    for workers in (0, 2):
+        config = config_for(root, 'DATA.BATCH_SIZE', 2, 'DATA.NUM_WORKERS', workers, 'DATA.MAX_BAD_FRACTION', 0.2,
+                            'DATA.PERSISTENT_WORKERS', False)
+        _, _, loader_train, _, _ = build_loader(config)
+        dataset = loader_train.dataset
+        bad_index = [path for path, _ in dataset.samples].index(bad_files[0])
+        sample = dataset[bad_index]  # the next file stands in; the skipped one travels with the sample
+        assert [report.path for report in sample.skipped] == [bad_files[0]]
+        assert isinstance(sample.skipped[0], BadImageReport) and sample.skipped[0].reason
+        assert sample.image.shape == (3, 48, 48) and sample.target == dataset.targets[bad_index + 1]
+
+        batches = epoch_batches(loader_train, 0)
+        assert all(isinstance(batch, Batch) for batch in batches)
+        assert all(batch.images.dtype == torch.float32 and batch.targets.dtype == torch.long for batch in batches)
+        assert all(batch.erase == () and batch.error == '' for batch in batches)  # float batches: erased on host
+        assert sorted(report.path for batch in batches for report in batch.bad_images) == bad_files
+        assert (loader_train.bad_images, loader_train.images_loaded) == (2, 14)
 
 
 def test_nothing_readable_is_a_data_error(tmp_path):
@@ -188,7 +214,7 @@ def test_two_ranks_validate_every_image_once(tmp_path):
         config = config_for(root, 'EVAL_MODE', True, environ={'RANK': str(rank), 'WORLD_SIZE': '2'})
         dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config)
         assert dataset_train is None and loader_train is None and mixup_fn is None
-        assert sum(len(y) for _, y in loader_val) == [5, 4][rank]
+        assert sum(len(batch) for batch in loader_val) == [5, 4][rank]
         seen += list(loader_val.sampler)
     assert sorted(seen) == list(range(9))
 
@@ -230,7 +256,7 @@ def test_augmentation_is_reproducible_across_workers_and_resume(tmp_path):
     assert len(loader2) == 4 and loader2.sampler.num_remaining == 10
     assert_same_batches(tail, full[2:])
     assert_same_batches(epoch_batches(loader0, 3, start_index=4), full[1:])
-    assert not torch.equal(epoch_batches(loader0, 4)[0][0], full[0][0])
+    assert not torch.equal(epoch_batches(loader0, 4)[0].images, full[0].images)
 
     # loaders never touch the global generators (workers 0 runs transforms in this process)
     assert random.getstate() == rng_before[0]
@@ -246,10 +272,12 @@ def test_uint8_batches_normalized_by_to_device_match_the_float_path(tmp_path):
         pairs = list(zip(epoch_batches(floats[2], 0), epoch_batches(uint8s[2], 0)))
         pairs += list(zip(floats[3], uint8s[3]))
         erased = 0
-        for (expected, expected_targets), (images, targets) in pairs:
-            assert images.dtype == torch.uint8 and images.shape == expected.shape
-            plans = getattr(images, 'deferred_erasing', [])
-            moved, targets = to_device(images, targets, 'cpu')
+        for float_batch, batch in pairs:
+            expected, expected_targets = float_batch.images, float_batch.targets
+            assert float_batch.erase == ()
+            assert batch.images.dtype == torch.uint8 and batch.images.shape == expected.shape
+            plans = batch.erase
+            moved, targets = to_device(batch, 'cpu')
             assert torch.equal(targets, expected_targets)
             assert moved.dtype == torch.float32 and moved.is_contiguous()
             # erasing: the boxes timm drew on the host are the planned ones; only the noise differs
@@ -262,6 +290,14 @@ def test_uint8_batches_normalized_by_to_device_match_the_float_path(tmp_path):
             if plans:
                 assert (moved.permute(1, 0, 2, 3)[:, ~kept] != expected.permute(1, 0, 2, 3)[:, ~kept]).all()
         assert (erased > 0) == (reprob > 0)  # REPROB 1: every train image erased, val never
+
+
+def test_val_transform_for_tools_preprocesses_like_the_val_loader(tmp_path):
+    config = config_for(make_tree(tmp_path / 'ds'), 'EVAL_MODE', True)
+    _, dataset_val, _, loader_val, _ = build_loader(config)
+    with Image.open(dataset_val.samples[2][0]) as image:  # a decoded RGB image, as a prediction tool has it
+        out = build_val_transform(config)(image.convert('RGB'))
+    assert torch.equal(out, next(iter(loader_val)).images[2])
 
 
 # ----------------------------------------------------------------------------- mixup
@@ -367,8 +403,7 @@ def test_digits_written_once_and_used_as_image_folder(tmp_path):
     dataset_train, dataset_val, _, loader_val, _ = build_loader(config)
     assert (len(dataset_train), len(dataset_val)) == (1437, 360)
     assert dataset_train.classes == [str(d) for d in range(10)]
-    images, targets = next(iter(loader_val))
-    assert images.shape == (8, 3, 32, 32)
+    assert next(iter(loader_val)).images.shape == (8, 3, 32, 32)
 
 
 def _digits_process(target, slow=False):
@@ -460,7 +495,6 @@ def test_bad_paths_and_settings_give_one_line_data_errors(tmp_path):
     os.makedirs(occupied / 'something')
     assert str(occupied) in _error(make_tiny_config(None, 'DATA.DATASET', 'digits', 'DATA.DATA_PATH', str(occupied)))
 
-    unknown = config_for(root).clone()
-    unknown.defrost()
-    unknown.DATA.DATASET = 'cifar'
-    assert "'cifar'" in _error(unknown)
+    # 12 train images on one rank cannot fill one optimizer step of 4 x 4 micro-batches
+    message = _error(config_for(make_tree(tmp_path / 'ds2'), 'TRAIN.ACCUMULATION_STEPS', 4))
+    assert '12 images' in message and 'TRAIN.ACCUMULATION_STEPS 4' in message
