@@ -1,17 +1,24 @@
-"""All settings of a run: defaults (with the official Swin key names), YAML files, command line.
+"""All settings of a run: the defaults (with the official Swin key names), derived values, validation.
 
 Precedence, lowest to highest: the defaults below, the YAML file (and its ``BASE:`` files), command-line
-flags, ``--opts KEY VALUE`` pairs. Derived values (marked "derived" below) are computed once by
-``finalize`` and the result is frozen: it is the only source of settings for the rest of the run.
+flags, ``--opts KEY VALUE`` pairs; reading and merging those sources is config_merge.py's job. Derived values
+(marked "derived" below) are computed once by ``finalize`` and the result is frozen: it is the only source
+of settings for the rest of the run.
 """
 import argparse
-import ast
+import logging
 import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import yaml
 from yacs.config import CfgNode as CN
 
+from config_merge import build_parser, merge_dict, merge_file, merge_flags, merge_opts
 from errors import ConfigError
+
+__all__ = ['build_parser', 'config_from_yaml_text', 'finalize', 'get_config', 'get_defaults', 'load_config',
+           'not_implemented_settings']
 
 _C = CN()
 
@@ -142,7 +149,8 @@ _C.MODEL_EMA_DECAY = 0.9999
 # Training settings
 # -----------------------------------------------------------------------------
 _C.TRAIN = CN()
-# First epoch (set by resume; 0 for a fresh run)
+# First epoch of a fresh run (official meaning: training starts at this epoch; a resumed run continues from
+# its checkpoint's epoch instead). Not honoured yet: training starts at epoch 0 or at the resume point
 _C.TRAIN.START_EPOCH = 0
 # Total training epochs
 _C.TRAIN.EPOCHS = 300
@@ -291,225 +299,51 @@ _C.TRAIN.EFFECTIVE_MIN_LR = 0.0
 
 _DERIVED_KEYS = ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'OUTPUT_DIR', 'TRAIN.GLOBAL_BATCH_SIZE',
                  'TRAIN.EFFECTIVE_LR', 'TRAIN.EFFECTIVE_WARMUP_LR', 'TRAIN.EFFECTIVE_MIN_LR')
-_MODEL_TYPES = ('swin',)
-_DATASETS = ('imagenet', 'imagenet22K', 'digits')
-_CACHE_MODES = ('no', 'full', 'part')
+# Keys with a fixed set of values, checked when the config is built
+_CHOICES = {
+    'MODEL.TYPE': ('swin',),
+    'DATA.DATASET': ('imagenet', 'imagenet22K', 'digits'),
+    'DATA.CACHE_MODE': ('no', 'full', 'part'),
+    'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
+}
+# Official keys accepted so that official YAML files and flags work unchanged, though nothing here implements
+# them; one warning names those set to a value other than the default (key: what it switches on officially)
+_NOT_IMPLEMENTED = {
+    'FUSED_WINDOW_PROCESS': 'the official CUDA window kernel; the SDPA attention path is used instead',
+    'FUSED_LAYERNORM': "apex's fused LayerNorm",
+    'AMP_OPT_LEVEL': 'apex AMP; torch.amp is used instead',
+    'TRAIN.MOE.SAVE_MASTER': 'Swin-MoE',
+    'DATA.MASK_PATCH_SIZE': 'SimMIM masking',
+    'DATA.MASK_RATIO': 'SimMIM masking',
+    'MODEL.SIMMIM.NORM_TARGET.ENABLE': 'SimMIM target normalization',
+    'MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE': 'SimMIM target normalization',
+}
+_logger = logging.getLogger('swin.config')
 
 
-def get_defaults():
+def get_defaults() -> CN:
     """A fresh, mutable copy of the defaults."""
     return _C.clone()
 
 
-# -----------------------------------------------------------------------------
-# Loading YAML files
-# -----------------------------------------------------------------------------
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys silently; a config file with both is almost surely a mistake."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise ConfigError(f"config key {key} appears twice in {self.name} (line {key_node.start_mark.line + 1})")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+def _get(config, key):
+    for part in key.split('.'):
+        config = config[part]
+    return config
 
 
-def _read_yaml(path):
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        with open(path, 'r') as f:
-            data = yaml.load(f, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of KEY: value, not {type(data).__name__}")
-    return data
-
-
-def _merge_dict(config, data, source):
-    """Merge a plain dict into config, naming the key and the file on any mismatch."""
-    for key, value in data.items():
-        full_key = key if not source.prefix else f"{source.prefix}.{key}"
-        if key not in config:
-            raise ConfigError(f"unknown config key {full_key} in {source.name}")
-        current = config[key]
-        if isinstance(current, CN):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {full_key} in {source.name} must be a section of keys, "
-                                  f"got {value!r}")
-            _merge_dict(current, value, source.child(key))
-        else:
-            config[key] = _coerce(current, value, full_key, source.name)
-
-
-class _Source:
-    """Where merged values come from (a file or --opts) and the key path inside it, for error lines."""
-
-    def __init__(self, name, prefix=''):
-        self.name, self.prefix = name, prefix
-
-    def child(self, key):
-        return _Source(self.name, key if not self.prefix else f"{self.prefix}.{key}")
-
-
-def _coerce(current, value, full_key, where):
-    """Check a new value against the type of the default and convert where it is safe."""
-    if current is None or value is None:
-        return value
-    if isinstance(value, str) and not isinstance(current, str):
-        value = _parse_value(value)  # YAML 1.1 reads 1e-8 as a string; yacs reads it as a number
-    if isinstance(current, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ('true', 'false'):
-            return value.lower() == 'true'
-        raise ConfigError(f"config key {full_key} in {where} must be true or false, got {value!r}")
-    if isinstance(current, (int, float)) and not isinstance(current, bool):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {full_key} in {where} must be a number, got {value!r}")
-        return float(value) if isinstance(current, float) else value
-    if isinstance(current, (list, tuple)):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {full_key} in {where} must be a list, got {value!r}")
-        return type(current)(value)
-    if isinstance(current, str) and not isinstance(value, str):
-        raise ConfigError(f"config key {full_key} in {where} must be a string, got {value!r}")
-    return value
-
-
-def _merge_file(config, path):
-    data = _read_yaml(path)
-    for base in data.pop('BASE', None) or ['']:
-        if base:
-            _merge_file(config, os.path.join(os.path.dirname(path), base))
-    _merge_dict(config, data, _Source(path))
-
-
-def _parse_value(text):
-    """--opts values arrive as strings: read numbers, lists, booleans and None the way YAML does."""
-    if not isinstance(text, str):
-        return text
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _merge_opts(config, opts):
-    opts = list(opts or [])
-    if len(opts) % 2:
-        raise ConfigError(f"--opts takes KEY VALUE pairs; {opts[-1]!r} has no value")
-    for key, text in zip(opts[0::2], opts[1::2]):
-        if key in _DERIVED_KEYS:
-            raise ConfigError(f"config key {key} in --opts is derived and cannot be set")
-        node, parts = config, key.split('.')
-        for i, part in enumerate(parts):
-            if not isinstance(node, CN) or part not in node:
-                raise ConfigError(f"unknown config key {key} in --opts")
-            if i < len(parts) - 1:
-                node = node[part]
-        if isinstance(node[parts[-1]], CN):
-            raise ConfigError(f"config key {key} in --opts is a section; set one of its keys")
-        value = _parse_value(text)
-        if isinstance(node[parts[-1]], str) and not isinstance(value, str):
-            value = str(text)
-        node[parts[-1]] = _coerce(node[parts[-1]], value, key, '--opts')
-
-
-# -----------------------------------------------------------------------------
-# Command line
-# -----------------------------------------------------------------------------
-def build_parser():
-    """The official main.py flags (same names and meaning) plus a few of ours."""
-    parser = argparse.ArgumentParser('Swin Transformer training and evaluation', add_help=True)
-    parser.add_argument('--cfg', type=str, required=True, metavar="FILE", help='path to config file')
-    parser.add_argument('--opts', default=None, nargs='+', help="modify config options by adding 'KEY VALUE' pairs")
-    # easy config modification; every default is None so that a YAML value is never overridden silently
-    parser.add_argument('--batch-size', type=int, help="batch size for single GPU")
-    parser.add_argument('--data-path', type=str, help='path to dataset')
-    parser.add_argument('--zip', action='store_true', default=None, help='use zipped dataset instead of folder dataset')
-    parser.add_argument('--cache-mode', type=str, choices=['no', 'full', 'part'],
-                        help='no: no cache, full: cache all data, part: sharding the dataset into nonoverlapping '
-                             'pieces and only cache one piece')
-    parser.add_argument('--pretrained', help='pretrained weight from checkpoint, could be imagenet22k pretrained weight')
-    parser.add_argument('--resume', help='resume from checkpoint')
-    parser.add_argument('--accumulation-steps', type=int, help="gradient accumulation steps")
-    parser.add_argument('--use-checkpoint', action='store_true', default=None,
-                        help="whether to use gradient checkpointing to save memory")
-    parser.add_argument('--disable_amp', action='store_true', default=None, help='Disable pytorch amp')
-    parser.add_argument('--amp-opt-level', type=str, help='[deprecated] apex amp level; ignored')
-    parser.add_argument('--output', type=str, metavar='PATH',
-                        help='root of output folder, the full path is <output>/<model_name>/<tag>')
-    parser.add_argument('--tag', help='tag of experiment')
-    parser.add_argument('--eval', action='store_true', default=None, help='Perform evaluation only')
-    parser.add_argument('--throughput', action='store_true', default=None, help='Test throughput only')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=None,
-                        help='accepted for torch.distributed.launch; torchrun sets LOCAL_RANK instead')
-    parser.add_argument('--fused_window_process', action='store_true', default=None,
-                        help='[official CUDA kernel] accepted; the SDPA attention path is used instead')
-    parser.add_argument('--fused_layernorm', action='store_true', default=None, help='[official apex] accepted')
-    parser.add_argument('--optim', type=str, help='overwrite optimizer if provided, can be adamw/sgd')
-    # ours
-    parser.add_argument('--device', type=str, help='auto | cpu | cuda | cuda:N')
-    parser.add_argument('--compile', action='store_true', default=None, help='torch.compile the model')
-    parser.add_argument('--seed', type=int, help='random seed')
-    parser.add_argument('--epochs', type=int, help='total training epochs')
-    parser.add_argument('--debug', action='store_true', help='show full tracebacks for errors')
-    return parser
-
-
-# flag name -> config key; applied only when the flag was given (argparse default None)
-_FLAG_KEYS = {
-    'batch_size': 'DATA.BATCH_SIZE',
-    'data_path': 'DATA.DATA_PATH',
-    'zip': 'DATA.ZIP_MODE',
-    'cache_mode': 'DATA.CACHE_MODE',
-    'pretrained': 'MODEL.PRETRAINED',
-    'resume': 'MODEL.RESUME',
-    'accumulation_steps': 'TRAIN.ACCUMULATION_STEPS',
-    'use_checkpoint': 'TRAIN.USE_CHECKPOINT',
-    'amp_opt_level': 'AMP_OPT_LEVEL',
-    'output': 'OUTPUT',
-    'tag': 'TAG',
-    'eval': 'EVAL_MODE',
-    'throughput': 'THROUGHPUT_MODE',
-    'fused_window_process': 'FUSED_WINDOW_PROCESS',
-    'fused_layernorm': 'FUSED_LAYERNORM',
-    'optim': 'TRAIN.OPTIMIZER.NAME',
-    'device': 'DEVICE',
-    'compile': 'TRAIN.COMPILE',
-    'seed': 'SEED',
-    'epochs': 'TRAIN.EPOCHS',
-}
-
-
-def _apply_flags(config, args):
-    for flag, key in _FLAG_KEYS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            node, parts = config, key.split('.')
-            for part in parts[:-1]:
-                node = node[part]
-            node[parts[-1]] = value
-    if getattr(args, 'disable_amp', None):
-        config.AMP_ENABLE = False
+def not_implemented_settings(config: CN) -> list[str]:
+    """``KEY value (purpose)`` for each accepted-but-not-implemented key set away from its default."""
+    return [f"{key} {_get(config, key)!r} ({purpose})" for key, purpose in _NOT_IMPLEMENTED.items()
+            if _get(config, key) != _get(_C, key)]
 
 
 # -----------------------------------------------------------------------------
 # Derived values and validation
 # -----------------------------------------------------------------------------
-def finalize(config, environ=None):
-    """Compute derived values from the environment (torchrun) and the keys, validate, freeze."""
+def finalize(config: CN, environ: Mapping[str, str] | None = None) -> CN:
+    """Compute derived values from the environment (torchrun) and the keys, validate, freeze; on rank 0,
+    warn once about settings that have no effect here."""
     env = os.environ if environ is None else environ
     config.defrost()
     config.LOCAL_RANK = int(env.get('LOCAL_RANK', config.LOCAL_RANK))
@@ -525,6 +359,10 @@ def finalize(config, environ=None):
     config.TRAIN.EFFECTIVE_WARMUP_LR = config.TRAIN.WARMUP_LR * scale
     config.TRAIN.EFFECTIVE_MIN_LR = config.TRAIN.MIN_LR * scale
     config.freeze()
+    ignored = not_implemented_settings(config)
+    if ignored and config.RANK == 0:
+        _logger.warning(f"config keys accepted for compatibility but not implemented, so without effect: "
+                        f"{'; '.join(ignored)}")
     return config
 
 
@@ -533,12 +371,9 @@ def _validate(config):
         if not ok:
             raise ConfigError(message)
 
-    require(config.MODEL.TYPE in _MODEL_TYPES,
-            f"MODEL.TYPE {config.MODEL.TYPE!r} is not supported (this project builds: {', '.join(_MODEL_TYPES)})")
-    require(config.DATA.DATASET in _DATASETS,
-            f"DATA.DATASET {config.DATA.DATASET!r} is unknown (choose one of: {', '.join(_DATASETS)})")
-    require(config.DATA.CACHE_MODE in _CACHE_MODES,
-            f"DATA.CACHE_MODE {config.DATA.CACHE_MODE!r} is unknown (choose one of: {', '.join(_CACHE_MODES)})")
+    for key, allowed in _CHOICES.items():
+        require(_get(config, key) in allowed,
+                f"{key} {_get(config, key)!r} is not supported (choose one of: {', '.join(allowed)})")
     require(config.DATA.BATCH_SIZE >= 1, f"DATA.BATCH_SIZE must be at least 1, got {config.DATA.BATCH_SIZE}")
     require(config.DATA.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS must be >= 0, got {config.DATA.NUM_WORKERS}")
     require(config.DATA.IMG_SIZE >= 1, f"DATA.IMG_SIZE must be positive, got {config.DATA.IMG_SIZE}")
@@ -550,8 +385,6 @@ def _validate(config):
     require(config.MODEL.NUM_CLASSES >= 1, f"MODEL.NUM_CLASSES must be at least 1, got {config.MODEL.NUM_CLASSES}")
     require(0.0 <= config.MODEL.LABEL_SMOOTHING < 1.0,
             f"MODEL.LABEL_SMOOTHING must be in [0, 1), got {config.MODEL.LABEL_SMOOTHING}")
-    require(config.AMP_DTYPE in ('auto', 'float16', 'bfloat16'),
-            f"AMP_DTYPE {config.AMP_DTYPE!r} is unknown (choose auto, float16 or bfloat16)")
     mixup_on = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
     require(not (mixup_on and config.AUG.MIXUP_MODE in ('batch', 'pair') and config.DATA.BATCH_SIZE % 2),
             f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} must be even for AUG.MIXUP_MODE "
@@ -572,30 +405,31 @@ def _validate(config):
 # -----------------------------------------------------------------------------
 # Entry points
 # -----------------------------------------------------------------------------
-def load_config(path=None, opts=(), environ=None):
-    """Config from a YAML file (or only the defaults) and KEY VALUE overrides; for scripts and tests."""
+def load_config(path: str | None = None, opts: Sequence[Any] = (),
+                environ: Mapping[str, str] | None = None) -> CN:
+    """Config from a YAML file (or only the defaults) and KEY VALUE overrides; for scripts and tests.
+    ``environ`` stands in for os.environ (torchrun's RANK, WORLD_SIZE, LOCAL_RANK)."""
     config = get_defaults()
     if path:
-        _merge_file(config, path)
-    _merge_opts(config, opts)
+        merge_file(config, path)
+    merge_opts(config, opts, _DERIVED_KEYS)
     return finalize(config, environ)
 
 
-def get_config(args):
+def get_config(args: argparse.Namespace) -> CN:
     """Config of a run from the parsed command line (see build_parser)."""
     config = get_defaults()
-    _merge_file(config, args.cfg)
-    _apply_flags(config, args)
-    _merge_opts(config, args.opts)
+    merge_file(config, args.cfg)
+    merge_flags(config, args)
+    merge_opts(config, args.opts, _DERIVED_KEYS)
     if getattr(args, 'local_rank', None) is not None and 'LOCAL_RANK' not in os.environ:
         config.LOCAL_RANK = args.local_rank
     return finalize(config)
 
 
-def config_from_yaml_text(text):
+def config_from_yaml_text(text: str) -> CN:
     """Rebuild a config saved as YAML text (in a checkpoint); derived values are kept as saved."""
     config = get_defaults()
-    data = yaml.safe_load(text) or {}
-    _merge_dict(config, data, _Source('checkpoint config'))
+    merge_dict(config, yaml.safe_load(text) or {}, 'checkpoint config')
     config.freeze()
     return config

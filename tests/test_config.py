@@ -1,9 +1,10 @@
+import logging
 import os
 
 import pytest
 from yacs.config import CfgNode
 
-from config import build_parser, config_from_yaml_text, get_config, load_config
+from config import build_parser, config_from_yaml_text, get_config, load_config, not_implemented_settings
 from errors import ConfigError
 
 # The official release's configs/swin/swin_tiny_patch4_window7_224.yaml, verbatim
@@ -137,6 +138,49 @@ def test_missing_file_and_bad_values(tmp_path):
         load_config(None, ['DATA.BATCH_SIZE', '7'], environ={})
     with pytest.raises(ConfigError, match="NUM_HEADS"):
         load_config(None, ['MODEL.SWIN.NUM_HEADS', '[5, 6, 12, 24]'], environ={})
+
+
+def test_choice_keys_are_checked_when_the_config_is_built():
+    for key, value in (('MODEL.TYPE', 'vit'), ('DATA.DATASET', 'cifar'), ('DATA.CACHE_MODE', 'some'),
+                       ('AMP_DTYPE', 'fp8')):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [key, value], environ={})
+        assert str(info.value).startswith(f"{key} {value!r} is not supported (choose one of: ")
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _config_warnings(build):
+    """build()'s result and the 'swin.config' warnings logged meanwhile (captured on that logger itself: another
+    test may have made its 'swin' parent stop propagating)."""
+    handler, logger = _Warnings(), logging.getLogger('swin.config')
+    logger.addHandler(handler)
+    try:
+        return build(), handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_accepted_but_unimplemented_keys_load_and_warn_once(tmp_path):
+    official_keys = "FUSED_LAYERNORM: True\nTRAIN:\n  MOE:\n    SAVE_MASTER: True\n"
+    cfg = write(tmp_path / 'fused.yaml', OFFICIAL_TINY + official_keys)
+    config, warnings = _config_warnings(lambda: get_config(parse('--cfg', cfg, '--fused_window_process')))
+    assert len(warnings) == 1 and '\n' not in warnings[0] and 'not implemented' in warnings[0]
+    for setting in ('FUSED_LAYERNORM True', 'TRAIN.MOE.SAVE_MASTER True', 'FUSED_WINDOW_PROCESS True'):
+        assert setting in warnings[0]
+    assert len(not_implemented_settings(config)) == 3
+    # other ranks stay silent; at their defaults (an official file that does not set them) nothing is said
+    assert _config_warnings(lambda: load_config(cfg, environ={'RANK': '1', 'WORLD_SIZE': '2'}))[1] == []
+    plain_file = write(tmp_path / 'plain.yaml', OFFICIAL_TINY)
+    plain, warnings = _config_warnings(lambda: load_config(plain_file, environ={}))
+    assert warnings == [] and not_implemented_settings(plain) == []
 
 
 def test_config_is_frozen_and_derived_values(tmp_path):
