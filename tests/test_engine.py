@@ -3,8 +3,9 @@ import logging
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
+from data import Batch
 from engine import topk_correct, train_one_epoch
 from errors import TrainingError
 from lr_scheduler import build_scheduler
@@ -36,7 +37,8 @@ def fixed_batches(batch_size, count=16):
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(count, 3, 32, 32, generator=generator)
     labels = torch.randint(0, 10, (count,), generator=generator)
-    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False)
+    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False,
+                      collate_fn=lambda items: Batch(*default_collate(items)))  # the engine iterates data.Batch
 
 
 def test_accumulation_of_two_batches_of_4_equals_one_batch_of_8(tiny_config):
