@@ -96,6 +96,7 @@ def partly_written_temp_files(folder):
     return [size for size in sizes if size > 0]
 
 
+@pytest.mark.slow
 def test_atomic_save_survives_sigkill_mid_write(tmp_path):
     path = tmp_path / 'ckpt_epoch_0.pth'
     # a valid training checkpoint with a big tensor, rewritten under the same name until killed
@@ -316,7 +317,8 @@ def make_timm_swin_tiny():
 
 @pytest.mark.parametrize('make_config, make_timm, size', [
     (make_tiny_config, make_timm_small, 32),
-    (lambda: load_config(None, [], environ={}), make_timm_swin_tiny, 224),  # defaults: swin_tiny_patch4_window7_224
+    pytest.param(lambda: load_config(None, [], environ={}), make_timm_swin_tiny, 224,  # swin_tiny_patch4_window7_224
+                 marks=pytest.mark.slow),
 ], ids=['small', 'swin_tiny'])
 def test_timm_layout_gives_timm_logits(make_config, make_timm, size):
     ours = tiny_model(make_config())

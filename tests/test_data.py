@@ -390,6 +390,7 @@ def _files(root):
             for d, _, names in os.walk(root) for f in names}
 
 
+@pytest.mark.slow
 def test_digits_written_once_and_used_as_image_folder(tmp_path):
     root = str(tmp_path / 'digits')
     assert ensure_digits(root) == root
@@ -426,6 +427,7 @@ digits.ensure_digits({target!r})
     return subprocess.Popen([sys.executable, '-c', code])
 
 
+@pytest.mark.slow
 def test_digits_survive_a_killed_first_run(tmp_path):
     target = str(tmp_path / 'digits')
     proc = _digits_process(target, slow=True)
@@ -449,6 +451,7 @@ def test_digits_survive_a_killed_first_run(tmp_path):
     assert os.listdir(tmp_path) == ['digits']  # the abandoned temporary tree is gone
 
 
+@pytest.mark.slow
 def test_concurrent_ranks_build_digits_once(tmp_path):
     target = str(tmp_path / 'digits')
     procs = [_digits_process(target) for _ in range(2)]

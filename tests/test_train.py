@@ -22,6 +22,10 @@ from helpers import (
     wait_for,
 )
 
+# every test here starts main.py as a process (seconds each on 2 cores): the full suite runs them, the fast
+# loop (-m "not slow") does not
+pytestmark = pytest.mark.slow
+
 RECIPE = """TRAIN:
   EPOCHS: 2
   WARMUP_EPOCHS: 1
@@ -130,7 +134,6 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, train_config, ref
     assert logged_losses(read(log_path)) == logged_losses(read(os.path.join(reference_dir, 'log_rank0.txt')))
 
 
-@pytest.mark.slow
 def test_step_means_optimizer_step_with_accumulation(tmp_path, dataset):
     """With 2 micro-batches per optimizer step, the log, TensorBoard and the file name count the same steps."""
     config = tiny_yaml(tmp_path / 'tiny.yaml', dataset, extra="TRAIN:\n  EPOCHS: 2\n  ACCUMULATION_STEPS: 2\n")
@@ -189,7 +192,6 @@ def test_missing_config_file_is_one_line(tmp_path):
     assert f"config file not found: {tmp_path / 'missing.yaml'}" in result.stderr
 
 
-@pytest.mark.slow
 def test_compiled_training_run(tmp_path, dataset):
     """--compile: torch.compile before the (absent) DDP wrap; checkpoints keep the plain state_dict keys."""
     config = tiny_yaml(tmp_path / 'tiny.yaml', dataset, extra="TRAIN:\n  EPOCHS: 1\n  WARMUP_EPOCHS: 0\n")
