@@ -49,7 +49,7 @@ class EpochSampler(Sampler):
         self.epoch, self.start_index = epoch, start_index
 
     @property
-    def num_remaining(self):
+    def num_remaining(self) -> int:
         return self.num_samples - self.start_index
 
     def _generator(self):
@@ -71,7 +71,7 @@ class DistributedEpochSampler(EpochSampler):
     """torch DistributedSampler semantics (also for one process): one permutation per epoch shared by all
     ranks, padded by repetition to a multiple of the world size; rank r takes every world-th index from r."""
 
-    def __init__(self, dataset_len, rank, world_size, seed, shuffle=True):
+    def __init__(self, dataset_len: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
         super().__init__(math.ceil(dataset_len / world_size), seed)
         self.dataset_len, self.rank, self.world_size, self.shuffle = dataset_len, rank, world_size, shuffle
 
@@ -90,7 +90,7 @@ class ShardSampler(EpochSampler):
     cached), reshuffled each epoch. Shards are padded with their own first indices to equal length so every
     rank runs the same number of steps."""
 
-    def __init__(self, dataset_len, rank, world_size, seed):
+    def __init__(self, dataset_len: int, rank: int, world_size: int, seed: int):
         self.shard = list(range(rank, dataset_len, world_size))
         if not self.shard:
             raise ValueError(f"rank {rank} of {world_size} gets no samples from a dataset of {dataset_len}")
@@ -107,7 +107,8 @@ class ValSampler(Sampler):
     N ranks give the accuracy of one. ``sequential``: rank 0 gets every image, the other ranks none.
     ``shuffle`` fixes one permutation from ``seed`` (only the order of logged batches changes)."""
 
-    def __init__(self, dataset_len, rank, world_size, sequential=False, shuffle=False, seed=0):
+    def __init__(self, dataset_len: int, rank: int, world_size: int, sequential: bool = False,
+                 shuffle: bool = False, seed: int = 0):
         order = list(range(dataset_len))
         if shuffle:
             order = torch.randperm(dataset_len, generator=torch.Generator().manual_seed(seed)).tolist()
