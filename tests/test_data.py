@@ -14,10 +14,10 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_tiny_config
 from PIL import Image
 
 import data.transforms as transforms_module
+from conftest import ROOT, make_tiny_config
 from data import Batch, build_loader, build_mixup, build_val_transform, check_bad_images, ensure_digits, to_device
 from data.datasets import BadImageReport
 from data.digits import MARKER
