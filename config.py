@@ -68,7 +68,7 @@ _C.DATA.DEVICE_NORMALIZE = True
 # Model settings
 # -----------------------------------------------------------------------------
 _C.MODEL = CN()
-# Model type: swin (Swin Transformer v1)
+# Model type: swin (Swin Transformer v1), swinv2 (Swin Transformer V2) or swin_mlp (Swin MLP)
 _C.MODEL.TYPE = 'swin'
 # Model name: names the output sub-folder
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
@@ -112,7 +112,7 @@ _C.MODEL.SWIN.PATCH_NORM = True
 # Window attention through torch's scaled_dot_product_attention (False: the explicit softmax path)
 _C.MODEL.SWIN.FUSED_ATTN = True
 
-# Swin Transformer v2 / Swin-MLP parameters: kept so official YAML files parse (MODEL.TYPE must be swin)
+# Swin Transformer V2 parameters (MODEL.TYPE swinv2); the keys as in MODEL.SWIN, plus:
 _C.MODEL.SWINV2 = CN()
 _C.MODEL.SWINV2.PATCH_SIZE = 4
 _C.MODEL.SWINV2.IN_CHANS = 3
@@ -124,7 +124,11 @@ _C.MODEL.SWINV2.MLP_RATIO = 4.
 _C.MODEL.SWINV2.QKV_BIAS = True
 _C.MODEL.SWINV2.APE = False
 _C.MODEL.SWINV2.PATCH_NORM = True
+# Window size of each stage in pre-training (normalizes the position bias coordinates; 0: WINDOW_SIZE)
 _C.MODEL.SWINV2.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
+# Window attention through torch's scaled_dot_product_attention (False: the explicit softmax path)
+_C.MODEL.SWINV2.FUSED_ATTN = True
+# Swin MLP parameters (MODEL.TYPE swin_mlp); NUM_HEADS = channel groups of the spatial MLPs
 _C.MODEL.SWIN_MLP = CN()
 _C.MODEL.SWIN_MLP.PATCH_SIZE = 4
 _C.MODEL.SWIN_MLP.IN_CHANS = 3
@@ -301,7 +305,7 @@ _DERIVED_KEYS = ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'OUTPUT_DIR', 'TRAIN.GLOBAL
                  'TRAIN.EFFECTIVE_LR', 'TRAIN.EFFECTIVE_WARMUP_LR', 'TRAIN.EFFECTIVE_MIN_LR')
 # Keys with a fixed set of values, checked when the config is built
 _CHOICES = {
-    'MODEL.TYPE': ('swin',),
+    'MODEL.TYPE': ('swin', 'swinv2', 'swin_mlp'),  # parameters in MODEL.<TYPE upper-cased>
     'DATA.DATASET': ('imagenet', 'imagenet22K', 'digits'),
     'DATA.CACHE_MODE': ('no', 'full', 'part'),
     'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
@@ -389,17 +393,22 @@ def _validate(config):
     require(not (mixup_on and config.AUG.MIXUP_MODE in ('batch', 'pair') and config.DATA.BATCH_SIZE % 2),
             f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} must be even for AUG.MIXUP_MODE "
             f"{config.AUG.MIXUP_MODE!r} (Mixup/CutMix pair samples)")
-    swin = config.MODEL.SWIN
+    name = f"MODEL.{config.MODEL.TYPE.upper()}"  # the family's parameters: MODEL.SWIN, MODEL.SWINV2, ...
+    swin = config.MODEL[config.MODEL.TYPE.upper()]
     require(len(swin.DEPTHS) == len(swin.NUM_HEADS),
-            f"MODEL.SWIN.DEPTHS {list(swin.DEPTHS)} and MODEL.SWIN.NUM_HEADS {list(swin.NUM_HEADS)} "
+            f"{name}.DEPTHS {list(swin.DEPTHS)} and {name}.NUM_HEADS {list(swin.NUM_HEADS)} "
             f"must have the same length")
     for i, heads in enumerate(swin.NUM_HEADS):
         dim = swin.EMBED_DIM * 2 ** i
         require(heads >= 1 and dim % heads == 0,
-                f"MODEL.SWIN.EMBED_DIM {swin.EMBED_DIM} gives {dim} channels in stage {i}, "
-                f"not divisible by MODEL.SWIN.NUM_HEADS[{i}] = {heads}")
+                f"{name}.EMBED_DIM {swin.EMBED_DIM} gives {dim} channels in stage {i}, "
+                f"not divisible by {name}.NUM_HEADS[{i}] = {heads}")
     require(config.DATA.IMG_SIZE % swin.PATCH_SIZE == 0,
-            f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} is not divisible by MODEL.SWIN.PATCH_SIZE {swin.PATCH_SIZE}")
+            f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} is not divisible by {name}.PATCH_SIZE {swin.PATCH_SIZE}")
+    if config.MODEL.TYPE == 'swinv2':
+        require(len(swin.PRETRAINED_WINDOW_SIZES) >= len(swin.DEPTHS),
+                f"MODEL.SWINV2.PRETRAINED_WINDOW_SIZES {list(swin.PRETRAINED_WINDOW_SIZES)} needs an entry for "
+                f"each of the {len(swin.DEPTHS)} stages of MODEL.SWINV2.DEPTHS")
 
 
 # -----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def build_optimizer(config: CfgNode, model: torch.nn.Module,
     skip = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
     skip_keywords = set(model.no_weight_decay_keywords()) if hasattr(model, 'no_weight_decay_keywords') else set()
     groups, names = param_groups(model, config.TRAIN.WEIGHT_DECAY, skip, skip_keywords,
-                                 config.TRAIN.LAYER_DECAY, list(config.MODEL.SWIN.DEPTHS))
+                                 config.TRAIN.LAYER_DECAY, stage_depths(model))
     if logger is not None:
         _log_groups(logger, groups, names)
 
@@ -53,8 +53,16 @@ def skip_weight_decay(name: str, param: torch.Tensor, skip: Collection[str] = ()
             or any(keyword in name for keyword in skip_keywords))
 
 
+def stage_depths(model: torch.nn.Module) -> list[int]:
+    """Blocks per stage of a Swin model of any family (v1, V2, MLP), read from the model itself."""
+    return [len(layer.blocks) for layer in getattr(model, 'layers', ())]
+
+
 def swin_layer_id(name: str, depths: Sequence[int]) -> int:
-    """Layer id of a Swin parameter for layer-wise LR decay: 0 (patch embedding) .. sum(depths) + 1 (head)."""
+    """Layer id of a Swin parameter for layer-wise LR decay: 0 (patch embedding) .. sum(depths) + 1 (head).
+
+    The names are those of every family (v1, V2, MLP): patch_embed, layers.i.blocks.j, layers.i.downsample, head.
+    """
     num_layers = sum(depths)
     if name.startswith(('patch_embed', 'absolute_pos_embed')):
         return 0

@@ -1,5 +1,7 @@
-"""Models: Swin Transformer v1 with the official keys, built from the config."""
-from .build import build_model
+"""Models: Swin Transformer v1, V2 and Swin MLP with the official keys, built from the config."""
+from .build import MODEL_TYPES, build_model
+from .swin_mlp import SwinMLP
 from .swin_transformer import SwinTransformer
+from .swin_transformer_v2 import SwinTransformerV2
 
-__all__ = ['SwinTransformer', 'build_model']
+__all__ = ['MODEL_TYPES', 'SwinMLP', 'SwinTransformer', 'SwinTransformerV2', 'build_model']

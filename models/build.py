@@ -1,32 +1,41 @@
-"""Build the model named by MODEL.TYPE from the config."""
+"""Build the model named by MODEL.TYPE from the config (one family per model file, as the official code)."""
 from errors import ConfigError
 
+from .swin_mlp import SwinMLP
 from .swin_transformer import SwinTransformer
+from .swin_transformer_v2 import SwinTransformerV2
+
+MODEL_TYPES = ('swin', 'swinv2', 'swin_mlp')
 
 
-def build_model(config):
-    """The model described by ``config`` (a finalized CfgNode), with freshly initialized weights."""
+def build_model(config, is_pretrain=False):
+    """The model described by ``config`` (a finalized CfgNode), with freshly initialized weights.
+
+    is_pretrain: the SimMIM pre-training wrapper (official signature); not built by this project yet.
+    """
     model_type = config.MODEL.TYPE
-    if model_type != 'swin':  # config.finalize validates this too; a hand-built config may not have been
-        raise ConfigError(f"MODEL.TYPE {model_type!r} is not supported (this project builds: swin)")
-    swin = config.MODEL.SWIN
-    return SwinTransformer(
-        img_size=config.DATA.IMG_SIZE,
-        patch_size=swin.PATCH_SIZE,
-        in_chans=swin.IN_CHANS,
-        num_classes=config.MODEL.NUM_CLASSES,
-        embed_dim=swin.EMBED_DIM,
-        depths=list(swin.DEPTHS),
-        num_heads=list(swin.NUM_HEADS),
-        window_size=swin.WINDOW_SIZE,
-        mlp_ratio=swin.MLP_RATIO,
-        qkv_bias=swin.QKV_BIAS,
-        qk_scale=swin.QK_SCALE,
-        drop_rate=config.MODEL.DROP_RATE,
-        drop_path_rate=config.MODEL.DROP_PATH_RATE,
-        ape=swin.APE,
-        patch_norm=swin.PATCH_NORM,
-        use_checkpoint=config.TRAIN.USE_CHECKPOINT,
-        fused_window_process=config.FUSED_WINDOW_PROCESS,
-        fused_attn=swin.FUSED_ATTN,
-    )
+    if is_pretrain:
+        raise ConfigError(f"SimMIM pre-training (MODEL.TYPE {model_type!r} with is_pretrain) is not supported yet")
+    if model_type not in MODEL_TYPES:  # config.finalize validates this too; a hand-built config may not have been
+        raise ConfigError(f"MODEL.TYPE {model_type!r} is not supported (this project builds: "
+                          f"{', '.join(MODEL_TYPES)})")
+    common = dict(img_size=config.DATA.IMG_SIZE, num_classes=config.MODEL.NUM_CLASSES,
+                  drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE,
+                  use_checkpoint=config.TRAIN.USE_CHECKPOINT)
+    if model_type == 'swin':
+        swin = config.MODEL.SWIN
+        return SwinTransformer(**_stage_args(swin), **common, qkv_bias=swin.QKV_BIAS, qk_scale=swin.QK_SCALE,
+                               fused_window_process=config.FUSED_WINDOW_PROCESS, fused_attn=swin.FUSED_ATTN)
+    if model_type == 'swinv2':
+        swinv2 = config.MODEL.SWINV2
+        return SwinTransformerV2(**_stage_args(swinv2), **common, qkv_bias=swinv2.QKV_BIAS,
+                                 pretrained_window_sizes=list(swinv2.PRETRAINED_WINDOW_SIZES),
+                                 fused_attn=swinv2.FUSED_ATTN)
+    return SwinMLP(**_stage_args(config.MODEL.SWIN_MLP), **common)
+
+
+def _stage_args(node):
+    """Constructor arguments every family reads from its config node under the same key names."""
+    return dict(patch_size=node.PATCH_SIZE, in_chans=node.IN_CHANS, embed_dim=node.EMBED_DIM,
+                depths=list(node.DEPTHS), num_heads=list(node.NUM_HEADS), window_size=node.WINDOW_SIZE,
+                mlp_ratio=node.MLP_RATIO, ape=node.APE, patch_norm=node.PATCH_NORM)

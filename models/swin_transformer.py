@@ -353,21 +353,22 @@ class PatchEmbed(nn.Module):
         return flops
 
 
-def check_stage_resolutions(patches_resolution, num_layers, window_size, img_size, patch_size):
-    """Raise ConfigError, in one line naming the config keys, where a stage's map cannot be cut into windows."""
+def check_stage_resolutions(patches_resolution, num_layers, window_size, img_size, patch_size, node='MODEL.SWIN'):
+    """Raise ConfigError, in one line naming the config keys (of the family's ``node``), where a stage's map
+    cannot be cut into windows."""
     for i in range(num_layers):
         res = (patches_resolution[0] // 2 ** i, patches_resolution[1] // 2 ** i)
-        where = (f"DATA.IMG_SIZE {img_size} with MODEL.SWIN.PATCH_SIZE {patch_size} gives a {res[0]}x{res[1]} "
+        where = (f"DATA.IMG_SIZE {img_size} with {node}.PATCH_SIZE {patch_size} gives a {res[0]}x{res[1]} "
                  f"feature map in stage {i}")
         if min(res) < 1:
             raise ConfigError(f"{where}: too small for {num_layers} stages")
         if i < num_layers - 1 and (res[0] % 2 or res[1] % 2):
             raise ConfigError(f"{where}, which patch merging cannot halve (needs even sides); choose "
-                              f"DATA.IMG_SIZE = MODEL.SWIN.PATCH_SIZE x a multiple of {2 ** (num_layers - 1)}")
+                              f"DATA.IMG_SIZE = {node}.PATCH_SIZE x a multiple of {2 ** (num_layers - 1)}")
         window = min(min(res), window_size)  # a map not larger than the window is one window
         if res[0] % window or res[1] % window:
-            raise ConfigError(f"{where}, not divisible by MODEL.SWIN.WINDOW_SIZE {window_size}; choose "
-                              f"DATA.IMG_SIZE and MODEL.SWIN.WINDOW_SIZE so that every stage map is a "
+            raise ConfigError(f"{where}, not divisible by {node}.WINDOW_SIZE {window_size}; choose "
+                              f"DATA.IMG_SIZE and {node}.WINDOW_SIZE so that every stage map is a "
                               f"multiple of the window (or not larger than it)")
 
 

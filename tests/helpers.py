@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -120,3 +121,25 @@ def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"tensors differ: {different[:5]}"
+
+
+# a git repository (bare or not) of microsoft/Swin-Transformer, for equivalence tests against the official code
+OFFICIAL_REPO = os.environ.get('SWIN_OFFICIAL_REPO', '/work/.mirror/microsoft+Swin-Transformer/repo')
+
+
+def load_official_module(path_in_repo, folder):
+    """Import one file of the official repository (written to ``folder``); None without the repository."""
+    import importlib.util
+    result = subprocess.run(['git', '-C', OFFICIAL_REPO, 'show', f'HEAD:{path_in_repo}'], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        return None
+    path = os.path.join(folder, 'official_' + os.path.basename(path_in_repo))
+    with open(path, 'w') as f:
+        f.write(result.stdout)
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the official files import timm.models.layers (deprecated)
+        spec.loader.exec_module(module)
+    return module

@@ -175,9 +175,12 @@ def test_build_model_maps_config_keys(tiny_config):
 def test_build_model_rejects_unknown_type(tiny_config):
     config = tiny_config().clone()
     config.defrost()
-    config.MODEL.TYPE = 'swinv2'
-    with pytest.raises(ConfigError, match='MODEL.TYPE'):
+    config.MODEL.TYPE = 'swin_moe'
+    with pytest.raises(ConfigError, match="MODEL.TYPE 'swin_moe' is not supported"):
         build_model(config)
+    config.MODEL.TYPE = 'swin'
+    with pytest.raises(ConfigError, match='SimMIM'):
+        build_model(config, is_pretrain=True)
 
 
 # ----------------------------------------------------------------------------- training behaviour

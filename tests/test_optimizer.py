@@ -148,3 +148,25 @@ def test_logs_group_sizes(tiny_config, caplog):
     assert len(lines) == len(optimizer.param_groups) == 2
     for line, group in zip(lines, optimizer.param_groups):
         assert f"{len(group['params'])} tensors, {sum(p.numel() for p in group['params'])} parameters" in line
+
+
+@pytest.mark.parametrize('family', ['swinv2', 'swin_mlp'])
+def test_layer_decay_for_other_families(tiny_config, family):
+    """V2 / MLP names get the same layer ids; the depths come from the model (not MODEL.SWIN.DEPTHS)."""
+    node = {'swinv2': 'MODEL.SWINV2', 'swin_mlp': 'MODEL.SWIN_MLP'}[family]
+    config = tiny_config('MODEL.TYPE', family, 'TRAIN.LAYER_DECAY', 0.5, f'{node}.PATCH_SIZE', 2,
+                         f'{node}.WINDOW_SIZE', 4, f'{node}.EMBED_DIM', 24, f'{node}.DEPTHS', [1, 3],
+                         f'{node}.NUM_HEADS', [3, 6], 'MODEL.SWIN.DEPTHS', [2, 2, 6, 2])
+    model = build_model(config)
+    optimizer = build_optimizer(config, model)
+    scale = {}
+    for group, names in zip(optimizer.param_groups, group_names(optimizer, model)):
+        scale.update({n: group['lr_scale'] for n in names})
+    assert len(scale) == len(list(model.parameters()))
+    assert scale['patch_embed.proj.weight'] == 0.5 ** 5
+    assert scale['layers.0.downsample.reduction.weight'] == scale['layers.0.blocks.0.mlp.fc1.weight'] == 0.5 ** 4
+    assert scale['layers.1.blocks.2.mlp.fc1.weight'] == 0.5 and scale['head.weight'] == 1.0
+    if family == 'swinv2':  # the position bias MLP and logit scale: their block's rate, no weight decay
+        names = {'layers.1.blocks.0.attn.cpb_mlp.0.weight', 'layers.1.blocks.0.attn.logit_scale'}
+        assert {scale[name] for name in names} == {0.5 ** 3}
+        assert names <= split_by_decay(optimizer, model)[1]

@@ -1,0 +1,243 @@
+"""Swin MLP with the official constructor arguments and state_dict keys.
+
+Follows microsoft/Swin-Transformer ``models/swin_mlp.py``: Swin v1's layout with window attention replaced by a
+spatial MLP over the tokens of each window, one per head group of channels (``spatial_mlp``, a grouped 1x1
+``Conv1d`` over window tokens, official keys). Shifted blocks zero-pad the map by ``window - shift`` on the
+top/left and ``shift`` on the bottom/right instead of rolling it (no mask needed), so they see
+(H/window + 1) x (W/window + 1) windows. Official checkpoints (``{'model': state_dict}``) load strictly.
+
+Windows and head groups are cut in one permute copy of the (padded) map and put back in one, where the
+official code partitions, transposes and reshapes in separate copies (same results).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.layers import DropPath, trunc_normal_
+
+from .swin_transformer import Mlp, PatchEmbed, PatchMerging, check_stage_resolutions
+
+
+class SwinMLPBlock(nn.Module):
+    """Swin MLP block: a (shifted) per-window spatial MLP and a channel MLP, each with a pre-norm residual.
+
+    Args:
+        dim: Input channels.
+        input_resolution: (H, W) of the input map.
+        num_heads: Channel groups, each with its own spatial MLP.
+        window_size: Window size.
+        shift_size: Shift of the windows (by padding).
+        mlp_ratio: Channel MLP hidden width / ``dim``.
+        drop: Dropout in the channel MLP.
+        drop_path: Stochastic depth rate.
+        act_layer: Activation of the channel MLP.
+        norm_layer: Normalization layer.
+    """
+
+    def __init__(self, dim, input_resolution, num_heads, window_size=7, shift_size=0, mlp_ratio=4., drop=0.,
+                 drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = input_resolution
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.mlp_ratio = mlp_ratio
+        if min(self.input_resolution) <= self.window_size:
+            self.shift_size = 0
+            self.window_size = min(self.input_resolution)
+        assert 0 <= self.shift_size < self.window_size, 'shift_size must be in [0, window_size)'
+        # left, right, top, bottom
+        self.padding = [self.window_size - self.shift_size, self.shift_size,
+                        self.window_size - self.shift_size, self.shift_size]
+
+        self.norm1 = norm_layer(dim)
+        tokens = self.num_heads * self.window_size ** 2
+        self.spatial_mlp = nn.Conv1d(tokens, tokens, kernel_size=1, groups=self.num_heads)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+    def spatial(self, x):
+        """The spatial MLP over the windows of x: (B, H, W, C) -> (B, H, W, C), H and W multiples of the window."""
+        B, H, W, C = x.shape
+        ws, heads = self.window_size, self.num_heads
+        nh, nw, d = H // ws, W // ws, C // heads
+        # windows and head groups in one copy: (B * nW, heads * N, C / heads), token index = head * N + position
+        x = x.view(B, nh, ws, nw, ws, heads, d).permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, heads * ws * ws, d)
+        x = self.spatial_mlp(x)
+        return x.view(B, nh, nw, heads, ws, ws, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, H, W, C)
+
+    def forward(self, x):
+        """x: (B, H * W, C) -> (B, H * W, C)."""
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
+
+        shortcut = x
+        x = self.norm1(x).view(B, H, W, C)
+        if self.shift_size > 0:
+            left, right, top, bottom = self.padding
+            x = self.spatial(F.pad(x, [0, 0, left, right, top, bottom]))[:, top:top + H, left:left + W]
+        else:
+            x = self.spatial(x)
+        x = shortcut + self.drop_path(x.reshape(B, L, C))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def extra_repr(self):
+        return f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, ' \
+               f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}'
+
+    def flops(self):
+        H, W = self.input_resolution
+        flops = self.dim * H * W  # norm1
+        if self.shift_size > 0:  # the padded map holds one more window per side
+            nW = (H / self.window_size + 1) * (W / self.window_size + 1)
+        else:
+            nW = H * W / self.window_size / self.window_size
+        flops += nW * self.dim * (self.window_size * self.window_size) * (self.window_size * self.window_size)
+        flops += 2 * H * W * self.dim * self.dim * self.mlp_ratio  # mlp
+        flops += self.dim * H * W  # norm2
+        return flops
+
+
+class BasicLayer(nn.Module):
+    """One stage: ``depth`` Swin MLP blocks alternating unshifted / shifted windows, then an optional downsample."""
+
+    def __init__(self, dim, input_resolution, depth, num_heads, window_size, mlp_ratio=4., drop=0., drop_path=0.,
+                 norm_layer=nn.LayerNorm, downsample=None, use_checkpoint=False):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = input_resolution
+        self.depth = depth
+        self.use_checkpoint = use_checkpoint
+        self.blocks = nn.ModuleList([
+            SwinMLPBlock(
+                dim=dim, input_resolution=input_resolution, num_heads=num_heads, window_size=window_size,
+                shift_size=0 if (i % 2 == 0) else window_size // 2, mlp_ratio=mlp_ratio, drop=drop,
+                drop_path=drop_path[i] if isinstance(drop_path, list) else drop_path, norm_layer=norm_layer)
+            for i in range(depth)])
+        self.downsample = downsample(input_resolution, dim=dim, norm_layer=norm_layer) if downsample else None
+
+    def forward(self, x):
+        for blk in self.blocks:
+            if self.use_checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x
+
+    def extra_repr(self):
+        return f'dim={self.dim}, input_resolution={self.input_resolution}, depth={self.depth}'
+
+    def flops(self):
+        flops = sum(blk.flops() for blk in self.blocks)
+        if self.downsample is not None:
+            flops += self.downsample.flops()
+        return flops
+
+
+class SwinMLP(nn.Module):
+    """Swin MLP: Swin Transformer v1 with each window attention replaced by grouped spatial MLPs.
+
+    Args:
+        img_size: Input image size (int or (H, W)).
+        patch_size: Patch size.
+        in_chans: Input channels.
+        num_classes: Classifier outputs (0: no head).
+        embed_dim: Channels of the first stage (doubled at each stage).
+        depths: Blocks per stage.
+        num_heads: Channel groups of the spatial MLP per stage ("C24" = 24 channels per group in stage 0).
+        window_size: Window size.
+        mlp_ratio: Channel MLP hidden width / embedding width.
+        drop_rate: Dropout after the embedding and in the channel MLP.
+        drop_path_rate: Stochastic depth rate, increasing linearly over the blocks.
+        norm_layer: Normalization layer.
+        ape: Add an absolute position embedding to the patch embedding.
+        patch_norm: LayerNorm after the patch embedding.
+        use_checkpoint: Gradient checkpointing per block (saves memory, recomputes in backward).
+    """
+
+    def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96, depths=(2, 2, 6, 2),
+                 num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4., drop_rate=0., drop_path_rate=0.1,
+                 norm_layer=nn.LayerNorm, ape=False, patch_norm=True, use_checkpoint=False, **kwargs):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.ape = ape
+        self.patch_norm = patch_norm
+        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.mlp_ratio = mlp_ratio
+
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                      embed_dim=embed_dim, norm_layer=norm_layer if self.patch_norm else None)
+        num_patches = self.patch_embed.num_patches
+        patches_resolution = self.patch_embed.patches_resolution
+        self.patches_resolution = patches_resolution
+        check_stage_resolutions(patches_resolution, self.num_layers, window_size, img_size, patch_size,
+                                node='MODEL.SWIN_MLP')
+
+        if self.ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=.02)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu')]  # stochastic depth
+        self.layers = nn.ModuleList()
+        for i in range(self.num_layers):
+            self.layers.append(BasicLayer(
+                dim=int(embed_dim * 2 ** i),
+                input_resolution=(patches_resolution[0] // (2 ** i), patches_resolution[1] // (2 ** i)),
+                depth=depths[i], num_heads=num_heads[i], window_size=window_size, mlp_ratio=self.mlp_ratio,
+                drop=drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], norm_layer=norm_layer,
+                downsample=PatchMerging if (i < self.num_layers - 1) else None, use_checkpoint=use_checkpoint))
+
+        self.norm = norm_layer(self.num_features)
+        self.avgpool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Conv1d)):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {'absolute_pos_embed'}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self):
+        return {'relative_position_bias_table'}
+
+    def forward_features(self, x):
+        """(B, in_chans, H, W) -> pooled features (B, num_features)."""
+        x = self.patch_embed(x)
+        if self.ape:
+            x = x + self.absolute_pos_embed
+        x = self.pos_drop(x)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x)  # B, L, C
+        x = self.avgpool(x.transpose(1, 2))  # B, C, 1
+        return torch.flatten(x, 1)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+    def flops(self):
+        """Multiply-accumulates of one forward pass for one image, counted like the official code."""
+        flops = self.patch_embed.flops()
+        flops += sum(layer.flops() for layer in self.layers)
+        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // (2 ** self.num_layers)
+        flops += self.num_features * self.num_classes
+        return flops

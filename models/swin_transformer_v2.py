@@ -1,0 +1,412 @@
+"""Swin Transformer V2 with the official constructor arguments and state_dict keys.
+
+Follows microsoft/Swin-Transformer ``models/swin_transformer_v2.py`` (https://arxiv.org/abs/2111.09883):
+residual post-norm (``x + norm(attn(x))``), scaled cosine attention with a learnable per-head logit scale clamped
+at log(100), a continuous relative position bias (a 2-layer MLP on log-spaced relative coordinates, squashed to
+16 * sigmoid), q/v biases without a k bias, PatchMerging as reduction then norm, and ``pretrained_window_sizes``
+(the window each stage was pretrained with normalizes the coordinates, so a larger window extrapolates). Buffers
+(``relative_coords_table``, ``relative_position_index``, ``attn_mask``) are persistent like the official ones,
+so official checkpoints (``{'model': state_dict}``) load with ``strict=True``; they depend only on the
+constructor arguments.
+
+How attention is computed differs (same results), as in v1 (models/swin_transformer.py):
+
+* One permute copy cuts the qkv map into windows and heads; q and k are normalized there and the clamped
+  logit scale is folded into q's normalization, so the logits are one ``q @ k^T`` with scale 1.
+* The position bias MLP runs once per block call on the (2Wh-1) x (2Ww-1) coordinate table (16 * sigmoid is
+  taken on the table, before the gather), and the bias plus the shift mask form ONE additive mask shared by
+  every image of the batch.
+* ``fused_attn=True`` hands q, k, v and that mask to ``scaled_dot_product_attention`` (``scale=1.0``);
+  ``fused_attn=False`` is the explicit softmax path. Both give the same outputs and gradients.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.layers import DropPath, to_2tuple, trunc_normal_
+
+from .swin_transformer import (
+    _MASK_ALIGN,
+    Mlp,
+    PatchEmbed,
+    _sdpa_is_faster,
+    check_stage_resolutions,
+    relative_position_index,
+    shifted_window_mask,
+)
+
+# The logit scale is clamped at log(1 / 0.01): a temperature of at least 0.01 (official).
+_MAX_LOG_SCALE = math.log(1. / 0.01)
+
+
+def relative_coords_table(window_size, pretrained_window_size=(0, 0)):
+    """(1, 2*Wh-1, 2*Ww-1, 2) relative coordinates, scaled to [-8, 8] by the pretrained window (or this one)
+    and log-spaced: sign(x) * log2(1 + |x|) / 3. A side of 1 divides by 1, not 0 (the official code gives NaN).
+    """
+    wh, ww = window_size
+    norm = pretrained_window_size if pretrained_window_size[0] > 0 else window_size
+    h = torch.arange(-(wh - 1), wh, dtype=torch.float32) / max(norm[0] - 1, 1)
+    w = torch.arange(-(ww - 1), ww, dtype=torch.float32) / max(norm[1] - 1, 1)
+    table = torch.stack(torch.meshgrid(h, w, indexing='ij'), dim=-1) * 8  # 2Wh-1, 2Ww-1, 2
+    return (torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)).unsqueeze(0)
+
+
+class WindowAttention(nn.Module):
+    """Window based multi-head scaled cosine attention with a continuous relative position bias (V2).
+
+    ``forward`` takes the (already shifted) (B, H, W, C) map and returns one, like v1's module.
+
+    Args:
+        dim: Input channels.
+        window_size: (Wh, Ww) of a window.
+        num_heads: Attention heads.
+        qkv_bias: Learnable bias for query and value (the key has none).
+        attn_drop: Dropout on the attention weights.
+        proj_drop: Dropout on the output.
+        pretrained_window_size: (Wh, Ww) of the window in pre-training ((0, 0): this window).
+        fused_attn: Use ``scaled_dot_product_attention`` (False: the explicit softmax path).
+    """
+
+    def __init__(self, dim, window_size, num_heads, qkv_bias=True, attn_drop=0., proj_drop=0.,
+                 pretrained_window_size=(0, 0), fused_attn=True):
+        super().__init__()
+        self.dim = dim
+        self.window_size = to_2tuple(window_size)
+        self.pretrained_window_size = to_2tuple(pretrained_window_size)
+        self.num_heads = num_heads
+        self.fused_attn = fused_attn
+
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
+        # MLP to generate the continuous relative position bias
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
+                                     nn.Linear(512, num_heads, bias=False))
+        self.register_buffer('relative_coords_table',
+                             relative_coords_table(self.window_size, self.pretrained_window_size))
+        self.register_buffer('relative_position_index', relative_position_index(self.window_size))
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = None
+            self.v_bias = None
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def position_bias(self):
+        """(heads, N, N) continuous relative position bias, 16 * sigmoid(cpb_mlp(coordinates))."""
+        N = self.window_size[0] * self.window_size[1]
+        table = 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads))
+        return table[self.relative_position_index.view(-1)].view(N, N, self.num_heads).permute(2, 0, 1)
+
+    def attention_mask(self, mask=None, dtype=None):
+        """Position bias plus the optional (nW, N, N) shift mask: (1, heads or nW * heads, N, N).
+
+        Built once per forward and shared by every image of the batch; rows padded in memory to
+        ``_MASK_ALIGN`` elements and sliced back to N (as v1's).
+        """
+        N = self.window_size[0] * self.window_size[1]
+        bias = self.position_bias()
+        if mask is not None:
+            bias = (mask.unsqueeze(1) + bias).flatten(0, 1)  # nW * heads, N, N
+        bias = bias.unsqueeze(0).to(dtype or bias.dtype)
+        if N % _MASK_ALIGN:
+            bias = F.pad(bias, (0, -N % _MASK_ALIGN))[..., :N]
+        return bias
+
+    def forward(self, x, mask=None):
+        """x: (B, H, W, C) with H, W multiples of the window; mask: (nW, N, N) shift mask or None."""
+        B, H, W, C = x.shape
+        wh, ww = self.window_size
+        nh, nw = H // wh, W // ww
+        heads, head_dim = self.num_heads, C // self.num_heads
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        # cut the qkv map into windows and heads in one copy: 3, B, nW, heads, N, head_dim
+        qkv = F.linear(x, self.qkv.weight, bias).view(B, nh, wh, nw, ww, 3, heads, head_dim)
+        q, k, v = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, B, nh * nw, heads, wh * ww, head_dim).unbind(0)
+        # cosine similarity times the clamped per-head scale: normalize k, and q with the scale folded in
+        scale = torch.clamp(self.logit_scale, max=_MAX_LOG_SCALE).exp()  # heads, 1, 1
+        q = q * (scale / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12))
+        k = k / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(1e-12)
+        # as a batch of (B * nW, heads) without a shift mask, of (B, nW * heads) with one: the mask broadcasts
+        q, k, v = (t.flatten(0, 1) if mask is None else t.flatten(1, 2) for t in (q, k, v))
+
+        if self.fused_attn and _sdpa_is_faster(x, self.cpb_mlp[0].weight):
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attention_mask(mask, q.dtype), scale=1.0,
+                                               dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = q @ k.transpose(-2, -1) + self.attention_mask(mask)
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+
+        # windows and heads back to the (B, H, W, C) map in one copy (proj is per token)
+        x = x.reshape(B, nh, nw, heads, wh, ww, head_dim).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, H, W, C)
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self):
+        return f'dim={self.dim}, window_size={self.window_size}, ' \
+               f'pretrained_window_size={self.pretrained_window_size}, num_heads={self.num_heads}, ' \
+               f'fused_attn={self.fused_attn}'
+
+    def flops(self, N):
+        """Multiply-accumulates for one window of N tokens (official count: the bias MLP is not counted)."""
+        flops = N * self.dim * 3 * self.dim  # qkv
+        flops += self.num_heads * N * (self.dim // self.num_heads) * N  # q @ k^T
+        flops += self.num_heads * N * N * (self.dim // self.num_heads)  # attn @ v
+        flops += N * self.dim * self.dim  # proj
+        return flops
+
+
+class SwinTransformerBlock(nn.Module):
+    """Swin Transformer V2 block: (shifted) window attention and an MLP, each normalized AFTER the branch
+    (``x + drop_path(norm(f(x)))``). A map not larger than the window is one unshifted window (official)."""
+
+    def __init__(self, dim, input_resolution, num_heads, window_size=7, shift_size=0, mlp_ratio=4., qkv_bias=True,
+                 drop=0., attn_drop=0., drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm,
+                 pretrained_window_size=0, fused_attn=True):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = input_resolution
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.mlp_ratio = mlp_ratio
+        if min(self.input_resolution) <= self.window_size:
+            self.shift_size = 0
+            self.window_size = min(self.input_resolution)
+        assert 0 <= self.shift_size < self.window_size, 'shift_size must be in [0, window_size)'
+
+        self.norm1 = norm_layer(dim)
+        self.attn = WindowAttention(dim, window_size=self.window_size, num_heads=num_heads, qkv_bias=qkv_bias,
+                                    attn_drop=attn_drop, proj_drop=drop,
+                                    pretrained_window_size=to_2tuple(pretrained_window_size), fused_attn=fused_attn)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+        mask = None
+        if self.shift_size > 0:
+            mask = shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
+        self.register_buffer('attn_mask', mask)  # persistent (even when None) like the official block
+
+    def forward(self, x):
+        """x: (B, H * W, C) -> (B, H * W, C)."""
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
+
+        shortcut = x
+        x = x.view(B, H, W, C)
+        if self.shift_size > 0:
+            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
+        x = self.attn(x, mask=self.attn_mask)
+        if self.shift_size > 0:
+            x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        x = shortcut + self.drop_path(self.norm1(x.view(B, L, C)))
+        return x + self.drop_path(self.norm2(self.mlp(x)))
+
+    def extra_repr(self):
+        return f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, ' \
+               f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}'
+
+    def flops(self):
+        H, W = self.input_resolution
+        flops = self.dim * H * W  # norm1
+        nW = H * W / self.window_size / self.window_size
+        flops += nW * self.attn.flops(self.window_size * self.window_size)
+        flops += 2 * H * W * self.dim * self.dim * self.mlp_ratio  # mlp
+        flops += self.dim * H * W  # norm2
+        return flops
+
+
+class PatchMerging(nn.Module):
+    """Merge each 2x2 patch group: (B, H*W, C) -> (B, H/2*W/2, 2C); V2 reduces first, then normalizes 2C."""
+
+    def __init__(self, input_resolution, dim, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.dim = dim
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(2 * dim)
+
+    def forward(self, x):
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
+        # official concat [x(0,0), x(1,0), x(0,1), x(1,1)] over (row, col) offsets = column offset outer
+        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, -1, 4 * C)
+        return self.norm(self.reduction(x))
+
+    def extra_repr(self):
+        return f'input_resolution={self.input_resolution}, dim={self.dim}'
+
+    def flops(self):
+        H, W = self.input_resolution
+        flops = (H // 2) * (W // 2) * 4 * self.dim * 2 * self.dim
+        flops += H * W * self.dim // 2  # the norm, counted as officially
+        return flops
+
+
+class BasicLayer(nn.Module):
+    """One stage: ``depth`` V2 blocks alternating unshifted / shifted windows, then an optional downsample."""
+
+    def __init__(self, dim, input_resolution, depth, num_heads, window_size, mlp_ratio=4., qkv_bias=True, drop=0.,
+                 attn_drop=0., drop_path=0., norm_layer=nn.LayerNorm, downsample=None, use_checkpoint=False,
+                 pretrained_window_size=0, fused_attn=True):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = input_resolution
+        self.depth = depth
+        self.use_checkpoint = use_checkpoint
+        self.blocks = nn.ModuleList([
+            SwinTransformerBlock(
+                dim=dim, input_resolution=input_resolution, num_heads=num_heads, window_size=window_size,
+                shift_size=0 if (i % 2 == 0) else window_size // 2, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                drop=drop, attn_drop=attn_drop, drop_path=drop_path[i] if isinstance(drop_path, list) else drop_path,
+                norm_layer=norm_layer, pretrained_window_size=pretrained_window_size, fused_attn=fused_attn)
+            for i in range(depth)])
+        self.downsample = downsample(input_resolution, dim=dim, norm_layer=norm_layer) if downsample else None
+
+    def forward(self, x):
+        for blk in self.blocks:
+            if self.use_checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x
+
+    def extra_repr(self):
+        return f'dim={self.dim}, input_resolution={self.input_resolution}, depth={self.depth}'
+
+    def flops(self):
+        flops = sum(blk.flops() for blk in self.blocks)
+        if self.downsample is not None:
+            flops += self.downsample.flops()
+        return flops
+
+    def _init_respostnorm(self):
+        """Post-norms start at zero (official init): every residual branch starts as zero."""
+        for blk in self.blocks:
+            for norm in (blk.norm1, blk.norm2):
+                nn.init.constant_(norm.bias, 0)
+                nn.init.constant_(norm.weight, 0)
+
+
+class SwinTransformerV2(nn.Module):
+    """Swin Transformer V2 (https://arxiv.org/abs/2111.09883), official arguments and state_dict keys.
+
+    Args:
+        img_size: Input image size (int or (H, W)).
+        patch_size: Patch size.
+        in_chans: Input channels.
+        num_classes: Classifier outputs (0: no head).
+        embed_dim: Channels of the first stage (doubled at each stage).
+        depths: Blocks per stage.
+        num_heads: Attention heads per stage.
+        window_size: Window size.
+        mlp_ratio: MLP hidden width / embedding width.
+        qkv_bias: Learnable bias for query and value.
+        drop_rate: Dropout after the embedding, the attention projection and in the MLP (official use).
+        attn_drop_rate: Dropout on the attention weights.
+        drop_path_rate: Stochastic depth rate, increasing linearly over the blocks.
+        norm_layer: Normalization layer.
+        ape: Add an absolute position embedding to the patch embedding.
+        patch_norm: LayerNorm after the patch embedding.
+        use_checkpoint: Gradient checkpointing per block (saves memory, recomputes in backward).
+        pretrained_window_sizes: Window size of each stage in pre-training (0: this model's window).
+        fused_attn: Window attention through ``scaled_dot_product_attention`` (False: explicit softmax).
+    """
+
+    def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96, depths=(2, 2, 6, 2),
+                 num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4., qkv_bias=True, drop_rate=0.,
+                 attn_drop_rate=0., drop_path_rate=0.1, norm_layer=nn.LayerNorm, ape=False, patch_norm=True,
+                 use_checkpoint=False, pretrained_window_sizes=(0, 0, 0, 0), fused_attn=True, **kwargs):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.ape = ape
+        self.patch_norm = patch_norm
+        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.mlp_ratio = mlp_ratio
+
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                      embed_dim=embed_dim, norm_layer=norm_layer if self.patch_norm else None)
+        num_patches = self.patch_embed.num_patches
+        patches_resolution = self.patch_embed.patches_resolution
+        self.patches_resolution = patches_resolution
+        check_stage_resolutions(patches_resolution, self.num_layers, window_size, img_size, patch_size,
+                                node='MODEL.SWINV2')
+
+        if self.ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=.02)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu')]  # stochastic depth
+        self.layers = nn.ModuleList()
+        for i in range(self.num_layers):
+            self.layers.append(BasicLayer(
+                dim=int(embed_dim * 2 ** i),
+                input_resolution=(patches_resolution[0] // (2 ** i), patches_resolution[1] // (2 ** i)),
+                depth=depths[i], num_heads=num_heads[i], window_size=window_size, mlp_ratio=self.mlp_ratio,
+                qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], norm_layer=norm_layer,
+                downsample=PatchMerging if (i < self.num_layers - 1) else None, use_checkpoint=use_checkpoint,
+                pretrained_window_size=pretrained_window_sizes[i], fused_attn=fused_attn))
+
+        self.norm = norm_layer(self.num_features)
+        self.avgpool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.apply(self._init_weights)
+        for layer in self.layers:
+            layer._init_respostnorm()
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {'absolute_pos_embed'}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self):
+        return {'cpb_mlp', 'logit_scale', 'relative_position_bias_table'}
+
+    def forward_features(self, x):
+        """(B, in_chans, H, W) -> pooled features (B, num_features)."""
+        x = self.patch_embed(x)
+        if self.ape:
+            x = x + self.absolute_pos_embed
+        x = self.pos_drop(x)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x)  # B, L, C
+        x = self.avgpool(x.transpose(1, 2))  # B, C, 1
+        return torch.flatten(x, 1)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+    def flops(self):
+        """Multiply-accumulates of one forward pass for one image, counted like the official code."""
+        flops = self.patch_embed.flops()
+        flops += sum(layer.flops() for layer in self.layers)
+        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // (2 ** self.num_layers)
+        flops += self.num_features * self.num_classes
+        return flops
