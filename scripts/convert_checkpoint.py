@@ -1,12 +1,13 @@
-"""Convert Swin v1 weights between the official layout and timm's (>= 0.9) layout.
+"""Convert Swin v1 / V2 weights between the official layout and timm's (>= 0.9) layout.
 
     python scripts/convert_checkpoint.py IN OUT --to official   # writes {'model': state_dict}, as the official releases
     python scripts/convert_checkpoint.py IN OUT --to timm       # writes a bare state_dict, as timm's files
 
 IN may be one of our training checkpoints (its model weights, or with --ema its EMA weights), an official
 checkpoint, a {'state_dict': ...} file or a bare state_dict in either layout. Only weights are written (no
-optimizer state). relative_position_index / attn_mask are not written to timm files (timm computes them) and
-are left out of official files converted from timm; every loader recomputes them from the model's config.
+optimizer state). relative_position_index / attn_mask (and V2's relative_coords_table) are not written to timm
+files (timm computes them) and are left out of official files converted from timm; every loader recomputes them
+from the model's config. V2 (timm's swinv2_*) moves the same keys as v1. Swin MLP has no timm layout.
 """
 import argparse
 import os
@@ -29,6 +30,9 @@ def convert(src, dst, to, ema=False):
     if 'patch_embed.proj.weight' not in sd:
         raise CheckpointError(f"checkpoint {src} does not hold Swin weights (no patch_embed.proj.weight)")
     if to == 'timm':
+        if any('.spatial_mlp.' in key for key in sd):
+            raise CheckpointError(f"checkpoint {src} holds Swin MLP weights: timm has no Swin MLP (no layout to "
+                                  f"convert to)")
         sd = official_to_timm(sd)
         out = sd
     else:

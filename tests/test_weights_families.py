@@ -1,0 +1,164 @@
+"""Weights of Swin V2 and Swin MLP: official and timm files, conversion, fine-tuning across window sizes."""
+import logging
+import subprocess
+import warnings
+
+import pytest
+import timm
+import torch
+
+import checkpoint
+from errors import CheckpointError
+from helpers import OFFICIAL_REPO, load_official_module
+from models import SwinMLP, SwinTransformerV2, build_model
+from scripts.convert_checkpoint import convert
+
+LOGGER = logging.getLogger('test_weights_families')
+# a tiny analog of the official 22kto1k fine-tuning: window 8 at 32 px (maps 16, 8) -> window 12 at 48 px
+# (maps 24, 12), PRETRAINED_WINDOW_SIZES [8, 8], 21841 classes -> 1000
+PRETRAIN = dict(img_size=32, patch_size=2, window_size=8, embed_dim=24, depths=[2, 2], num_heads=[3, 6])
+FINETUNE = dict(PRETRAIN, img_size=48, window_size=12, pretrained_window_sizes=[8, 8])
+TIMM_ARGS = ('img_size', 'patch_size', 'window_size', 'embed_dim', 'depths', 'num_heads')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_diff(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def trained_v2(num_classes=10, seed=0, **cfg):
+    """A V2 model whose weights all differ from their init (post-norms start at zero)."""
+    torch.manual_seed(seed)
+    model = SwinTransformerV2(num_classes=num_classes, **cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def v2_config(tiny_config, cfg, *opts):
+    return tiny_config('MODEL.TYPE', 'swinv2', 'DATA.IMG_SIZE', cfg['img_size'],
+                       'MODEL.SWINV2.PATCH_SIZE', cfg['patch_size'], 'MODEL.SWINV2.WINDOW_SIZE', cfg['window_size'],
+                       'MODEL.SWINV2.EMBED_DIM', cfg['embed_dim'], 'MODEL.SWINV2.DEPTHS', cfg['depths'],
+                       'MODEL.SWINV2.NUM_HEADS', cfg['num_heads'],
+                       'MODEL.SWINV2.PRETRAINED_WINDOW_SIZES', cfg.get('pretrained_window_sizes', [0, 0]), *opts)
+
+
+# ----------------------------------------------------------------------------- fine-tuning across window sizes
+def test_pretrained_window_8_to_12_with_22k_head_matches_official_fine_tuning(tmp_path, tiny_config):
+    """--pretrained from a 22K model at window 8 into a 1K model at window 12 gives the weights the official
+    load_pretrained gives: coordinate tables, index and masks rebuilt for the new window, 22K head mapped."""
+    pretrained = trained_v2(num_classes=21841, **PRETRAIN)
+    path = tmp_path / 'swinv2_22k.pth'
+    torch.save({'model': pretrained.state_dict()}, path)
+    config = v2_config(tiny_config, FINETUNE, 'MODEL.NUM_CLASSES', 1000, 'MODEL.PRETRAINED', str(path))
+    model = build_model(config).eval()
+    checkpoint.load_pretrained(config, model, LOGGER)
+
+    # the official procedure (utils.load_pretrained), on the official model class when the repository is here
+    official = load_official_module('models/swin_transformer_v2.py', tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the official file calls torch.meshgrid without indexing=
+        reference = (official.SwinTransformerV2 if official else SwinTransformerV2)(num_classes=1000, **FINETUNE)
+    state_dict = {k: v for k, v in pretrained.state_dict().items()
+                  if not k.endswith(('relative_position_index', 'relative_coords_table', 'attn_mask'))}
+    map22kto1k = _official_map22kto1k() or checkpoint.imagenet22k_to_1k_indices()
+    state_dict['head.weight'] = state_dict['head.weight'][map22kto1k]
+    state_dict['head.bias'] = state_dict['head.bias'][map22kto1k]
+    missing, unexpected = reference.load_state_dict(state_dict, strict=False)
+    assert not unexpected and all(k.endswith(('relative_position_index', 'relative_coords_table', 'attn_mask'))
+                                  for k in missing)
+
+    reference.eval()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    table = model.layers[0].blocks[0].attn.relative_coords_table
+    assert table.shape == (1, 23, 23, 2) and table.abs().max() > 1.0  # window 12 read on the window-8 scale
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert rel_diff(model(x), reference(x)) < 1e-5
+
+
+def _official_map22kto1k():
+    result = subprocess.run(['git', '-C', OFFICIAL_REPO, 'show', 'HEAD:data/map22kto1k.txt'], capture_output=True,
+                            text=True)
+    return [int(line) for line in result.stdout.split()] if result.returncode == 0 else None
+
+
+def test_pretrained_architecture_mismatch_is_one_line(tmp_path, tiny_config):
+    path = tmp_path / 'other.pth'
+    torch.save({'model': trained_v2(**dict(PRETRAIN, embed_dim=48)).state_dict()}, path)
+    config = v2_config(tiny_config, FINETUNE, 'MODEL.PRETRAINED', str(path))
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load_pretrained(config, build_model(config), LOGGER)
+    message = str(info.value)
+    assert '\n' not in message and 'patch_embed.proj.weight' in message and str(path) in message
+
+
+# ----------------------------------------------------------------------------- timm's swinv2 weights
+def timm_swinv2(cfg, num_classes=10):
+    kwargs = {k: cfg[k] for k in TIMM_ARGS}
+    kwargs['pretrained_window_sizes'] = cfg.get('pretrained_window_sizes', [0, 0])
+    torch.manual_seed(0)
+    model = timm.create_model('swinv2_tiny_window8_256', pretrained=False, num_classes=num_classes, **kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def test_timm_swinv2_file_loads_for_eval_and_fine_tuning(tmp_path, tiny_config):
+    """A bare timm state_dict (downsample at the start of a stage, head.fc, no buffers) loads through the same
+    conversion as timm's v1 files, for --eval (strict) and for --pretrained."""
+    theirs = timm_swinv2(PRETRAIN)
+    path = tmp_path / 'timm_swinv2.pth'
+    torch.save(theirs.state_dict(), path)
+    assert 'layers.1.downsample.reduction.weight' in theirs.state_dict() and 'head.fc.weight' in theirs.state_dict()
+    x = torch.randn(2, 3, 32, 32)
+    config = v2_config(tiny_config, PRETRAIN, 'MODEL.PRETRAINED', str(path))
+    for load in (lambda model: checkpoint.load_model_weights(model, str(path), LOGGER),
+                 lambda model: checkpoint.load_pretrained(config, model, LOGGER)):
+        ours = build_model(config).eval()
+        load(ours)
+        with torch.no_grad():
+            assert rel_diff(ours(x), theirs(x)) < 1e-5
+
+
+def test_convert_checkpoint_official_to_timm_and_back_for_v2(tmp_path):
+    ours = trained_v2(**FINETUNE)
+    official_file, timm_file, back = tmp_path / 'official.pth', tmp_path / 'timm.pth', tmp_path / 'back.pth'
+    torch.save({'model': ours.state_dict()}, official_file)
+    convert(str(official_file), str(timm_file), 'timm')
+    theirs = timm_swinv2(FINETUNE)
+    theirs.load_state_dict(torch.load(timm_file, weights_only=True), strict=True)
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        assert rel_diff(theirs(x), ours(x)) < 1e-5
+    convert(str(timm_file), str(back), 'official')
+    restored = torch.load(back, weights_only=True)['model']
+    params = dict(ours.named_parameters())
+    assert restored.keys() == params.keys()  # the derived buffers are left out, every parameter comes back
+    assert all(torch.equal(restored[k], params[k]) for k in params)
+
+
+# ----------------------------------------------------------------------------- Swin MLP
+def test_swin_mlp_checkpoint_loads_strict_and_has_no_timm_layout(tmp_path):
+    torch.manual_seed(0)
+    model = SwinMLP(num_classes=10, **PRETRAIN).eval()
+    path = tmp_path / 'mlp.pth'
+    torch.save({'model': model.state_dict(), 'epoch': 3}, path)
+    torch.manual_seed(1)
+    fresh = SwinMLP(num_classes=10, **PRETRAIN).eval()
+    checkpoint.load_model_weights(fresh, str(path), LOGGER)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    with pytest.raises(CheckpointError, match='timm has no Swin MLP'):
+        convert(str(path), str(tmp_path / 'timm.pth'), 'timm')
