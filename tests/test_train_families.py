@@ -3,7 +3,10 @@ import os
 import re
 
 import pytest
+import torch
 from helpers import read, run_main
+
+from models import build_model
 
 # tiny models on the demo digits (10 classes, 32 px): patch 4 gives 8x8 tokens, windows of 4, two stages
 RECIPE = """DATA:
@@ -64,3 +67,34 @@ def test_tiny_model_learns_digits_and_evaluates(tmp_path, family, node):
     assert result.returncode == 0, result.stderr
     evaluated = float(ACCURACY.findall(read(tmp_path / 'eval' / f'{family}_digits' / 'default' / 'log_rank0.txt'))[0])
     assert evaluated == pytest.approx(max(model_accuracy), abs=1e-3)
+
+    result = run_main('--cfg', str(cfg), '--output', str(tmp_path / 'speed'), '--throughput')
+    assert result.returncode == 0, result.stderr
+    assert 'batch_size 32 throughput ' in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('family', ['swinv2', 'swin_mlp'])
+def test_torch_compile_gives_eager_outputs_and_gradients(tiny_config, family):
+    """--compile wraps the model in torch.compile (inductor): V2's masks/bias MLP and MLP's padding trace."""
+    node = {'swinv2': 'MODEL.SWINV2', 'swin_mlp': 'MODEL.SWIN_MLP'}[family]
+    config = tiny_config('MODEL.TYPE', family, f'{node}.PATCH_SIZE', 2, f'{node}.WINDOW_SIZE', 4,
+                         f'{node}.EMBED_DIM', 24, f'{node}.DEPTHS', [2, 2], f'{node}.NUM_HEADS', [3, 6],
+                         'MODEL.DROP_PATH_RATE', 0.0)
+    torch.manual_seed(0)
+    model = build_model(config).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    compiled = torch.compile(model)
+    x = torch.randn(2, 3, 32, 32)
+    outputs, grads = [], []
+    for run in (model, compiled):
+        model.zero_grad()
+        out = run(x)
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert ((outputs[0] - outputs[1]).abs().max() / outputs[0].abs().max()) < 1e-4
+    for (name, _), a, b in zip(model.named_parameters(), *grads):
+        assert ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) < 1e-3, name

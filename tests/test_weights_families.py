@@ -6,10 +6,10 @@ import warnings
 import pytest
 import timm
 import torch
+from helpers import OFFICIAL_REPO, load_official_module
 
 import checkpoint
 from errors import CheckpointError
-from helpers import OFFICIAL_REPO, load_official_module
 from models import SwinMLP, SwinTransformerV2, build_model
 from scripts.convert_checkpoint import convert
 
