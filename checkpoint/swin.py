@@ -1,4 +1,5 @@
-"""Swin v1 weights (MODEL.TYPE swin): the timm layout, and resizing pretrained tensors to a new window / image.
+"""Swin weights (MODEL.TYPE swin, and swinv2 / swin_mlp): the timm layout, and resizing pretrained tensors to a
+new window / image.
 
 Layouts: ours is the official microsoft/Swin-Transformer one (PatchMerging at the END of stage i as
 ``layers.{i}.downsample``, classifier ``head``). timm >= 0.9 puts PatchMerging at the START of the next stage
@@ -107,3 +108,8 @@ class SwinWeights(WeightFamily):
 
 
 register_family('swin', SwinWeights())
+# V2: timm's swinv2_* files move the same keys (and leave out relative_coords_table, a derived buffer rebuilt for
+# the model's window like the index and the masks); the continuous position bias MLP fits any window size as it is.
+register_family('swinv2', SwinWeights())
+# Swin MLP: official layout only (timm has none); spatial_mlp is tied to the window size, so it must match.
+register_family('swin_mlp', SwinWeights())

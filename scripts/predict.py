@@ -64,7 +64,8 @@ def predict(checkpoint_path, image_paths, config, topk=5, device='cpu'):
     images = [read_image(path) for path in image_paths]  # fail on a bad path before the slow part
     checkpoint = load_file(checkpoint_path)
     model = build_model(config)
-    load_model_weights(model, checkpoint, logging.getLogger('predict'), name=checkpoint_path)
+    load_model_weights(model, checkpoint, logging.getLogger('predict'), name=checkpoint_path,
+                       model_type=config.MODEL.TYPE)
     model.to(device).eval()
     names = class_names(checkpoint, config.MODEL.NUM_CLASSES)
     transform = build_val_transform(config)

@@ -6,10 +6,11 @@ import warnings
 import pytest
 import timm
 import torch
-from helpers import OFFICIAL_REPO, load_official_module
 
 import checkpoint
+from config import load_config
 from errors import CheckpointError
+from helpers import OFFICIAL_REPO, load_official_module
 from models import SwinMLP, SwinTransformerV2, build_model
 from scripts.convert_checkpoint import convert
 
@@ -123,12 +124,33 @@ def test_timm_swinv2_file_loads_for_eval_and_fine_tuning(tmp_path, tiny_config):
     assert 'layers.1.downsample.reduction.weight' in theirs.state_dict() and 'head.fc.weight' in theirs.state_dict()
     x = torch.randn(2, 3, 32, 32)
     config = v2_config(tiny_config, PRETRAIN, 'MODEL.PRETRAINED', str(path))
-    for load in (lambda model: checkpoint.load_model_weights(model, str(path), LOGGER),
+    for load in (lambda model: checkpoint.load_model_weights(model, str(path), LOGGER, model_type='swinv2'),
                  lambda model: checkpoint.load_pretrained(config, model, LOGGER)):
         ours = build_model(config).eval()
         load(ours)
         with torch.no_grad():
             assert rel_diff(ours(x), theirs(x)) < 1e-5
+
+
+def test_predict_script_with_a_timm_swinv2_file(tmp_path):
+    """scripts/predict.py reads the weights through the family of MODEL.TYPE: a timm file predicts like timm."""
+    from PIL import Image
+
+    from scripts import predict
+    theirs = timm_swinv2(PRETRAIN, num_classes=3)
+    path = tmp_path / 'timm_swinv2.pth'
+    torch.save(theirs.state_dict(), path)
+    image = tmp_path / 'red.png'
+    Image.new('RGB', (40, 40), 'red').save(image)
+    cfg = tmp_path / 'v2.yaml'
+    cfg.write_text('MODEL:\n  TYPE: swinv2\n  NUM_CLASSES: 3\n  SWINV2:\n    PATCH_SIZE: 2\n    WINDOW_SIZE: 8\n'
+                   '    EMBED_DIM: 24\n    DEPTHS: [2, 2]\n    NUM_HEADS: [3, 6]\nDATA:\n  IMG_SIZE: 32\n')
+    config = load_config(str(cfg), environ={})
+    [(_, top)] = predict.predict(str(path), [str(image)], config, topk=3)
+    with Image.open(image) as img, torch.no_grad():
+        expected = theirs(predict.build_val_transform(config)(img.convert('RGB'))[None]).softmax(-1)[0]
+    assert [index for _, index, _ in top] == expected.argsort(descending=True).tolist()
+    assert [prob for prob, _, _ in top] == pytest.approx(expected.sort(descending=True).values.tolist(), abs=1e-5)
 
 
 def test_convert_checkpoint_official_to_timm_and_back_for_v2(tmp_path):
