@@ -12,9 +12,9 @@ official code partitions, transposes and reshapes in separate copies (same resul
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
 
+from . import swin_transformer as swin
 from .swin_transformer import Mlp, PatchEmbed, PatchMerging, check_stage_resolutions
 
 
@@ -101,12 +101,15 @@ class SwinMLPBlock(nn.Module):
         return flops
 
 
-class BasicLayer(nn.Module):
-    """One stage: ``depth`` Swin MLP blocks alternating unshifted / shifted windows, then an optional downsample."""
+class BasicLayer(swin.BasicLayer):
+    """One stage: ``depth`` Swin MLP blocks alternating unshifted / shifted windows, then an optional downsample.
+
+    The constructor is Swin MLP's; ``forward`` (with gradient checkpointing), ``flops`` and ``extra_repr`` are v1's.
+    """
 
     def __init__(self, dim, input_resolution, depth, num_heads, window_size, mlp_ratio=4., drop=0., drop_path=0.,
                  norm_layer=nn.LayerNorm, downsample=None, use_checkpoint=False):
-        super().__init__()
+        nn.Module.__init__(self)  # not v1's constructor: it would build v1 blocks
         self.dim = dim
         self.input_resolution = input_resolution
         self.depth = depth
@@ -119,28 +122,12 @@ class BasicLayer(nn.Module):
             for i in range(depth)])
         self.downsample = downsample(input_resolution, dim=dim, norm_layer=norm_layer) if downsample else None
 
-    def forward(self, x):
-        for blk in self.blocks:
-            if self.use_checkpoint and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        return x
 
-    def extra_repr(self):
-        return f'dim={self.dim}, input_resolution={self.input_resolution}, depth={self.depth}'
-
-    def flops(self):
-        flops = sum(blk.flops() for blk in self.blocks)
-        if self.downsample is not None:
-            flops += self.downsample.flops()
-        return flops
-
-
-class SwinMLP(nn.Module):
+class SwinMLP(swin.SwinTransformer):
     """Swin MLP: Swin Transformer v1 with each window attention replaced by grouped spatial MLPs.
+
+    The constructor is Swin MLP's (official signature and init); the stage layout is v1's, so ``forward``,
+    ``forward_features``, ``flops`` and the weight-decay lists are v1's methods.
 
     Args:
         img_size: Input image size (int or (H, W)).
@@ -163,7 +150,7 @@ class SwinMLP(nn.Module):
     def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96, depths=(2, 2, 6, 2),
                  num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4., drop_rate=0., drop_path_rate=0.1,
                  norm_layer=nn.LayerNorm, ape=False, patch_norm=True, use_checkpoint=False, **kwargs):
-        super().__init__()
+        nn.Module.__init__(self)  # not v1's constructor: it would build v1 stages
         self.num_classes = num_classes
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
@@ -203,6 +190,7 @@ class SwinMLP(nn.Module):
 
     @staticmethod
     def _init_weights(m):
+        """v1's init, and the spatial MLPs (Conv1d) like the linear layers."""
         if isinstance(m, (nn.Linear, nn.Conv1d)):
             trunc_normal_(m.weight, std=.02)
             if m.bias is not None:
@@ -210,34 +198,3 @@ class SwinMLP(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
-
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return {'absolute_pos_embed'}
-
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self):
-        return {'relative_position_bias_table'}
-
-    def forward_features(self, x):
-        """(B, in_chans, H, W) -> pooled features (B, num_features)."""
-        x = self.patch_embed(x)
-        if self.ape:
-            x = x + self.absolute_pos_embed
-        x = self.pos_drop(x)
-        for layer in self.layers:
-            x = layer(x)
-        x = self.norm(x)  # B, L, C
-        x = self.avgpool(x.transpose(1, 2))  # B, C, 1
-        return torch.flatten(x, 1)
-
-    def forward(self, x):
-        return self.head(self.forward_features(x))
-
-    def flops(self):
-        """Multiply-accumulates of one forward pass for one image, counted like the official code."""
-        flops = self.patch_embed.flops()
-        flops += sum(layer.flops() for layer in self.layers)
-        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // (2 ** self.num_layers)
-        flops += self.num_features * self.num_classes
-        return flops

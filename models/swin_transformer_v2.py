@@ -24,9 +24,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import DropPath, to_2tuple, trunc_normal_
 
+from . import swin_transformer as swin
 from .swin_transformer import (
     _MASK_ALIGN,
     Mlp,
@@ -162,14 +162,17 @@ class WindowAttention(nn.Module):
         return flops
 
 
-class SwinTransformerBlock(nn.Module):
+class SwinTransformerBlock(swin.SwinTransformerBlock):
     """Swin Transformer V2 block: (shifted) window attention and an MLP, each normalized AFTER the branch
-    (``x + drop_path(norm(f(x)))``). A map not larger than the window is one unshifted window (official)."""
+    (``x + drop_path(norm(f(x)))``). A map not larger than the window is one unshifted window (official).
+
+    The constructor is V2's (official signature); ``flops`` and ``extra_repr`` are v1's (same counts).
+    """
 
     def __init__(self, dim, input_resolution, num_heads, window_size=7, shift_size=0, mlp_ratio=4., qkv_bias=True,
                  drop=0., attn_drop=0., drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm,
                  pretrained_window_size=0, fused_attn=True):
-        super().__init__()
+        nn.Module.__init__(self)  # not v1's constructor: it would build v1's attention
         self.dim = dim
         self.input_resolution = input_resolution
         self.num_heads = num_heads
@@ -210,19 +213,6 @@ class SwinTransformerBlock(nn.Module):
         x = shortcut + self.drop_path(self.norm1(x.view(B, L, C)))
         return x + self.drop_path(self.norm2(self.mlp(x)))
 
-    def extra_repr(self):
-        return f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, ' \
-               f'window_size={self.window_size}, shift_size={self.shift_size}, mlp_ratio={self.mlp_ratio}'
-
-    def flops(self):
-        H, W = self.input_resolution
-        flops = self.dim * H * W  # norm1
-        nW = H * W / self.window_size / self.window_size
-        flops += nW * self.attn.flops(self.window_size * self.window_size)
-        flops += 2 * H * W * self.dim * self.dim * self.mlp_ratio  # mlp
-        flops += self.dim * H * W  # norm2
-        return flops
-
 
 class PatchMerging(nn.Module):
     """Merge each 2x2 patch group: (B, H*W, C) -> (B, H/2*W/2, 2C); V2 reduces first, then normalizes 2C."""
@@ -252,13 +242,16 @@ class PatchMerging(nn.Module):
         return flops
 
 
-class BasicLayer(nn.Module):
-    """One stage: ``depth`` V2 blocks alternating unshifted / shifted windows, then an optional downsample."""
+class BasicLayer(swin.BasicLayer):
+    """One stage: ``depth`` V2 blocks alternating unshifted / shifted windows, then an optional downsample.
+
+    The constructor is V2's; ``forward`` (with gradient checkpointing), ``flops`` and ``extra_repr`` are v1's.
+    """
 
     def __init__(self, dim, input_resolution, depth, num_heads, window_size, mlp_ratio=4., qkv_bias=True, drop=0.,
                  attn_drop=0., drop_path=0., norm_layer=nn.LayerNorm, downsample=None, use_checkpoint=False,
                  pretrained_window_size=0, fused_attn=True):
-        super().__init__()
+        nn.Module.__init__(self)  # not v1's constructor: it would build v1 blocks
         self.dim = dim
         self.input_resolution = input_resolution
         self.depth = depth
@@ -272,25 +265,6 @@ class BasicLayer(nn.Module):
             for i in range(depth)])
         self.downsample = downsample(input_resolution, dim=dim, norm_layer=norm_layer) if downsample else None
 
-    def forward(self, x):
-        for blk in self.blocks:
-            if self.use_checkpoint and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        return x
-
-    def extra_repr(self):
-        return f'dim={self.dim}, input_resolution={self.input_resolution}, depth={self.depth}'
-
-    def flops(self):
-        flops = sum(blk.flops() for blk in self.blocks)
-        if self.downsample is not None:
-            flops += self.downsample.flops()
-        return flops
-
     def _init_respostnorm(self):
         """Post-norms start at zero (official init): every residual branch starts as zero."""
         for blk in self.blocks:
@@ -299,8 +273,11 @@ class BasicLayer(nn.Module):
                 nn.init.constant_(norm.weight, 0)
 
 
-class SwinTransformerV2(nn.Module):
+class SwinTransformerV2(swin.SwinTransformer):
     """Swin Transformer V2 (https://arxiv.org/abs/2111.09883), official arguments and state_dict keys.
+
+    The constructor is V2's (official signature and init); the stage layout is v1's, so ``forward``,
+    ``forward_features``, ``flops`` and ``no_weight_decay`` are v1's methods.
 
     Args:
         img_size: Input image size (int or (H, W)).
@@ -328,7 +305,7 @@ class SwinTransformerV2(nn.Module):
                  num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4., qkv_bias=True, drop_rate=0.,
                  attn_drop_rate=0., drop_path_rate=0.1, norm_layer=nn.LayerNorm, ape=False, patch_norm=True,
                  use_checkpoint=False, pretrained_window_sizes=(0, 0, 0, 0), fused_attn=True, **kwargs):
-        super().__init__()
+        nn.Module.__init__(self)  # not v1's constructor: it would build v1 stages
         self.num_classes = num_classes
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
@@ -370,43 +347,6 @@ class SwinTransformerV2(nn.Module):
         for layer in self.layers:
             layer._init_respostnorm()
 
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
-
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return {'absolute_pos_embed'}
-
     @torch.jit.ignore
     def no_weight_decay_keywords(self):
         return {'cpb_mlp', 'logit_scale', 'relative_position_bias_table'}
-
-    def forward_features(self, x):
-        """(B, in_chans, H, W) -> pooled features (B, num_features)."""
-        x = self.patch_embed(x)
-        if self.ape:
-            x = x + self.absolute_pos_embed
-        x = self.pos_drop(x)
-        for layer in self.layers:
-            x = layer(x)
-        x = self.norm(x)  # B, L, C
-        x = self.avgpool(x.transpose(1, 2))  # B, C, 1
-        return torch.flatten(x, 1)
-
-    def forward(self, x):
-        return self.head(self.forward_features(x))
-
-    def flops(self):
-        """Multiply-accumulates of one forward pass for one image, counted like the official code."""
-        flops = self.patch_embed.flops()
-        flops += sum(layer.flops() for layer in self.layers)
-        flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // (2 ** self.num_layers)
-        flops += self.num_features * self.num_classes
-        return flops

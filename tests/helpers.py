@@ -127,12 +127,16 @@ def assert_same_weights(a, b):
 OFFICIAL_REPO = os.environ.get('SWIN_OFFICIAL_REPO', '/work/.mirror/microsoft+Swin-Transformer/repo')
 
 
-def load_official_module(path_in_repo, folder):
-    """Import one file of the official repository (written to ``folder``); None without the repository."""
+def load_official_module(path_in_repo, folder, required=False):
+    """Import one file of the official repository (written to ``folder``); None without the repository, or
+    with ``required`` the calling test is skipped."""
     import importlib.util
     result = subprocess.run(['git', '-C', OFFICIAL_REPO, 'show', f'HEAD:{path_in_repo}'], capture_output=True,
                             text=True)
     if result.returncode != 0:
+        if required:
+            import pytest
+            pytest.skip(f'the official repository is not available at {OFFICIAL_REPO} (set SWIN_OFFICIAL_REPO)')
         return None
     path = os.path.join(folder, 'official_' + os.path.basename(path_in_repo))
     with open(path, 'w') as f:
@@ -143,3 +147,23 @@ def load_official_module(path_in_repo, folder):
         warnings.simplefilter('ignore')  # the official files import timm.models.layers (deprecated)
         spec.loader.exec_module(module)
     return module
+
+
+def rel_diff(a, b):
+    """Largest absolute difference relative to the largest magnitude of the reference b."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def assert_same_outputs_and_grads(model, reference, x, tol, grad_tol=None, seed=None):
+    """model and reference (same weights) give the same outputs for x and the same parameter gradients of
+    sum(out ** 2); with a seed, both draw the same dropout / drop-path randomness."""
+    outs = []
+    for m in (reference, model):
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = m(x)
+        out.square().sum().backward()
+        outs.append(out)
+    assert rel_diff(outs[1], outs[0]) < tol
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert rel_diff(a.grad, b.grad) < (grad_tol or tol), name

@@ -4,9 +4,9 @@ import os
 
 import pytest
 import torch
-from helpers import ROOT, load_official_module
 
 from config import load_config
+from helpers import ROOT, assert_same_outputs_and_grads, load_official_module
 from models import SwinMLP, build_model
 
 SHIFTED = dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=[2, 2], num_heads=[3, 6])  # 16, 8
@@ -16,24 +16,12 @@ CLAMPED = dict(img_size=64, patch_size=4, window_size=8, embed_dim=24,  # 16, 8 
 CASES = {'shifted': SHIFTED, 'odd': ODD, 'clamped': CLAMPED}
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny models: one thread is faster
 
 
 @pytest.fixture(scope='module')
 def official(tmp_path_factory):
-    module = load_official_module('models/swin_mlp.py', tmp_path_factory.mktemp('official'))
-    if module is None:
-        pytest.skip('the official repository is not available (set SWIN_OFFICIAL_REPO)')
-    return module
-
-
-def rel_diff(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+    return load_official_module('models/swin_mlp.py', tmp_path_factory.mktemp('official'), required=True)
 
 
 @pytest.mark.parametrize('name', CASES)
@@ -51,13 +39,7 @@ def test_official_weights_load_strict_and_match(official, name):
             p.add_(torch.randn_like(p) * 0.2)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     assert ours.state_dict().keys() == theirs.state_dict().keys()
-    x = torch.randn(2, 3, cfg['img_size'], cfg['img_size'])
-    out_theirs, out_ours = theirs(x), ours(x)
-    assert rel_diff(out_ours, out_theirs) < 1e-6
-    out_theirs.square().sum().backward()
-    out_ours.square().sum().backward()
-    for (key, a), b in zip(ours.named_parameters(), theirs.parameters()):
-        assert rel_diff(a.grad, b.grad) < 1e-5, key
+    assert_same_outputs_and_grads(ours, theirs, torch.randn(2, 3, cfg['img_size'], cfg['img_size']), 1e-6, 1e-5)
     assert ours.flops() == theirs.flops()
 
 
@@ -85,16 +67,7 @@ def test_gradient_checkpointing_same_outputs_and_grads(cfg):
     plain = SwinMLP(num_classes=10, drop_path_rate=0.2, **cfg).train()
     ckpt = SwinMLP(num_classes=10, drop_path_rate=0.2, use_checkpoint=True, **cfg).train()
     ckpt.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, cfg['img_size'], cfg['img_size'])
-    outs = []
-    for model in (plain, ckpt):
-        torch.manual_seed(1)
-        out = model(x)
-        out.square().sum().backward()
-        outs.append(out)
-    assert rel_diff(outs[1], outs[0]) < 1e-6
-    for (name, a), b in zip(ckpt.named_parameters(), plain.parameters()):
-        assert rel_diff(a.grad, b.grad) < 1e-6, name
+    assert_same_outputs_and_grads(ckpt, plain, torch.randn(2, 3, cfg['img_size'], cfg['img_size']), 1e-6, seed=1)
 
 
 # ----------------------------------------------------------------------------- official configs, sizes, counts

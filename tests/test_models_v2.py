@@ -7,12 +7,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, load_official_module
 from timm.models.swin_transformer_v2 import checkpoint_filter_fn
 
 import models.swin_transformer_v2 as v2
 from config import load_config
 from errors import ConfigError
+from helpers import ROOT, assert_same_outputs_and_grads, load_official_module, rel_diff
 from models import SwinTransformerV2, build_model
 
 # small models covering the cases of the window logic (stage maps in the comments)
@@ -24,25 +24,12 @@ CLAMPED = dict(img_size=64, patch_size=4, window_size=8, embed_dim=24,  # 16, 8 
 CASES = {'shifted': SHIFTED, 'pretrained': PRETRAINED, 'odd': ODD, 'clamped': CLAMPED}
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # these models are tiny: with two threads on a busy machine OpenMP waits dominate
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny models: one thread is faster
 
 
 @pytest.fixture(scope='module')
 def official(tmp_path_factory):
-    module = load_official_module('models/swin_transformer_v2.py', tmp_path_factory.mktemp('official'))
-    if module is None:
-        pytest.skip('the official repository is not available (set SWIN_OFFICIAL_REPO)')
-    return module
-
-
-def rel_diff(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+    return load_official_module('models/swin_transformer_v2.py', tmp_path_factory.mktemp('official'), required=True)
 
 
 def make(seed=0, **kwargs):
@@ -134,13 +121,7 @@ def test_official_weights_load_strict_and_match(official, name):
     for key, value in theirs.state_dict().items():  # the buffers are computed alike, too
         assert torch.allclose(ours.state_dict()[key], value), key
     theirs.load_state_dict(ours.state_dict(), strict=True)
-    x = torch.randn(2, 3, cfg['img_size'], cfg['img_size'])
-    out_theirs, out_ours = theirs(x), ours(x)
-    assert rel_diff(out_ours, out_theirs) < 1e-5
-    out_theirs.square().sum().backward()
-    out_ours.square().sum().backward()
-    for (name_, a), b in zip(ours.named_parameters(), theirs.parameters()):
-        assert rel_diff(a.grad, b.grad) < 1e-4, name_
+    assert_same_outputs_and_grads(ours, theirs, torch.randn(2, 3, cfg['img_size'], cfg['img_size']), 1e-5, 1e-4)
     assert ours.flops() == theirs.flops()
 
 
@@ -164,14 +145,8 @@ def test_fused_and_manual_attention_agree(name, force_sdpa):
     fused = make(num_classes=10, drop_path_rate=0.0, **cfg).train()
     manual = make(num_classes=10, drop_path_rate=0.0, fused_attn=False, **cfg).train()
     manual.load_state_dict(fused.state_dict())
-    x = torch.randn(2, 3, cfg['img_size'], cfg['img_size'])
-    out_fused, out_manual = fused(x), manual(x)
+    assert_same_outputs_and_grads(fused, manual, torch.randn(2, 3, cfg['img_size'], cfg['img_size']), 1e-5)
     assert force_sdpa == [1.0] * sum(cfg['depths'])  # SDPA in every fused block (scale folded into q), none manual
-    assert rel_diff(out_fused, out_manual) < 1e-5
-    out_fused.square().sum().backward()
-    out_manual.square().sum().backward()
-    for (key, a), b in zip(fused.named_parameters(), manual.parameters()):
-        assert rel_diff(a.grad, b.grad) < 1e-5, key
 
 
 def test_position_bias_mlp_runs_once_per_block_call():
@@ -215,17 +190,8 @@ def test_gradient_checkpointing_same_outputs_and_grads():
     calls = []
     for blk in ckpt.layers[0].blocks:
         blk.register_forward_pre_hook(lambda *args: calls.append(1))
-    x = torch.randn(2, 3, 32, 32)
-    outs = []
-    for model in (plain, ckpt):
-        torch.manual_seed(1)
-        out = model(x)
-        out.square().sum().backward()
-        outs.append(out)
+    assert_same_outputs_and_grads(ckpt, plain, torch.randn(2, 3, 32, 32), 1e-6, seed=1)  # same drop-path draws
     assert len(calls) == 4  # two blocks, each run again in backward
-    assert rel_diff(outs[1], outs[0]) < 1e-6
-    for (name, a), b in zip(ckpt.named_parameters(), plain.parameters()):
-        assert rel_diff(a.grad, b.grad) < 1e-6, name
 
 
 def test_window_of_one_token_is_finite():

@@ -115,13 +115,17 @@ def test_layer_decay_ids():
     assert swin_layer_id('head.weight', depths) == 5
 
 
+def lr_scales(optimizer, model):
+    """{parameter name: lr_scale of its group}."""
+    return {name: group['lr_scale'] for group, names in zip(optimizer.param_groups, group_names(optimizer, model))
+            for name in names}
+
+
 def test_layer_decay_scales(tiny_config):
     config = tiny_config('TRAIN.LAYER_DECAY', 0.5, 'MODEL.SWIN.APE', True)
     model = build_model(config)
     optimizer = build_optimizer(config, model)
-    scale = {}
-    for group, names in zip(optimizer.param_groups, group_names(optimizer, model)):
-        scale.update({n: group['lr_scale'] for n in names})
+    scale = lr_scales(optimizer, model)
     assert len(scale) == len(list(model.parameters()))
     assert scale['patch_embed.proj.weight'] == scale['absolute_pos_embed'] == 0.5 ** 5 == min(scale.values())
     assert scale['layers.0.blocks.0.attn.qkv.weight'] == 0.5 ** 4
@@ -159,9 +163,7 @@ def test_layer_decay_for_other_families(tiny_config, family):
                          f'{node}.NUM_HEADS', [3, 6], 'MODEL.SWIN.DEPTHS', [2, 2, 6, 2])
     model = build_model(config)
     optimizer = build_optimizer(config, model)
-    scale = {}
-    for group, names in zip(optimizer.param_groups, group_names(optimizer, model)):
-        scale.update({n: group['lr_scale'] for n in names})
+    scale = lr_scales(optimizer, model)
     assert len(scale) == len(list(model.parameters()))
     assert scale['patch_embed.proj.weight'] == 0.5 ** 5
     assert scale['layers.0.downsample.reduction.weight'] == scale['layers.0.blocks.0.mlp.fc1.weight'] == 0.5 ** 4

@@ -4,8 +4,8 @@ import re
 
 import pytest
 import torch
-from helpers import read, run_main
 
+from helpers import read, run_main
 from models import build_model
 
 # tiny models on the demo digits (10 classes, 32 px): patch 4 gives 8x8 tokens, windows of 4, two stages

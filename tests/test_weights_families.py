@@ -10,7 +10,7 @@ import torch
 import checkpoint
 from config import load_config
 from errors import CheckpointError
-from helpers import OFFICIAL_REPO, load_official_module
+from helpers import OFFICIAL_REPO, load_official_module, rel_diff
 from models import SwinMLP, SwinTransformerV2, build_model
 from scripts.convert_checkpoint import convert
 
@@ -22,16 +22,7 @@ FINETUNE = dict(PRETRAIN, img_size=48, window_size=12, pretrained_window_sizes=[
 TIMM_ARGS = ('img_size', 'patch_size', 'window_size', 'embed_dim', 'depths', 'num_heads')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_diff(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny models: one thread is faster
 
 
 def trained_v2(num_classes=10, seed=0, **cfg):
