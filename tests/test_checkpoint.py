@@ -485,25 +485,3 @@ def test_convert_checkpoint_script(tiny_config, tmp_path, capsys):
 
     assert convert.main([str(tmp_path / 'absent.pth'), str(tmp_path / 'x.pth'), '--to', 'timm']) == 2
     assert 'error: checkpoint not found' in capsys.readouterr().err
-
-
-def test_predict_script(tiny_config, tmp_path, capsys):
-    from PIL import Image
-    config = tiny_config()
-    path = checkpoint.save_checkpoint(config, Run(config).state(0), LOG)
-    images = []
-    for i, color in enumerate(['red', 'blue']):
-        images.append(str(tmp_path / f'{i}.png'))
-        Image.new('RGB', (50, 40), color).save(images[-1])
-    cfg = tmp_path / 'tiny.yaml'
-    cfg.write_text('')
-    opts = ['--opts'] + [str(v) for v in TINY_OPTS]
-    predict = load_script('predict')
-
-    assert predict.main([path] + images + ['--cfg', str(cfg), '--topk', '3', '--device', 'cpu'] + opts) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0] == images[0] and out[4] == images[1] and len(out) == 8
-    assert out[1].lstrip().startswith('1.') and 'class' in out[1] and '%' in out[1]
-
-    assert predict.main([path, str(tmp_path / 'absent.png'), '--cfg', str(cfg)] + opts) == 2
-    assert 'error: image not found' in capsys.readouterr().err
