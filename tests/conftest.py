@@ -3,6 +3,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -39,3 +40,13 @@ def tiny_config(tmp_path):
     def factory(*opts):
         return make_tiny_config(tmp_path / 'output', *opts)
     return factory
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One torch thread for a module of tiny-model tests: with two threads on a busy machine OpenMP waits
+    dominate (tens of times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

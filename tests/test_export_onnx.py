@@ -17,6 +17,8 @@ export_onnx = load_script('export_onnx')
 FAMILY_NODES = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'swin_mlp': 'SWIN_MLP'}
 TINY_SHAPE = {'PATCH_SIZE': 2, 'WINDOW_SIZE': 4, 'EMBED_DIM': 24, 'DEPTHS': [2, 2], 'NUM_HEADS': [3, 6]}
 
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny models: see conftest.one_thread
+
 
 def family_opts(family):
     opts = ['MODEL.TYPE', family]

@@ -19,6 +19,8 @@ from models import build_model
 predict = load_script('predict')
 OPTS = ['--opts'] + [str(v) for v in TINY_OPTS]
 
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny models: see conftest.one_thread
+
 
 def save_checkpoint(path, num_classes, class_names=None, seed=0):
     """Random tiny-Swin weights as {'model': state_dict, 'class_names': [...]}, like a training checkpoint."""
