@@ -10,7 +10,8 @@ import os
 import torch
 import yaml
 
-from utils import all_reduce_sum, replace_atomically, write_text_atomically
+from checkpoint import replace_atomically, write_text_atomically
+from utils import all_reduce_sum
 
 MAX_CONFUSION_CLASSES = 100  # a larger matrix is unreadable as an image (and 22K^2 counts would not fit)
 RESULTS_NAME, CONFUSION_NAME = 'eval_results.json', 'confusion_matrix.png'

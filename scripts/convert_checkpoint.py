@@ -18,52 +18,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint import atomic_save, extract_state_dict, load_file, official_to_timm
-from errors import CheckpointError
-from utils import replace_atomically
-
-SAFETENSORS = '.safetensors'
-
-
-def is_safetensors(path):
-    return os.fspath(path).lower().endswith(SAFETENSORS)
-
-
-def save_safetensors(state_dict, path, metadata):
-    """Write tensors + string metadata as a .safetensors file, atomically."""
-    from safetensors.torch import save
-
-    # safetensors refuses views into shared or non-contiguous storage: give it plain contiguous tensors
-    data = save({key: value.contiguous() for key, value in state_dict.items()}, metadata)
-
-    def write(temp):
-        with open(temp, 'xb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    replace_atomically(write, path)
-
-
-def load_safetensors(path):
-    """{'model': state_dict, 'class_names': [...]} from a .safetensors file; CheckpointError when unreadable."""
-    from safetensors import SafetensorError, safe_open
-
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(path, framework='pt') as f:
-            metadata = f.metadata() or {}
-            sd = {key: f.get_tensor(key) for key in f.keys()}
-        names = json.loads(metadata.get('class_names', '[]'))
-    except (SafetensorError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({e})") from None
-    return {'model': sd, 'class_names': names}
+from checkpoint import atomic_save, extract_state_dict, is_safetensors, official_to_timm, read_weights, save_safetensors
+from errors import CheckpointError, exit_status
 
 
 def convert(src, dst, to, ema=False):
     """Read src, write dst in the `to` layout; returns the number of tensors written."""
-    obj = load_safetensors(src) if is_safetensors(src) else load_file(src)
+    obj = read_weights(src)
     if ema:
         if not isinstance(obj, dict) or obj.get('model_ema') is None:
             raise CheckpointError(f"checkpoint {src} has no EMA weights (model_ema)")
@@ -91,11 +52,11 @@ def main(argv=None):
     parser.add_argument('--to', required=True, choices=['official', 'timm'], help='layout of OUT')
     parser.add_argument('--ema', action='store_true', help="convert the EMA weights of one of our training checkpoints")
     args = parser.parse_args(argv)
-    try:
-        count = convert(args.src, args.dst, args.to, args.ema)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_status(run, args)
+
+
+def run(args):
+    count = convert(args.src, args.dst, args.to, args.ema)
     print(f"wrote {args.dst}: {count} tensors in the {args.to} layout")
     return 0
 

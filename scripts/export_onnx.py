@@ -2,13 +2,13 @@
 
     python scripts/export_onnx.py CKPT --cfg CFG [--opts KEY VALUE ...] --output FILE.onnx [--opset N]
 
-The model is built from the config and loads CKPT like --eval does (ours, official or timm weights). The graph
-takes ``images`` (batch, 3, IMG_SIZE, IMG_SIZE), normalized as by the validation transform, and returns
-``logits`` (batch, NUM_CLASSES). Export runs under no_grad, so window attention is exported from the
-``scaled_dot_product_attention`` path (MODEL.SWIN.FUSED_ATTN True) as plain ONNX operators (MatMul, Softmax).
-Opset 18 and later (default 18) use torch's dynamo exporter; opsets 14-17, for older runtimes, its TorchScript
-exporter. After export, onnxruntime runs the file on a batch of another size than the export's and the largest
-difference to PyTorch, relative to the largest logit, is printed; above 1e-4 the script fails.
+The model is built from the config and loads CKPT like --eval does (ours, official or timm weights; .pth or
+.safetensors). The graph takes ``images`` (batch, 3, IMG_SIZE, IMG_SIZE), normalized as by the validation
+transform, and returns ``logits`` (batch, NUM_CLASSES). Export runs under no_grad, so window attention is
+exported from the ``scaled_dot_product_attention`` path (MODEL.SWIN.FUSED_ATTN True) as plain ONNX operators
+(MatMul, Softmax). Opset 18 and later (default 18) use torch's dynamo exporter; opsets 14-17, for older runtimes,
+its TorchScript exporter. After export, onnxruntime runs the file on a batch of another size than the export's
+and the largest difference to PyTorch, relative to the largest logit, is printed; above 1e-4 the script fails.
 Needs the optional packages: pip install onnx onnxruntime onnxscript (or pip install -e '.[export]').
 """
 import argparse
@@ -22,11 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from checkpoint import load_file, load_model_weights
+from checkpoint import load_model_weights, replace_atomically
 from config import load_config
-from errors import ConfigError, SwinTrainError
+from errors import ConfigError, SwinTrainError, exit_status
 from models import build_model
-from utils import replace_atomically
 
 INSTALL = "pip install onnx onnxruntime onnxscript  (or: pip install -e '.[export]')"
 EXPORT_BATCH, CHECK_BATCH = 2, 3  # the check runs another batch size than the traced one: the dimension is dynamic
@@ -99,7 +98,7 @@ def run(args):
     if not os.path.isdir(folder):
         raise ConfigError(f"--output {args.output}: folder {folder} does not exist")
     model = build_model(config)
-    load_model_weights(model, load_file(args.checkpoint), _logger, name=args.checkpoint)
+    load_model_weights(model, args.checkpoint, _logger, model_type=config.MODEL.TYPE)
     model.eval()
     size = config.DATA.IMG_SIZE
     export(model, args.output, size, args.opset)
@@ -123,11 +122,7 @@ def main(argv=None):
                                                               'exporter)')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(message)s')
-    try:
-        return run(args)
-    except SwinTrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_status(run, args)
 
 
 if __name__ == '__main__':

@@ -5,13 +5,13 @@
 
 INPUTS: image files, folders (searched recursively for common image extensions) or glob patterns (quote them;
 ``**`` recurses). The model is built from the config; CKPT may be one of our checkpoints, an official release or
-timm weights. Images get exactly the validation transform of data/ and are read in batches by DATA.NUM_WORKERS
-workers; on CUDA the model runs under AMP (as validation does). Results stream to --output as they come (memory
-stays flat however many images): CSV with a header and one row per image, columns ``path``, then for k = 1..K
-``index_k``, ``class_k``, ``prob_k``, then ``error``; JSON, a list of records with the same keys. Without
---output a table is printed. An unreadable file gets a row with its error (and empty predictions); it never
-stops the run. Class names: those stored in the checkpoint, else the ImageNet-1K names when MODEL.NUM_CLASSES
-is 1000, else the class index. Progress (images/s) goes to stderr.
+timm weights (.pth or .safetensors). Images get exactly the validation transform of data/ and are read in batches
+by DATA.NUM_WORKERS workers; on CUDA the model runs under AMP (as validation does). Results stream to --output as
+they come (memory stays flat however many images): CSV with a header and one row per image, columns ``path``,
+then for k = 1..K ``index_k``, ``class_k``, ``prob_k``, then ``error``; JSON, a list of records with the same
+keys. Without --output a table is printed. An unreadable file gets a row with its error (and empty predictions);
+it never stops the run. Class names: those stored in the checkpoint, else the ImageNet-1K names when
+MODEL.NUM_CLASSES is 1000, else the class index. Progress (images/s) goes to stderr.
 """
 import argparse
 import csv
@@ -27,11 +27,11 @@ import torch
 from timm.data import ImageNetInfo
 from tqdm import tqdm
 
-from checkpoint import load_file, load_model_weights
+from checkpoint import load_model_weights, read_weights
 from config import load_config
 from data.inference import find_images, image_files_loader
 from data.transforms import build_transform
-from errors import ConfigError, SwinTrainError
+from errors import ConfigError, exit_status
 from models import build_model
 from utils import Precision, resolve_device, resolve_precision  # noqa: F401 (Precision: for callers)
 
@@ -50,9 +50,9 @@ def class_names(checkpoint, num_classes):
 
 def load_model(checkpoint_path, config, device):
     """(model in eval mode on device, class names or None) for a checkpoint file."""
-    checkpoint = load_file(checkpoint_path)
+    checkpoint = read_weights(checkpoint_path)
     model = build_model(config)
-    load_model_weights(model, checkpoint, _logger, name=checkpoint_path)
+    load_model_weights(model, checkpoint, _logger, name=checkpoint_path, model_type=config.MODEL.TYPE)
     return model.to(device).eval(), class_names(checkpoint, config.MODEL.NUM_CLASSES)
 
 
@@ -158,6 +158,8 @@ def open_writer(output, topk, paths):
 
 
 def run(args):
+    if args.topk < 1 or (args.batch_size is not None and args.batch_size < 1):
+        raise ConfigError(f"--topk {args.topk} / --batch-size {args.batch_size}: both must be at least 1")
     config = load_config(args.cfg, (args.opts or []) + ['DEVICE', args.device])
     paths = find_images(args.inputs)
     device = resolve_device(config)
@@ -216,13 +218,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(message)s')
-    try:
-        if args.topk < 1 or (args.batch_size is not None and args.batch_size < 1):
-            raise ConfigError(f"--topk {args.topk} / --batch-size {args.batch_size}: both must be at least 1")
-        return run(args)
-    except SwinTrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_status(run, args)
 
 
 if __name__ == '__main__':

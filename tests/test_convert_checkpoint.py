@@ -4,11 +4,11 @@ import json
 import pytest
 import timm
 import torch
-from conftest import make_tiny_config
-from helpers import load_script
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import make_tiny_config
+from helpers import load_script
 from models import build_model
 
 convert = load_script('convert_checkpoint')

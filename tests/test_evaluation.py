@@ -3,9 +3,9 @@ import json
 
 import numpy as np
 import torch
-from conftest import make_tiny_config
 from PIL import Image
 
+from conftest import make_tiny_config
 from evaluation import ClassCounts, write_eval_results
 
 

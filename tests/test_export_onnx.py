@@ -5,10 +5,11 @@ import sys
 import onnxruntime
 import pytest
 import torch
-from conftest import TINY_OPTS, make_tiny_config
-from helpers import load_script
 
+import checkpoint
+from conftest import TINY_OPTS, make_tiny_config
 from errors import ConfigError
+from helpers import load_script
 from models import build_model
 
 export_onnx = load_script('export_onnx')
@@ -84,8 +85,10 @@ def test_onnx_round_trip_at_two_batch_sizes(tmp_path, family, capsys):
 
 def test_older_opset_uses_the_torchscript_exporter(tmp_path, capsys):
     ckpt, cfg, opts, model = tiny_checkpoint(tmp_path, 'swin')
+    weights = str(tmp_path / 'weights.safetensors')  # safetensors are read as well
+    checkpoint.save_safetensors(model.state_dict(), weights)
     out = str(tmp_path / 'model.onnx')
-    assert export_onnx.main([ckpt, '--cfg', cfg, '--output', out, '--opset', '17'] + opts) == 0
+    assert export_onnx.main([weights, '--cfg', cfg, '--output', out, '--opset', '17'] + opts) == 0
     assert 'opset 17' in capsys.readouterr().out
     assert_round_trip(out, model, (1, 4))
 

@@ -8,12 +8,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_OPTS, make_tiny_config
-from helpers import CLASSES, load_script, make_image_folder, run_main, tiny_yaml
 from PIL import Image
 
+from conftest import TINY_OPTS, make_tiny_config
 from data.inference import find_images
 from errors import DataError
+from helpers import CLASSES, load_script, make_image_folder, run_main, tiny_yaml
 from models import build_model
 
 predict = load_script('predict')
@@ -76,12 +76,21 @@ def test_find_images_expands_files_folders_and_globs(tmp_path):
 
 @pytest.mark.slow
 def test_csv_rows_error_column_and_top1_equal_to_eval(tmp_path):
+    """predict over a class-folder tree with a corrupt file; main.py --eval of the same weights (as safetensors)
+    on the same images: the same Acc@1 and per-class accuracy, written with a confusion-matrix PNG."""
     data = make_image_folder(tmp_path / 'data', train_per_class=1)
     config = tiny_yaml(tmp_path / 'tiny.yaml', data, num_workers=2)
     ckpt = save_checkpoint(tmp_path / 'ckpt.pth', 3, CLASSES, seed=1)
-    result = run_main('--cfg', config, '--eval', '--resume', ckpt, '--output', str(tmp_path / 'eval'))
+    weights = str(tmp_path / 'ckpt.safetensors')
+    assert load_script('convert_checkpoint').main([ckpt, weights, '--to', 'official']) == 0
+    result = run_main('--cfg', config, '--eval', '--resume', weights, '--output', str(tmp_path / 'eval'))
     assert result.returncode == 0, result.stderr
     eval_acc1 = float(re.search(r' \* Acc@1 ([0-9.]+)', result.stdout).group(1))
+    results = json.loads((tmp_path / 'eval' / 'tiny' / 'default' / 'eval_results.json').read_text())
+    assert results['checkpoint'] == weights and results['images'] == 21 and round(results['acc1'], 3) == eval_acc1
+    assert results['config']['DATA']['DATA_PATH'] == data and 0 < results['loss'] < 10
+    with Image.open(tmp_path / 'eval' / 'tiny' / 'default' / 'confusion_matrix.png') as png:
+        assert png.format == 'PNG' and png.width > 300 and png.height > 300
 
     val = os.path.join(data, 'val')
     with open(os.path.join(val, 'square', 'corrupt.png'), 'wb') as f:
@@ -99,8 +108,11 @@ def test_csv_rows_error_column_and_top1_equal_to_eval(tmp_path):
     assert all(row['class_1'] == CLASSES[int(row['index_1'])] for row in good)
     assert all(1 >= float(row['prob_1']) >= float(row['prob_2']) > 0 for row in good)
     assert len({row['class_1'] for row in good}) > 1  # the weights tell images apart: a meaningful comparison
-    correct = sum(row['class_1'] == os.path.basename(os.path.dirname(row['path'])) for row in good)
-    assert f'{100 * correct / len(good):.3f}' == f'{eval_acc1:.3f}'
+    hits = {name: [row['class_1'] == name for row in good if os.path.basename(os.path.dirname(row['path'])) == name]
+            for name in CLASSES}
+    assert f'{100 * sum(map(sum, hits.values())) / len(good):.3f}' == f'{eval_acc1:.3f}'
+    assert {name: 100 * sum(h) / len(h) for name, h in hits.items()} == {
+        name: entry['acc1'] for name, entry in results['per_class'].items()}
 
 
 def test_json_output_and_class_indices_without_names(tmp_path, cfg, capsys):
@@ -122,8 +134,12 @@ def test_json_output_and_class_indices_without_names(tmp_path, cfg, capsys):
 
 
 def test_table_on_stdout_and_one_line_errors(tmp_path, cfg, capsys):
-    ckpt = save_checkpoint(tmp_path / 'ckpt.pth', 10, [f'class{i}' for i in range(10)])
+    # safetensors weights: the class names come from the file's metadata
+    pth = save_checkpoint(tmp_path / 'ckpt.pth', 10, [f'class{i}' for i in range(10)])
+    ckpt = str(tmp_path / 'ckpt.safetensors')
+    assert load_script('convert_checkpoint').main([pth, ckpt, '--to', 'timm']) == 0
     paths = write_images(tmp_path, 2)
+    capsys.readouterr()
     assert predict.main([ckpt] + paths + ['--cfg', cfg, '--topk', '2', '--device', 'cpu'] + OPTS) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ['path', 'top-1', 'top-2'] and len(lines) == 3
