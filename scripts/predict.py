@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from checkpoint import load_model_weights, read_weights
 from config import load_config
+from data import build_val_transform
 from data.inference import find_images, image_files_loader
-from data.transforms import build_transform
 from errors import ConfigError, exit_status
 from models import build_model
 from utils import Precision, resolve_device, resolve_precision  # noqa: F401 (Precision: for callers)
@@ -166,7 +166,7 @@ def run(args):
     precision = resolve_precision(config, device)
     model, names = load_model(args.checkpoint, config, device)
     topk = min(args.topk, config.MODEL.NUM_CLASSES)
-    loader = image_files_loader(paths, build_transform(False, config), args.batch_size or config.DATA.BATCH_SIZE,
+    loader = image_files_loader(paths, build_val_transform(config), args.batch_size or config.DATA.BATCH_SIZE,
                                 config.DATA.NUM_WORKERS, pin_memory=device.type == 'cuda')
     writer, file = open_writer(args.output, topk, paths)
     start = time.time()

@@ -157,7 +157,7 @@ def test_rows_are_flushed_batch_by_batch(tmp_path):
     config = make_tiny_config(None, 'DATA.NUM_WORKERS', 2)
     paths = write_images(tmp_path / 'images', 300, size=(20, 20))
     model, names = predict.load_model(save_checkpoint(tmp_path / 'ckpt.pth', 10), config, torch.device('cpu'))
-    loader = predict.image_files_loader(paths, predict.build_transform(False, config), 32, 2)
+    loader = predict.image_files_loader(paths, predict.build_val_transform(config), 32, 2)
     out = tmp_path / 'out.csv'
     with open(out, 'w', newline='') as f:
         writer = predict.CsvWriter(f, 1)
