@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from yacs.config import CfgNode
@@ -19,6 +20,9 @@ from errors import TrainingError
 from logger import format_accuracy, format_eta, format_throughput
 from run_state import RunState, Runtime, TrainingObjects
 from utils import Precision, all_reduce_sum, unwrap_model
+
+if TYPE_CHECKING:
+    from evaluation import ClassCounts
 
 
 @dataclass
@@ -223,10 +227,12 @@ def topk_correct(output: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]
 
 @torch.no_grad()
 def validate(config: CfgNode, data_loader: Iterable, model: torch.nn.Module, device: torch.device,
-             precision: Precision, logger: logging.Logger, header: str = 'Test') -> tuple[float, float, float]:
+             precision: Precision, logger: logging.Logger, header: str = 'Test',
+             class_counts: ClassCounts | None = None) -> tuple[float, float, float]:
     """Exact top-1/top-5 and loss: counts are summed over ranks, each image counted once.
 
-    Returns (acc1, acc5, loss) in percent / mean cross-entropy.
+    Returns (acc1, acc5, loss) in percent / mean cross-entropy. ``class_counts`` (evaluation.ClassCounts), when
+    given, also gets every batch and is summed over ranks: per-class accuracy and the confusion matrix.
     """
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
@@ -239,6 +245,8 @@ def validate(config: CfgNode, data_loader: Iterable, model: torch.nn.Module, dev
             output = model(images)
         output = output.float()
         correct1, correct5 = topk_correct(output, target)
+        if class_counts is not None:
+            class_counts.update(output, target)
         totals += torch.stack([correct1.double(), correct5.double(),
                                criterion(output, target).double(),
                                torch.tensor(float(target.shape[0]), dtype=torch.float64, device=device)])
@@ -248,6 +256,8 @@ def validate(config: CfgNode, data_loader: Iterable, model: torch.nn.Module, dev
                         f"Acc@1 {100 * c1 / seen:.3f}\tAcc@5 {100 * c5 / seen:.3f}\t"
                         f"mem {memory_mb(device):.0f}MB")
     all_reduce_sum(totals)
+    if class_counts is not None:
+        class_counts.all_reduce()
     c1, c5, loss_sum, seen = totals.tolist()
     if seen == 0:
         raise TrainingError("validation saw no images: the val split is empty on every rank")

@@ -1,4 +1,5 @@
 """Project exceptions: user-facing failures that end a run with one clear line, not a traceback."""
+import sys
 
 
 class SwinTrainError(Exception):
@@ -19,3 +20,14 @@ class CheckpointError(SwinTrainError):
 
 class TrainingError(SwinTrainError):
     """A run that cannot go on (non-finite loss, unusable device, ...)."""
+
+
+def exit_status(function, *args):
+    """``function(*args)`` as a command-line tool's exit status: its return value, or 2 after printing
+    ``error: ...`` (one line, on stderr) when it stops on a SwinTrainError. For scripts/; main.py adds
+    ``--debug`` and ranks."""
+    try:
+        return function(*args)
+    except SwinTrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

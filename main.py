@@ -29,6 +29,7 @@ from config import build_parser, get_config
 from data import build_loader, check_bad_images, to_device
 from engine import throughput, train_one_epoch, validate
 from errors import SwinTrainError
+from evaluation import ClassCounts, write_eval_results
 from logger import MetricWriter, create_logger, format_eta, format_max_accuracy, format_network_accuracy, save_config
 from lr_scheduler import build_scheduler
 from models import build_model
@@ -73,17 +74,26 @@ def run_throughput(config: CfgNode, model: torch.nn.Module, runtime: Runtime) ->
 
 
 def run_eval(config: CfgNode, model: torch.nn.Module, loader_val: DataLoader, runtime: Runtime) -> int:
-    """Evaluate released or trained weights (never trains, never writes a checkpoint)."""
+    """Evaluate released or trained weights (never trains, never writes a checkpoint); rank 0 writes
+    eval_results.json, and confusion_matrix.png for at most 100 classes, into the output folder."""
     logger = runtime.logger
     if config.MODEL.PRETRAINED:
+        path = config.MODEL.PRETRAINED
         checkpoint.load_pretrained(config, model, logger)
     else:
         path = config.MODEL.RESUME or checkpoint.find_resume_checkpoint(config.OUTPUT_DIR, logger)
         if not path:
             raise SwinTrainError("--eval needs weights: give --resume PATH or --pretrained PATH")
         checkpoint.load_model_weights(model, path, logger, model_type=config.MODEL.TYPE)
-    acc1, acc5, _ = validate(config, loader_val, model, runtime.device, runtime.precision, logger)
+    counts = ClassCounts(config.MODEL.NUM_CLASSES, runtime.device)
+    acc1, acc5, loss = validate(config, loader_val, model, runtime.device, runtime.precision, logger,
+                                class_counts=counts)
     logger.info(format_network_accuracy(len(loader_val.dataset), acc1))
+    if utils.is_main_process():
+        summary = {'checkpoint': os.path.abspath(path), 'images': int(counts.images.sum()), 'acc1': acc1,
+                   'acc5': acc5, 'loss': loss}
+        for written in write_eval_results(config, summary, counts, loader_val.dataset.classes):
+            logger.info(f"wrote {written}")
     return 0
 
 

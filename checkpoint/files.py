@@ -1,4 +1,5 @@
-"""Files that survive a crash at any moment, and the one way checkpoints are read.
+"""Files that survive a crash at any moment, and the ways checkpoints are read: ``load_file`` (torch's format,
+``weights_only``) and ``load_safetensors`` (the safetensors format, weights only by construction).
 
 The atomic-save rule: write a hidden temp file next to the target, fsync it, rename it onto the target, fsync
 the folder. A reader then sees either the old file or the complete new one, never a half-written one. Temp
@@ -79,6 +80,40 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> str | os.PathLike:
 
     replace_atomically(write, path)
     return path
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> str | os.PathLike:
+    """Write tensors (and string metadata) as a .safetensors file, atomically: no pickle, loadable anywhere."""
+    from safetensors.torch import save
+
+    # safetensors refuses views into shared or non-contiguous storage: hand it plain contiguous tensors
+    data = save({key: value.contiguous() for key, value in state_dict.items()}, metadata)
+
+    def write(temp):
+        with open(temp, 'xb') as f:
+            f.write(data)
+
+    replace_atomically(write, path)
+    return path
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors on the CPU, string metadata) of a .safetensors file; any failure is a one-line CheckpointError."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(path, framework='pt', device='cpu') as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({first_line(e)})") from None
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    return os.fspath(path).lower().endswith('.safetensors')
 
 
 def link_atomically(source: str, path: str) -> None:

@@ -14,8 +14,7 @@ from yacs.config import CfgNode
 from errors import CheckpointError
 from utils import unwrap_model
 
-from .files import load_file
-from .weights import StateDict, check_fit, extract_state_dict, weight_family, with_model_buffers
+from .weights import StateDict, check_fit, extract_state_dict, read_weights, weight_family, with_model_buffers
 
 
 def imagenet22k_to_1k_indices() -> list[int]:
@@ -92,7 +91,7 @@ def load_pretrained(config: CfgNode, model: torch.nn.Module, logger: logging.Log
     model = unwrap_model(model)
     model_sd = model.state_dict()
     source = f"pretrained weights {path}"
-    sd = extract_state_dict(load_file(path), source, config.MODEL.TYPE)
+    sd = extract_state_dict(read_weights(path), source, config.MODEL.TYPE)
     sd = adapt_pretrained(sd, model_sd, config.MODEL.TYPE, logger)
     check_fit(sd, model_sd, source)
     model.load_state_dict(sd, strict=True)

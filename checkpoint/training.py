@@ -22,8 +22,8 @@ from errors import CheckpointError
 from run_state import RunState, TrainingObjects
 from utils import unwrap_model
 
-from .files import first_line, load_file
-from .weights import extract_state_dict, load_state_dict_strict
+from .files import first_line
+from .weights import extract_state_dict, load_state_dict_strict, read_weights
 
 FORMAT_VERSION = 2
 REQUIRED_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch', 'global_step', 'max_accuracy', 'config',
@@ -177,7 +177,7 @@ def load_training_state(path: str, config: CfgNode, logger: logging.Logger) -> d
     Foreign formats are normalized to ours; pieces they lack are None (restore_training_state starts those
     fresh with a warning).
     """
-    ckpt = load_file(path)
+    ckpt = read_weights(path)
     if isinstance(ckpt, dict) and 'format_version' in ckpt:
         reason = invalid_reason(ckpt)
         if reason:

@@ -7,6 +7,7 @@ official layout only, and its pretrained weights must match the model's shapes.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import OrderedDict
@@ -18,7 +19,7 @@ import torch
 from errors import CheckpointError
 from utils import unwrap_model
 
-from .files import load_file
+from .files import is_safetensors, load_file, load_safetensors
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -117,16 +118,30 @@ def load_state_dict_strict(model: torch.nn.Module, sd: StateDict, source: str) -
     model.load_state_dict(sd, strict=True)
 
 
+def read_weights(path: str | os.PathLike) -> Any:
+    """The content of a weights file for every loader (eval, pretrained, resume, scripts): torch files through
+    ``load_file``; a .safetensors file as {'model': its tensors, 'class_names': [...]} (names from its metadata,
+    as scripts/convert_checkpoint.py writes them)."""
+    if not is_safetensors(path):
+        return load_file(path)
+    sd, metadata = load_safetensors(path)
+    try:
+        names = json.loads(metadata.get('class_names', '[]'))
+    except ValueError:
+        raise CheckpointError(f"checkpoint {os.fspath(path)}: its class_names metadata is not JSON") from None
+    return {'model': sd, 'class_names': [str(name) for name in names]}
+
+
 def load_model_weights(model: torch.nn.Module, path_or_state_dict: str | os.PathLike | dict, logger: logging.Logger,
                        name: str | None = None, model_type: str = 'swin') -> None:
-    """Weights for --eval / predict: ours, official, {'state_dict': sd}, bare or (per family) foreign layouts;
-    strict. Derived buffers (relative_position_index, attn_mask) always come from the model.
+    """Weights for --eval / predict: ours, official, {'state_dict': sd}, bare or (per family) foreign layouts,
+    .pth or .safetensors; strict. Derived buffers (relative_position_index, attn_mask) always come from the model.
 
     name: how error messages call an already loaded dict (a path is named by itself).
     """
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         source = f"checkpoint {os.fspath(path_or_state_dict)}"
-        obj = load_file(path_or_state_dict)
+        obj = read_weights(path_or_state_dict)
     else:
         source, obj = f"checkpoint {name}" if name else "checkpoint", path_or_state_dict
     sd = extract_state_dict(obj, source, model_type)

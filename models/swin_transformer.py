@@ -301,13 +301,18 @@ class BasicLayer(nn.Module):
         self.downsample = downsample(input_resolution, dim=dim, norm_layer=norm_layer) if downsample else None
 
     def forward(self, x):
+        x = self.forward_blocks(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x
+
+    def forward_blocks(self, x):
+        """The blocks without the downsample: this stage's feature map as (B, H * W, C) tokens."""
         for blk in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
         return x
 
     def extra_repr(self):
@@ -370,6 +375,21 @@ def check_stage_resolutions(patches_resolution, num_layers, window_size, img_siz
             raise ConfigError(f"{where}, not divisible by {node}.WINDOW_SIZE {window_size}; choose "
                               f"DATA.IMG_SIZE and {node}.WINDOW_SIZE so that every stage map is a "
                               f"multiple of the window (or not larger than it)")
+
+
+def stage_indices(num_stages, indices):
+    """timm's ``indices`` argument as sorted absolute stage numbers: None all, an int n the last n, a sequence
+    those listed (negative from the end)."""
+    if indices is None:
+        indices = num_stages
+    if isinstance(indices, int):
+        if not 0 < indices <= num_stages:
+            raise ValueError(f"indices {indices}: the last n stages needs 1 <= n <= {num_stages}")
+        return list(range(num_stages - indices, num_stages))
+    taken = sorted({i + num_stages if i < 0 else i for i in indices})
+    if not taken or taken[0] < 0 or taken[-1] >= num_stages:
+        raise ValueError(f"indices {list(indices)}: stages are numbered 0..{num_stages - 1} (or -{num_stages}..-1)")
+    return taken
 
 
 class SwinTransformer(nn.Module):
@@ -459,12 +479,16 @@ class SwinTransformer(nn.Module):
     def no_weight_decay_keywords(self):
         return {'relative_position_bias_table'}
 
-    def forward_features(self, x):
-        """(B, in_chans, H, W) -> pooled features (B, num_features)."""
+    def embed(self, x):
+        """(B, in_chans, H, W) -> patch tokens (B, H/p * W/p, embed_dim) entering the first stage."""
         x = self.patch_embed(x)
         if self.ape:
             x = x + self.absolute_pos_embed
-        x = self.pos_drop(x)
+        return self.pos_drop(x)
+
+    def forward_features(self, x):
+        """(B, in_chans, H, W) -> pooled features (B, num_features)."""
+        x = self.embed(x)
         for layer in self.layers:
             x = layer(x)
         x = self.norm(x)  # B, L, C
@@ -473,6 +497,49 @@ class SwinTransformer(nn.Module):
 
     def forward(self, x):
         return self.head(self.forward_features(x))
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt='NCHW',
+                              intermediates_only=False):
+        """Stage feature maps for detection / segmentation necks: timm's backbone API with timm's meaning.
+
+        Stage i's map is taken after its blocks and before its PatchMerging (which timm counts as the start of
+        stage i + 1): (B, embed_dim * 2**i, H / (p * 2**i), W / (p * 2**i)), strides 4/8/16/32 for patch 4.
+
+        Args:
+            x: Input images (B, in_chans, H, W).
+            indices: The last n stages if an int, the stages listed if a sequence (negative counts from the
+                end), all stages if None.
+            norm: Apply the final norm to the last stage's map (the only one it is sized for).
+            stop_early: Do not run the stages after the last one asked for.
+            output_fmt: 'NCHW' (the only format, as in timm's Swin).
+            intermediates_only: Return only the maps.
+
+        Returns:
+            The list of maps, or (final features, maps) where final features are the normed last stage as
+            (B, H, W, C) like timm's ``forward_features`` (un-normed output of the last stage run with stop_early).
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt {output_fmt!r} is not supported (Swin returns 'NCHW' maps)")
+        take_indices = stage_indices(len(self.layers), indices)
+        max_index = max(take_indices)
+        last = len(self.layers) - 1
+        stages = range(max_index + 1) if stop_early else range(len(self.layers))
+        intermediates = []
+        x = self.embed(x)
+        for i in stages:
+            if i > 0:  # downsample where timm's stage i starts, so an early stop ends on a stage's map as timm does
+                x = self.layers[i - 1].downsample(x)
+            x = self.layers[i].forward_blocks(x)
+            if i in take_indices:
+                feature = self.norm(x) if norm and i == last else x
+                H, W = self.layers[i].input_resolution
+                intermediates.append(feature.view(x.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous())
+        if intermediates_only:
+            return intermediates
+        if i == last:
+            x = self.norm(x)
+        H, W = self.layers[i].input_resolution
+        return x.view(x.shape[0], H, W, -1), intermediates
 
     def flops(self):
         """Multiply-accumulates of one forward pass for one image, counted like the official code."""

@@ -1,27 +1,31 @@
-"""Convert Swin v1 / V2 weights between the official layout and timm's (>= 0.9) layout.
+"""Convert Swin v1 / V2 weights between the official layout and timm's (>= 0.9) layout, and to / from safetensors.
 
     python scripts/convert_checkpoint.py IN OUT --to official   # writes {'model': state_dict}, as the official releases
     python scripts/convert_checkpoint.py IN OUT --to timm       # writes a bare state_dict, as timm's files
+    python scripts/convert_checkpoint.py IN OUT.safetensors --to official|timm   # the weights as safetensors
 
 IN may be one of our training checkpoints (its model weights, or with --ema its EMA weights), an official
-checkpoint, a {'state_dict': ...} file or a bare state_dict in either layout. Only weights are written (no
-optimizer state). relative_position_index / attn_mask (and V2's relative_coords_table) are not written to timm
-files (timm computes them) and are left out of official files converted from timm; every loader recomputes them
-from the model's config. V2 (timm's swinv2_*) moves the same keys as v1. Swin MLP has no timm layout.
+checkpoint, a {'state_dict': ...} file, a bare state_dict in either layout, or a .safetensors file. Only
+weights are written (no optimizer state). relative_position_index / attn_mask (and V2's relative_coords_table)
+are not written to timm files (timm computes them) and are left out of official files converted from timm;
+every loader recomputes them from the model's config. V2 (timm's swinv2_*) moves the same keys as v1; Swin MLP
+has no timm layout. A .safetensors OUT holds the state_dict's tensors (no pickle: safe to load from anywhere)
+and, as string metadata, the layout and the checkpoint's class names (JSON), which predict.py shows.
 """
 import argparse
+import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint import atomic_save, extract_state_dict, load_file, official_to_timm
-from errors import CheckpointError
+from checkpoint import atomic_save, extract_state_dict, is_safetensors, official_to_timm, read_weights, save_safetensors
+from errors import CheckpointError, exit_status
 
 
 def convert(src, dst, to, ema=False):
     """Read src, write dst in the `to` layout; returns the number of tensors written."""
-    obj = load_file(src)
+    obj = read_weights(src)
     if ema:
         if not isinstance(obj, dict) or obj.get('model_ema') is None:
             raise CheckpointError(f"checkpoint {src} has no EMA weights (model_ema)")
@@ -34,28 +38,29 @@ def convert(src, dst, to, ema=False):
             raise CheckpointError(f"checkpoint {src} holds Swin MLP weights: timm has no Swin MLP (no layout to "
                                   f"convert to)")
         sd = official_to_timm(sd)
-        out = sd
-    else:
-        out = {'model': sd}
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(folder):
         raise CheckpointError(f"output folder does not exist: {folder}")
-    atomic_save(out, dst)
+    if is_safetensors(dst):
+        names = obj.get('class_names') if isinstance(obj, dict) and not ema else None
+        save_safetensors(sd, dst, {'format': 'pt', 'layout': to, 'class_names': json.dumps(list(names or []))})
+    else:
+        atomic_save(sd if to == 'timm' else {'model': sd}, dst)
     return len(sd)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('src', metavar='IN', help='checkpoint or weights file to read')
-    parser.add_argument('dst', metavar='OUT', help='file to write (replaced atomically)')
+    parser.add_argument('src', metavar='IN', help='checkpoint or weights file to read (.safetensors too)')
+    parser.add_argument('dst', metavar='OUT', help='file to write (replaced atomically); .safetensors: safetensors')
     parser.add_argument('--to', required=True, choices=['official', 'timm'], help='layout of OUT')
     parser.add_argument('--ema', action='store_true', help="convert the EMA weights of one of our training checkpoints")
     args = parser.parse_args(argv)
-    try:
-        count = convert(args.src, args.dst, args.to, args.ema)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_status(run, args)
+
+
+def run(args):
+    count = convert(args.src, args.dst, args.to, args.ema)
     print(f"wrote {args.dst}: {count} tensors in the {args.to} layout")
     return 0
 

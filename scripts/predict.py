@@ -1,104 +1,224 @@
-"""Top-k predictions of a trained or released Swin model for a few images.
+"""Top-k predictions of a trained or released Swin model for image files, folders or glob patterns.
 
-    python scripts/predict.py CKPT IMAGES... --cfg CFG [--opts KEY VALUE ...] [--topk 5] [--device auto]
+    python scripts/predict.py CKPT INPUTS... --cfg CFG [--opts KEY VALUE ...] [--topk K]
+                              [--output FILE.csv|FILE.json] [--batch-size N] [--device D]
 
-The model is built from the config; CKPT may be one of our checkpoints, an official release or timm weights.
-Images get the validation transform (resize to int(256/224 * IMG_SIZE) + center crop, or a plain resize with
-TEST.CROP False; ImageNet mean/std). Class names: those stored in the checkpoint, else the ImageNet-1K names
-when MODEL.NUM_CLASSES is 1000, else class indices.
+INPUTS: image files, folders (searched recursively for common image extensions) or glob patterns (quote them;
+``**`` recurses). The model is built from the config; CKPT may be one of our checkpoints, an official release or
+timm weights (.pth or .safetensors). Images get exactly the validation transform of data/ and are read in batches
+by DATA.NUM_WORKERS workers; on CUDA the model runs under AMP (as validation does). Results stream to --output as
+they come (memory stays flat however many images): CSV with a header and one row per image, columns ``path``,
+then for k = 1..K ``index_k``, ``class_k``, ``prob_k``, then ``error``; JSON, a list of records with the same
+keys. Without --output a table is printed. An unreadable file gets a row with its error (and empty predictions);
+it never stops the run. Class names: those stored in the checkpoint, else the ImageNet-1K names when
+MODEL.NUM_CLASSES is 1000, else the class index. Progress (images/s) goes to stderr.
 """
 import argparse
+import csv
+import json
 import logging
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
-from torchvision import transforms
+from timm.data import ImageNetInfo
+from tqdm import tqdm
 
-from checkpoint import load_file, load_model_weights
+from checkpoint import load_model_weights, read_weights
 from config import load_config
-from errors import DataError, SwinTrainError
+from data import build_val_transform
+from data.inference import find_images, image_files_loader
+from errors import ConfigError, exit_status
 from models import build_model
+from utils import Precision, resolve_device, resolve_precision  # noqa: F401 (Precision: for callers)
 
-_INTERPOLATION = {'bilinear': transforms.InterpolationMode.BILINEAR,
-                  'bicubic': transforms.InterpolationMode.BICUBIC,
-                  'random': transforms.InterpolationMode.BICUBIC}  # random is a training-time choice
-
-
-def build_val_transform(config):
-    size = config.DATA.IMG_SIZE
-    interpolation = _INTERPOLATION.get(config.DATA.INTERPOLATION, transforms.InterpolationMode.BICUBIC)
-    if config.TEST.CROP:
-        resize = [transforms.Resize(int(256 / 224 * size), interpolation=interpolation), transforms.CenterCrop(size)]
-    else:
-        resize = [transforms.Resize((size, size), interpolation=interpolation)]
-    return transforms.Compose(resize + [transforms.ToTensor(),
-                                        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+_logger = logging.getLogger('predict')
 
 
 def class_names(checkpoint, num_classes):
+    """Names stored in the checkpoint, else the ImageNet-1K names for 1000 classes, else None (indices)."""
     names = checkpoint.get('class_names') if isinstance(checkpoint, dict) else None
     if names and len(names) == num_classes:
-        return list(names)
+        return [str(name) for name in names]
     if num_classes == 1000:
         return ImageNetInfo('imagenet-1k').label_descriptions()
-    return [str(i) for i in range(num_classes)]
+    return None
 
 
-def read_image(path):
-    if not os.path.isfile(path):
-        raise DataError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            return image.convert('RGB')
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
-
-
-def predict(checkpoint_path, image_paths, config, topk=5, device='cpu'):
-    """[(image path, [(probability, class index, name), ...]), ...] with the top-k classes of each image."""
-    images = [read_image(path) for path in image_paths]  # fail on a bad path before the slow part
-    checkpoint = load_file(checkpoint_path)
+def load_model(checkpoint_path, config, device):
+    """(model in eval mode on device, class names or None) for a checkpoint file."""
+    checkpoint = read_weights(checkpoint_path)
     model = build_model(config)
-    load_model_weights(model, checkpoint, logging.getLogger('predict'), name=checkpoint_path,
-                       model_type=config.MODEL.TYPE)
-    model.to(device).eval()
-    names = class_names(checkpoint, config.MODEL.NUM_CLASSES)
-    transform = build_val_transform(config)
-    batch = torch.stack([transform(image) for image in images]).to(device)
-    with torch.inference_mode():
-        probs = model(batch).float().softmax(dim=-1).cpu()
-    top = probs.topk(min(topk, probs.shape[1]), dim=-1)
-    return [(path, [(p.item(), i.item(), names[i]) for p, i in zip(values, indices)])
-            for path, values, indices in zip(image_paths, top.values, top.indices)]
+    load_model_weights(model, checkpoint, _logger, name=checkpoint_path, model_type=config.MODEL.TYPE)
+    return model.to(device).eval(), class_names(checkpoint, config.MODEL.NUM_CLASSES)
+
+
+def columns(topk):
+    return ['path'] + [f'{field}_{k}' for k in range(1, topk + 1) for field in ('index', 'class', 'prob')] + ['error']
+
+
+def predict(model, loader, paths, names, topk, device, precision, writer):
+    """Run the model over the loader's batches, hand each batch's records (in input order) to writer.write;
+    yields the number of images of each batch after it is written."""
+    for batch in loader:
+        top = None
+        if batch.images.numel():
+            with torch.inference_mode(), precision.autocast():
+                logits = model(batch.images.to(device, non_blocking=True))
+            top = logits.float().softmax(dim=-1).topk(topk, dim=-1)
+            top = zip(top.indices.tolist(), top.values.tolist())
+        records = []
+        for position, readable, error in zip(batch.positions, batch.readable, batch.errors):
+            record = {'path': paths[position]}
+            indices, probs = next(top) if readable else ([None] * topk, [None] * topk)
+            for k, (index, prob) in enumerate(zip(indices, probs), 1):
+                record[f'index_{k}'] = index
+                record[f'class_{k}'] = None if index is None else (names[index] if names else str(index))
+                record[f'prob_{k}'] = None if prob is None else round(prob, 6)
+            record['error'] = error or None
+            records.append(record)
+        writer.write(records)
+        yield len(records)
+
+
+class CsvWriter:
+    """CSV rows, flushed after every batch; empty cells for missing values."""
+
+    def __init__(self, file, topk):
+        self.file = file
+        self.writer = csv.DictWriter(file, fieldnames=columns(topk))
+        self.writer.writeheader()
+
+    def write(self, records):
+        self.writer.writerows({key: '' if value is None else value for key, value in record.items()}
+                              for record in records)
+        self.file.flush()
+
+    def close(self):
+        pass
+
+
+class JsonWriter:
+    """A JSON list of records written one batch at a time (valid JSON once closed)."""
+
+    def __init__(self, file, topk):
+        self.file = file
+        self.count = 0
+        file.write('[')
+
+    def write(self, records):
+        for record in records:
+            self.file.write((',\n' if self.count else '\n') + json.dumps(record))
+            self.count += 1
+        self.file.flush()
+
+    def close(self):
+        self.file.write('\n]\n' if self.count else ']\n')
+
+
+class TableWriter:
+    """A readable table on stdout: path, then 'class (prob%)' per rank, or the error. Paths are padded to
+    path_width (a longer one shifts its row, it is never cut)."""
+
+    def __init__(self, file, topk, path_width):
+        self.file, self.topk, self.path_width = file, topk, path_width
+        header = f"{'path':<{path_width}}  " + '  '.join(f"{f'top-{k}':<28}" for k in range(1, topk + 1))
+        print(header.rstrip(), file=file)
+
+    def write(self, records):
+        for record in records:
+            path = record['path']
+            if record['error']:
+                cells = [f"error: {record['error']}"]
+            else:
+                cells = [f"{record[f'class_{k}']} ({100 * record[f'prob_{k}']:.2f}%)"[:28].ljust(28)
+                         for k in range(1, self.topk + 1)]
+            print(f"{path:<{self.path_width}}  " + '  '.join(cells).rstrip(), file=self.file)
+        self.file.flush()
+
+    def close(self):
+        pass
+
+
+def open_writer(output, topk, paths):
+    """(writer, file to close or None) for --output (.csv or .json) or stdout."""
+    if not output:
+        return TableWriter(sys.stdout, topk, min(100, max(len(path) for path in paths))), None
+    kind = os.path.splitext(output)[1].lower()
+    if kind not in ('.csv', '.json'):
+        raise ConfigError(f"--output {output}: the file name must end in .csv or .json")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--output {output}: folder {folder} does not exist")
+    file = open(output, 'w', newline='' if kind == '.csv' else None, encoding='utf-8')
+    return (CsvWriter if kind == '.csv' else JsonWriter)(file, topk), file
+
+
+def run(args):
+    if args.topk < 1 or (args.batch_size is not None and args.batch_size < 1):
+        raise ConfigError(f"--topk {args.topk} / --batch-size {args.batch_size}: both must be at least 1")
+    config = load_config(args.cfg, (args.opts or []) + ['DEVICE', args.device])
+    paths = find_images(args.inputs)
+    device = resolve_device(config)
+    precision = resolve_precision(config, device)
+    model, names = load_model(args.checkpoint, config, device)
+    topk = min(args.topk, config.MODEL.NUM_CLASSES)
+    loader = image_files_loader(paths, build_val_transform(config), args.batch_size or config.DATA.BATCH_SIZE,
+                                config.DATA.NUM_WORKERS, pin_memory=device.type == 'cuda')
+    writer, file = open_writer(args.output, topk, paths)
+    start = time.time()
+    try:
+        with tqdm(total=len(paths), unit='img', file=sys.stderr, mininterval=1.0, disable=args.quiet) as bar:
+            reporter = _ReportErrors(writer, bar)
+            for count in predict(model, loader, paths, names, topk, device, precision, reporter):
+                bar.update(count)
+        writer.close()
+    finally:
+        if file is not None:
+            file.close()
+    elapsed = time.time() - start
+    where = f", results in {args.output}" if args.output else ''
+    print(f"{len(paths)} images ({reporter.errors} unreadable) in {elapsed:.1f}s, "
+          f"{len(paths) / max(elapsed, 1e-9):.1f} images/s on {device} ({precision}){where}", file=sys.stderr)
+    return 0
+
+
+class _ReportErrors:
+    """Writer wrapper: each unreadable file is reported on stderr (above the progress bar) and counted."""
+
+    def __init__(self, writer, bar):
+        self.writer, self.bar, self.errors = writer, bar, 0
+
+    def write(self, records):
+        for record in records:
+            if record['error']:
+                self.errors += 1
+                self.bar.write(f"unreadable image {record['path']}: {record['error']}", file=sys.stderr)
+        self.writer.write(records)
+
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('checkpoint', metavar='CKPT', help='weights to load')
+    parser.add_argument('inputs', metavar='INPUTS', nargs='+', help='image files, folders or glob patterns')
+    parser.add_argument('--cfg', required=True, metavar='FILE', help='config of the model')
+    parser.add_argument('--opts', default=None, nargs='+', help="override config options with 'KEY VALUE' pairs")
+    parser.add_argument('--topk', type=int, default=5, help='classes per image (default 5)')
+    parser.add_argument('--output', metavar='FILE', help='results file, .csv or .json (default: a table on stdout)')
+    parser.add_argument('--batch-size', type=int, help='images per forward pass (default DATA.BATCH_SIZE)')
+    parser.add_argument('--device', default='auto', help='auto | cpu | cuda | cuda:N (default auto)')
+    parser.add_argument('--quiet', action='store_true', help='no progress bar')
+    return parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('checkpoint', metavar='CKPT', help='weights to load')
-    parser.add_argument('images', metavar='IMAGES', nargs='+', help='image files')
-    parser.add_argument('--cfg', required=True, metavar='FILE', help='config of the model')
-    parser.add_argument('--opts', default=None, nargs='+', help="override config options with 'KEY VALUE' pairs")
-    parser.add_argument('--topk', type=int, default=5, help='classes to show per image')
-    parser.add_argument('--device', default='auto', help='auto | cpu | cuda | cuda:N')
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(message)s')
-    device = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device
-    try:
-        config = load_config(args.cfg, args.opts or [])
-        results = predict(args.checkpoint, args.images, config, max(args.topk, 1), device)
-    except SwinTrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for path, top in results:
-        print(path)
-        for rank, (prob, index, name) in enumerate(top, 1):
-            print(f"  {rank}. {100 * prob:6.2f}%  {name} ({index})")
-    return 0
+    return exit_status(run, args)
 
 
 if __name__ == '__main__':

@@ -167,3 +167,12 @@ def assert_same_outputs_and_grads(model, reference, x, tol, grad_tol=None, seed=
     assert rel_diff(outs[1], outs[0]) < tol
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         assert rel_diff(a.grad, b.grad) < (grad_tol or tol), name
+
+
+def load_script(name):
+    """A scripts/NAME.py file as a module (scripts are not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'scripts', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

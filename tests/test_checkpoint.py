@@ -18,7 +18,7 @@ from timm.utils import ModelEmaV3
 
 import checkpoint
 from config import load_config
-from conftest import ROOT, TINY_OPTS, make_tiny_config
+from conftest import ROOT, make_tiny_config
 from errors import CheckpointError
 from models import build_model
 from run_state import RunState, TrainingObjects
@@ -457,6 +457,39 @@ def test_pretrained_22k_head_maps_to_1k_rows(tmp_path, caplog):
 
 
 # -----------------------------------------------------------------------------
+# Safetensors
+# -----------------------------------------------------------------------------
+def test_safetensors_weights_load_everywhere(tmp_path, caplog):
+    """A .safetensors file (official or timm layout) is read by eval / predict loading, --pretrained and
+    --resume alike; class names come from its metadata."""
+    source = tiny_model(make_tiny_config())
+    official = checkpoint.save_safetensors(source.state_dict(), str(tmp_path / 'w.safetensors'),
+                                           {'class_names': '["a", "b"]'})
+    timm_layout = checkpoint.save_safetensors(checkpoint.official_to_timm(source.state_dict()),
+                                              str(tmp_path / 'timm.safetensors'))
+    assert checkpoint.read_weights(official)['class_names'] == ['a', 'b']
+    for path in (official, timm_layout):
+        model = tiny_model(make_tiny_config(), seed=1)
+        checkpoint.load_model_weights(model, path, LOG)
+        assert_same_tensors(model.state_dict(), source.state_dict())
+
+        config = make_tiny_config(None, 'MODEL.NUM_CLASSES', 7, 'MODEL.PRETRAINED', path)
+        model = tiny_model(config, seed=1)
+        checkpoint.load_pretrained(config, model, LOG)
+        assert torch.equal(model.patch_embed.proj.weight, source.patch_embed.proj.weight)
+
+        config = make_tiny_config()
+        fresh = Run(config, seed=1)
+        assert fresh.restore(checkpoint.load_training_state(path, config, LOG)) == (0, 0, 0, 0.0)
+        assert_same_tensors(fresh.model.state_dict(), source.state_dict())
+
+    broken = tmp_path / 'broken.safetensors'
+    broken.write_bytes(open(official, 'rb').read()[:300])  # truncated
+    with pytest.raises(CheckpointError, match=r'^checkpoint .*broken.safetensors is not a readable safetensors file'):
+        checkpoint.load_model_weights(tiny_model(make_tiny_config()), str(broken), LOG)
+
+
+# -----------------------------------------------------------------------------
 # Scripts
 # -----------------------------------------------------------------------------
 def load_script(name):
@@ -485,25 +518,3 @@ def test_convert_checkpoint_script(tiny_config, tmp_path, capsys):
 
     assert convert.main([str(tmp_path / 'absent.pth'), str(tmp_path / 'x.pth'), '--to', 'timm']) == 2
     assert 'error: checkpoint not found' in capsys.readouterr().err
-
-
-def test_predict_script(tiny_config, tmp_path, capsys):
-    from PIL import Image
-    config = tiny_config()
-    path = checkpoint.save_checkpoint(config, Run(config).state(0), LOG)
-    images = []
-    for i, color in enumerate(['red', 'blue']):
-        images.append(str(tmp_path / f'{i}.png'))
-        Image.new('RGB', (50, 40), color).save(images[-1])
-    cfg = tmp_path / 'tiny.yaml'
-    cfg.write_text('')
-    opts = ['--opts'] + [str(v) for v in TINY_OPTS]
-    predict = load_script('predict')
-
-    assert predict.main([path] + images + ['--cfg', str(cfg), '--topk', '3', '--device', 'cpu'] + opts) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0] == images[0] and out[4] == images[1] and len(out) == 8
-    assert out[1].lstrip().startswith('1.') and 'class' in out[1] and '%' in out[1]
-
-    assert predict.main([path, str(tmp_path / 'absent.png'), '--cfg', str(cfg)] + opts) == 2
-    assert 'error: image not found' in capsys.readouterr().err

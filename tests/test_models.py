@@ -343,3 +343,39 @@ def test_odd_map_before_patch_merging_is_a_config_error(tiny_config):
                          'MODEL.SWIN.NUM_HEADS', [3, 6, 12])
     with pytest.raises(ConfigError, match=r'9x9 feature map in stage 1.*patch merging'):  # maps 18, 9
         build_model(config)
+
+
+# ----------------------------------------------------------------------------- backbone API
+@pytest.mark.parametrize('kwargs', [
+    dict(),
+    dict(indices=2, norm=True),
+    dict(indices=[0, -2], stop_early=True),
+    dict(indices=[1], intermediates_only=True),
+], ids=['all', 'last2-norm', 'stop-early', 'only'])
+def test_forward_intermediates_equal_timm(kwargs):
+    cfg = dict(SMALL, img_size=64, depths=[2, 2, 2, 2], num_heads=[3, 6, 12, 24], window_size=2)  # maps 32..4
+    ours = make(num_classes=10, **cfg).eval()
+    theirs = timm_copy(ours, **timm_kwargs(cfg, 10))  # timm's checkpoint_filter_fn on our official layout
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = theirs.forward_intermediates(x, **kwargs), ours.forward_intermediates(x, **kwargs)
+    if not kwargs.get('intermediates_only'):
+        (expected_final, expected), (final, got) = expected, got
+        assert final.shape == expected_final.shape and rel_diff(final, expected_final) < 1e-5
+    assert len(got) == len(expected) > 0
+    for ours_map, timm_map in zip(got, expected):
+        assert ours_map.shape == timm_map.shape and rel_diff(ours_map, timm_map) < 1e-5
+
+
+def test_forward_intermediates_are_the_stride_4_to_32_maps():
+    model = make(num_classes=0).eval()  # swin_tiny: patch 4, 4 stages
+    with torch.no_grad():
+        maps = model.forward_intermediates(torch.randn(1, 3, 224, 224), intermediates_only=True)
+        final, _ = model.forward_intermediates(torch.randn(1, 3, 224, 224), indices=1)
+    strides = (4, 8, 16, 32)
+    assert [tuple(m.shape) for m in maps] == [(1, 96 * 2 ** i, 224 // s, 224 // s) for i, s in enumerate(strides)]
+    assert final.shape == (1, 7, 7, 768)
+    with pytest.raises(ValueError, match='NCHW'):
+        model.forward_intermediates(torch.randn(1, 3, 224, 224), output_fmt='NHWC')
+    with pytest.raises(ValueError, match='0..3'):
+        model.forward_intermediates(torch.randn(1, 3, 224, 224), indices=[4])

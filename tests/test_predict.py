@@ -1,0 +1,169 @@
+"""scripts/predict.py: inputs (files, folders, globs), CSV / JSON / table output, unreadable files, streaming,
+and agreement with main.py --eval."""
+import csv
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_OPTS, make_tiny_config
+from data.inference import find_images
+from errors import DataError
+from helpers import CLASSES, load_script, make_image_folder, run_main, tiny_yaml
+from models import build_model
+
+predict = load_script('predict')
+OPTS = ['--opts'] + [str(v) for v in TINY_OPTS]
+
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny models: see conftest.one_thread
+
+
+def save_checkpoint(path, num_classes, class_names=None, seed=0):
+    """Random tiny-Swin weights as {'model': state_dict, 'class_names': [...]}, like a training checkpoint."""
+    torch.manual_seed(seed)
+    model = build_model(make_tiny_config(None, 'MODEL.NUM_CLASSES', num_classes))
+    torch.save({'model': model.state_dict(), 'class_names': list(class_names or [])}, path)
+    return str(path)
+
+
+def write_images(folder, count, size=(40, 30), seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(count):
+        paths.append(os.path.join(folder, f'{i:04d}.png'))
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    path = tmp_path / 'empty.yaml'
+    path.write_text('')
+    return str(path)
+
+
+def read_csv(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def test_find_images_expands_files_folders_and_globs(tmp_path):
+    write_images(tmp_path / 'a' / 'deep', 2)
+    write_images(tmp_path / 'b', 1)
+    (tmp_path / 'a' / 'notes.txt').write_text('not an image')
+    (tmp_path / 'photo.JPG').write_bytes(b'x')
+    (tmp_path / 'explicit.dat').write_bytes(b'x')
+    root = str(tmp_path)
+
+    def rel(inputs):
+        return [os.path.relpath(p, root) for p in find_images([os.path.join(root, i) for i in inputs])]
+
+    # each file once, in the order of the inputs; a file named explicitly is taken whatever its extension
+    assert rel(['a', 'explicit.dat', '*.JPG', '**/0000.png', 'b/0000.png']) == [
+        'a/deep/0000.png', 'a/deep/0001.png', 'explicit.dat', 'photo.JPG', 'b/0000.png']
+    # a glob keeps image files (extension in any case) and expands the folders it matches
+    assert rel(['*']) == ['a/deep/0000.png', 'a/deep/0001.png', 'b/0000.png', 'photo.JPG']
+    with pytest.raises(DataError, match='input not found: .*absent.png'):
+        find_images([f'{root}/absent.png'])
+    with pytest.raises(DataError, match=r'matches no image file'):
+        find_images([f'{root}/*.gif'])
+
+
+@pytest.mark.slow
+def test_csv_rows_error_column_and_top1_equal_to_eval(tmp_path):
+    """predict over a class-folder tree with a corrupt file; main.py --eval of the same weights (as safetensors)
+    on the same images: the same Acc@1 and per-class accuracy, written with a confusion-matrix PNG."""
+    data = make_image_folder(tmp_path / 'data', train_per_class=1)
+    config = tiny_yaml(tmp_path / 'tiny.yaml', data, num_workers=2)
+    ckpt = save_checkpoint(tmp_path / 'ckpt.pth', 3, CLASSES, seed=1)
+    weights = str(tmp_path / 'ckpt.safetensors')
+    assert load_script('convert_checkpoint').main([ckpt, weights, '--to', 'official']) == 0
+    result = run_main('--cfg', config, '--eval', '--resume', weights, '--output', str(tmp_path / 'eval'))
+    assert result.returncode == 0, result.stderr
+    eval_acc1 = float(re.search(r' \* Acc@1 ([0-9.]+)', result.stdout).group(1))
+    results = json.loads((tmp_path / 'eval' / 'tiny' / 'default' / 'eval_results.json').read_text())
+    assert results['checkpoint'] == weights and results['images'] == 21 and round(results['acc1'], 3) == eval_acc1
+    assert results['config']['DATA']['DATA_PATH'] == data and 0 < results['loss'] < 10
+    with Image.open(tmp_path / 'eval' / 'tiny' / 'default' / 'confusion_matrix.png') as png:
+        assert png.format == 'PNG' and png.width > 300 and png.height > 300
+
+    val = os.path.join(data, 'val')
+    with open(os.path.join(val, 'square', 'corrupt.png'), 'wb') as f:
+        f.write(b'\x89PNG\r\n\x1a\n' + os.urandom(200))  # a PNG signature, then garbage
+    out = tmp_path / 'predictions.csv'
+    assert predict.main([ckpt, val, '--cfg', config, '--topk', '2', '--batch-size', '4', '--output', str(out),
+                         '--device', 'cpu']) == 0
+
+    rows = read_csv(out)
+    assert list(rows[0]) == ['path', 'index_1', 'class_1', 'prob_1', 'index_2', 'class_2', 'prob_2', 'error']
+    assert len(rows) == 22 and [row['path'] for row in rows] == sorted(row['path'] for row in rows)
+    bad = [row for row in rows if row['error']]
+    assert len(bad) == 1 and bad[0]['path'].endswith('corrupt.png') and bad[0]['class_1'] == ''
+    good = [row for row in rows if not row['error']]
+    assert all(row['class_1'] == CLASSES[int(row['index_1'])] for row in good)
+    assert all(1 >= float(row['prob_1']) >= float(row['prob_2']) > 0 for row in good)
+    assert len({row['class_1'] for row in good}) > 1  # the weights tell images apart: a meaningful comparison
+    hits = {name: [row['class_1'] == name for row in good if os.path.basename(os.path.dirname(row['path'])) == name]
+            for name in CLASSES}
+    assert f'{100 * sum(map(sum, hits.values())) / len(good):.3f}' == f'{eval_acc1:.3f}'
+    assert {name: 100 * sum(h) / len(h) for name, h in hits.items()} == {
+        name: entry['acc1'] for name, entry in results['per_class'].items()}
+
+
+def test_json_output_and_class_indices_without_names(tmp_path, cfg, capsys):
+    ckpt = save_checkpoint(tmp_path / 'ckpt.pth', 10)  # no class names stored: the index is the name
+    paths = write_images(tmp_path / 'images', 3)
+    (tmp_path / 'images' / 'empty.jpg').write_bytes(b'')
+    out = tmp_path / 'out.json'
+    assert predict.main([ckpt, str(tmp_path / 'images'), '--cfg', cfg, '--output', str(out), '--topk', '3',
+                         '--device', 'cpu'] + OPTS) == 0
+    records = json.loads(out.read_text())
+    assert [r['path'] for r in records] == paths + [str(tmp_path / 'images' / 'empty.jpg')]
+    assert records[-1]['error'] and records[-1]['index_1'] is None and records[-1]['prob_1'] is None
+    for record in records[:-1]:
+        assert list(record) == ['path', 'index_1', 'class_1', 'prob_1', 'index_2', 'class_2', 'prob_2',
+                                'index_3', 'class_3', 'prob_3', 'error']
+        assert record['error'] is None and record['class_1'] == str(record['index_1'])
+    err = capsys.readouterr().err
+    assert 'unreadable image' in err and 'empty.jpg' in err and '4 images (1 unreadable)' in err
+
+
+def test_table_on_stdout_and_one_line_errors(tmp_path, cfg, capsys):
+    # safetensors weights: the class names come from the file's metadata
+    pth = save_checkpoint(tmp_path / 'ckpt.pth', 10, [f'class{i}' for i in range(10)])
+    ckpt = str(tmp_path / 'ckpt.safetensors')
+    assert load_script('convert_checkpoint').main([pth, ckpt, '--to', 'timm']) == 0
+    paths = write_images(tmp_path, 2)
+    capsys.readouterr()
+    assert predict.main([ckpt] + paths + ['--cfg', cfg, '--topk', '2', '--device', 'cpu'] + OPTS) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ['path', 'top-1', 'top-2'] and len(lines) == 3
+    assert lines[1].startswith(paths[0]) and re.search(r'class\d \(\d+\.\d\d%\)\s+class\d \(', lines[1])
+
+    assert predict.main([ckpt, str(tmp_path / 'absent.png'), '--cfg', cfg] + OPTS) == 2
+    assert capsys.readouterr().err.strip().endswith('input not found: ' + str(tmp_path / 'absent.png'))
+    assert predict.main([ckpt] + paths + ['--cfg', cfg, '--output', str(tmp_path / 'out.txt')] + OPTS) == 2
+    assert 'must end in .csv or .json' in capsys.readouterr().err
+
+
+def test_rows_are_flushed_batch_by_batch(tmp_path):
+    """Results stream to the file: after the first batch its rows are on disk while the rest is still unread
+    (so memory does not grow with the number of images)."""
+    config = make_tiny_config(None, 'DATA.NUM_WORKERS', 2)
+    paths = write_images(tmp_path / 'images', 300, size=(20, 20))
+    model, names = predict.load_model(save_checkpoint(tmp_path / 'ckpt.pth', 10), config, torch.device('cpu'))
+    loader = predict.image_files_loader(paths, predict.build_val_transform(config), 32, 2)
+    out = tmp_path / 'out.csv'
+    with open(out, 'w', newline='') as f:
+        writer = predict.CsvWriter(f, 1)
+        batches = predict.predict(model, loader, paths, names, 1, torch.device('cpu'), predict.Precision('cpu'),
+                                  writer)
+        assert next(batches) == 32
+        assert [row['path'] for row in read_csv(out)] == paths[:32]  # read back through another handle
+        assert sum(batches) == 300 - 32
+    assert [row['path'] for row in read_csv(out)] == paths
