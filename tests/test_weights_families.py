@@ -1,4 +1,5 @@
 """Weights of Swin V2 and Swin MLP: official and timm files, conversion, fine-tuning across window sizes."""
+import json
 import logging
 import subprocess
 import warnings
@@ -10,7 +11,7 @@ import torch
 import checkpoint
 from config import load_config
 from errors import CheckpointError
-from helpers import OFFICIAL_REPO, load_official_module, rel_diff
+from helpers import OFFICIAL_REPO, load_official_module, load_script, rel_diff
 from models import SwinMLP, SwinTransformerV2, build_model
 from scripts.convert_checkpoint import convert
 
@@ -127,7 +128,8 @@ def test_predict_script_with_a_timm_swinv2_file(tmp_path):
     """scripts/predict.py reads the weights through the family of MODEL.TYPE: a timm file predicts like timm."""
     from PIL import Image
 
-    from scripts import predict
+    from data import build_val_transform
+    predict = load_script('predict')
     theirs = timm_swinv2(PRETRAIN, num_classes=3)
     path = tmp_path / 'timm_swinv2.pth'
     torch.save(theirs.state_dict(), path)
@@ -137,11 +139,15 @@ def test_predict_script_with_a_timm_swinv2_file(tmp_path):
     cfg.write_text('MODEL:\n  TYPE: swinv2\n  NUM_CLASSES: 3\n  SWINV2:\n    PATCH_SIZE: 2\n    WINDOW_SIZE: 8\n'
                    '    EMBED_DIM: 24\n    DEPTHS: [2, 2]\n    NUM_HEADS: [3, 6]\nDATA:\n  IMG_SIZE: 32\n')
     config = load_config(str(cfg), environ={})
-    [(_, top)] = predict.predict(str(path), [str(image)], config, topk=3)
+    output = tmp_path / 'predictions.json'
+    predict.main([str(path), str(image), '--cfg', str(cfg), '--topk', '3', '--output', str(output),
+                  '--device', 'cpu'])
+    [record] = json.loads(output.read_text())
     with Image.open(image) as img, torch.no_grad():
-        expected = theirs(predict.build_val_transform(config)(img.convert('RGB'))[None]).softmax(-1)[0]
-    assert [index for _, index, _ in top] == expected.argsort(descending=True).tolist()
-    assert [prob for prob, _, _ in top] == pytest.approx(expected.sort(descending=True).values.tolist(), abs=1e-5)
+        expected = theirs(build_val_transform(config)(img.convert('RGB'))[None]).softmax(-1)[0]
+    assert [record[f'index_{k}'] for k in (1, 2, 3)] == expected.argsort(descending=True).tolist()
+    assert [record[f'prob_{k}'] for k in (1, 2, 3)] == pytest.approx(
+        expected.sort(descending=True).values.tolist(), abs=1e-5)
 
 
 def test_convert_checkpoint_official_to_timm_and_back_for_v2(tmp_path):
