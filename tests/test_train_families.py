@@ -51,7 +51,8 @@ ACCURACY = re.compile(r' \* Acc@1 ([0-9.]+) ')
 @pytest.mark.slow
 @pytest.mark.parametrize('family, node', [('swinv2', 'SWINV2'), ('swin_mlp', 'SWIN_MLP')])
 def test_tiny_model_learns_digits_and_evaluates(tmp_path, family, node):
-    """3 epochs (EMA and layer decay on) reach well above chance (10%); --eval of best.pth gives its accuracy."""
+    """3 epochs (EMA and layer decay on) reach well above chance (10%); --eval of best.pth gives its accuracy;
+    --throughput runs; a rerun with --epochs 4 resumes and trains the 4th epoch only."""
     cfg = tmp_path / 'tiny.yaml'
     cfg.write_text(RECIPE.format(data=tmp_path / 'digits', family=family, node=node))
     result = run_main('--cfg', str(cfg), '--output', str(tmp_path / 'out'))
@@ -71,6 +72,10 @@ def test_tiny_model_learns_digits_and_evaluates(tmp_path, family, node):
     result = run_main('--cfg', str(cfg), '--output', str(tmp_path / 'speed'), '--throughput')
     assert result.returncode == 0, result.stderr
     assert 'batch_size 32 throughput ' in result.stdout
+
+    result = run_main('--cfg', str(cfg), '--output', str(tmp_path / 'out'), '--epochs', '4')  # one more epoch
+    assert result.returncode == 0, result.stderr
+    assert 'auto-resume: ' in result.stdout and 'Train: [3/4]' in result.stdout and 'Train: [2/4]' not in result.stdout
 
 
 @pytest.mark.slow

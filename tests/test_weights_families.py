@@ -16,10 +16,10 @@ from models import SwinMLP, SwinTransformerV2, build_model
 from scripts.convert_checkpoint import convert
 
 LOGGER = logging.getLogger('test_weights_families')
-# a tiny analog of the official 22kto1k fine-tuning: window 8 at 32 px (maps 16, 8) -> window 12 at 48 px
-# (maps 24, 12), PRETRAINED_WINDOW_SIZES [8, 8], 21841 classes -> 1000
-PRETRAIN = dict(img_size=32, patch_size=2, window_size=8, embed_dim=24, depths=[2, 2], num_heads=[3, 6])
-FINETUNE = dict(PRETRAIN, img_size=48, window_size=12, pretrained_window_sizes=[8, 8])
+# a tiny analog of the official 22kto1k fine-tuning: window 12 at 48 px (maps 24, 12) -> window 16 at 64 px
+# (maps 32, 16), PRETRAINED_WINDOW_SIZES [12, 12], 21841 classes -> 1000
+PRETRAIN = dict(img_size=48, patch_size=2, window_size=12, embed_dim=24, depths=[2, 2], num_heads=[3, 6])
+FINETUNE = dict(PRETRAIN, img_size=64, window_size=16, pretrained_window_sizes=[12, 12])
 TIMM_ARGS = ('img_size', 'patch_size', 'window_size', 'embed_dim', 'depths', 'num_heads')
 
 
@@ -45,8 +45,8 @@ def v2_config(tiny_config, cfg, *opts):
 
 
 # ----------------------------------------------------------------------------- fine-tuning across window sizes
-def test_pretrained_window_8_to_12_with_22k_head_matches_official_fine_tuning(tmp_path, tiny_config):
-    """--pretrained from a 22K model at window 8 into a 1K model at window 12 gives the weights the official
+def test_pretrained_window_12_to_16_with_22k_head_matches_official_fine_tuning(tmp_path, tiny_config):
+    """--pretrained from a 22K model at window 12 into a 1K model at window 16 gives the weights the official
     load_pretrained gives: coordinate tables, index and masks rebuilt for the new window, 22K head mapped."""
     pretrained = trained_v2(num_classes=21841, **PRETRAIN)
     path = tmp_path / 'swinv2_22k.pth'
@@ -73,8 +73,8 @@ def test_pretrained_window_8_to_12_with_22k_head_matches_official_fine_tuning(tm
     for key, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     table = model.layers[0].blocks[0].attn.relative_coords_table
-    assert table.shape == (1, 23, 23, 2) and table.abs().max() > 1.0  # window 12 read on the window-8 scale
-    x = torch.randn(2, 3, 48, 48)
+    assert table.shape == (1, 31, 31, 2) and table.abs().max() > 1.0  # window 16 read on the window-12 scale
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert rel_diff(model(x), reference(x)) < 1e-5
 
@@ -114,7 +114,7 @@ def test_timm_swinv2_file_loads_for_eval_and_fine_tuning(tmp_path, tiny_config):
     path = tmp_path / 'timm_swinv2.pth'
     torch.save(theirs.state_dict(), path)
     assert 'layers.1.downsample.reduction.weight' in theirs.state_dict() and 'head.fc.weight' in theirs.state_dict()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 48, 48)
     config = v2_config(tiny_config, PRETRAIN, 'MODEL.PRETRAINED', str(path))
     for load in (lambda model: checkpoint.load_model_weights(model, str(path), LOGGER, model_type='swinv2'),
                  lambda model: checkpoint.load_pretrained(config, model, LOGGER)):
@@ -136,8 +136,8 @@ def test_predict_script_with_a_timm_swinv2_file(tmp_path):
     image = tmp_path / 'red.png'
     Image.new('RGB', (40, 40), 'red').save(image)
     cfg = tmp_path / 'v2.yaml'
-    cfg.write_text('MODEL:\n  TYPE: swinv2\n  NUM_CLASSES: 3\n  SWINV2:\n    PATCH_SIZE: 2\n    WINDOW_SIZE: 8\n'
-                   '    EMBED_DIM: 24\n    DEPTHS: [2, 2]\n    NUM_HEADS: [3, 6]\nDATA:\n  IMG_SIZE: 32\n')
+    cfg.write_text('MODEL:\n  TYPE: swinv2\n  NUM_CLASSES: 3\n  SWINV2:\n    PATCH_SIZE: 2\n    WINDOW_SIZE: 12\n'
+                   '    EMBED_DIM: 24\n    DEPTHS: [2, 2]\n    NUM_HEADS: [3, 6]\nDATA:\n  IMG_SIZE: 48\n')
     config = load_config(str(cfg), environ={})
     output = tmp_path / 'predictions.json'
     predict.main([str(path), str(image), '--cfg', str(cfg), '--topk', '3', '--output', str(output),
@@ -157,7 +157,7 @@ def test_convert_checkpoint_official_to_timm_and_back_for_v2(tmp_path):
     convert(str(official_file), str(timm_file), 'timm')
     theirs = timm_swinv2(FINETUNE)
     theirs.load_state_dict(torch.load(timm_file, weights_only=True), strict=True)
-    x = torch.randn(1, 3, 48, 48)
+    x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert rel_diff(theirs(x), ours(x)) < 1e-5
     convert(str(timm_file), str(back), 'official')
@@ -176,7 +176,7 @@ def test_swin_mlp_checkpoint_loads_strict_and_has_no_timm_layout(tmp_path):
     torch.manual_seed(1)
     fresh = SwinMLP(num_classes=10, **PRETRAIN).eval()
     checkpoint.load_model_weights(fresh, str(path), LOGGER)
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.randn(1, 3, 48, 48)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
     with pytest.raises(CheckpointError, match='timm has no Swin MLP'):
