@@ -105,3 +105,14 @@ def test_build_model_maps_config_keys(tiny_config):
     assert all(layer.use_checkpoint for layer in model.layers)
     assert model.layers[0].blocks[0].mlp.fc1.out_features == 48 and model.head.out_features == 10
     assert model.layers[-1].blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
+
+
+def test_forward_intermediates_are_the_stage_maps():
+    """v1's backbone API, inherited: stride 2 and 4 maps here, the normed last one pooling to forward_features."""
+    torch.manual_seed(0)
+    model = SwinMLP(num_classes=10, **SHIFTED).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        assert [m.shape for m in maps] == [(2, 24, 16, 16), (2, 48, 8, 8)]
+        assert torch.allclose(final.mean((1, 2)), model.forward_features(x), atol=1e-6)

@@ -103,6 +103,22 @@ def test_small_configs_match_timm(name):
             assert rel_diff(ours(x), expected) < 1e-5, f'fused_attn={fused}'
 
 
+@pytest.mark.parametrize('kwargs', [dict(), dict(indices=[0, -2], stop_early=True, norm=True)], ids=['all', 'early'])
+def test_forward_intermediates_match_timm(kwargs):
+    """v1's backbone API, inherited: V2's stage maps equal timm's swinv2 forward_intermediates."""
+    cfg = dict(CLAMPED, depths=[2, 2, 2], num_heads=[3, 6, 12])
+    ours = make(num_classes=10, **cfg).eval()
+    theirs = timm_copy(ours, cfg, 10)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        (expected_final, expected), (final, got) = theirs.forward_intermediates(x, **kwargs), \
+            ours.forward_intermediates(x, **kwargs)
+    assert final.shape == expected_final.shape and rel_diff(final, expected_final) < 1e-5
+    assert len(got) == len(expected) > 0
+    for ours_map, timm_map in zip(got, expected):
+        assert ours_map.shape == timm_map.shape and rel_diff(ours_map, timm_map) < 1e-5
+
+
 # ----------------------------------------------------------------------------- equivalence with the official code
 @pytest.mark.parametrize('name', ['pretrained', 'odd', 'clamped'])
 def test_official_weights_load_strict_and_match(official, name):
