@@ -226,6 +226,25 @@ def test_fused_and_manual_attention_agree(cfg, force_sdpa):
         assert rel_diff(a.grad, b.grad) < 1e-5, name
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16], ids=['fp32', 'bf16', 'fp16'])
+@pytest.mark.parametrize('window', [7, 8, 12, 16, 24])
+def test_attention_mask_layout_is_aligned(window, dtype):
+    # CUDA's memory-efficient SDPA kernel pads a copy of any mask whose last dim is not contiguous or whose
+    # other strides are not multiples of 8 elements; the mask must come out in its layout for every window
+    attn = swin.WindowAttention(dim=24, window_size=window, num_heads=3)
+    n = window * window
+    shift = swin.shifted_window_mask((2 * window, 2 * window), window, window // 2)  # 4 windows
+    table = attn.relative_position_bias_table
+    expected_bias = table[attn.relative_position_index.view(-1)].view(n, n, 3).permute(2, 0, 1)
+    for mask, expected in ((None, expected_bias), (shift, (shift[:, None] + expected_bias).flatten(0, 1))):
+        out = attn.attention_mask(mask, dtype)
+        assert out.dtype == dtype and out.shape == (1, expected.shape[0], n, n)
+        assert out.stride(-1) == 1, out.stride()
+        assert all(s % 8 == 0 for s in out.stride()[:-1]), out.stride()
+        assert torch.equal(out, expected.unsqueeze(0).to(dtype))  # same values as before the layout change
+        assert out.requires_grad  # the bias table keeps its gradient
+
+
 def test_fused_attention_uses_sdpa_except_cpu_training(monkeypatch):
     calls = []
     sdpa = F.scaled_dot_product_attention
