@@ -32,8 +32,8 @@ for path in (ROOT, os.path.join(ROOT, 'scripts')):
 from benchmark_data import synthetic_jpeg  # noqa: E402
 
 from config import load_config  # noqa: E402
-from data.datasets import seeded  # noqa: E402
-from data.device_decode import EncodedBatch, decode_batch, jpeg_decoder, pil_fallbacks  # noqa: E402
+from data.datasets import Sample, seeded  # noqa: E402
+from data.device_decode import decode_batch, jpeg_decoder, pil_fallbacks  # noqa: E402
 from data.loader import collate  # noqa: E402
 from data.transforms import build_transform, open_image  # noqa: E402
 
@@ -60,12 +60,12 @@ def transforms_for(is_train, img_size):
 
 
 def worker_share(transform, jpegs, start):
-    """The transformed items of one batch, each seeded by its index as a train dataset does."""
-    items = []
+    """The dataset Samples of one batch, each seeded by its index as a train dataset does."""
+    samples = []
     for i, data in enumerate(jpegs, start=start):
         with seeded(i):
-            items.append((transform(open_image(data)), i))
-    return items
+            samples.append(Sample(transform(open_image(data)), 0))
+    return samples
 
 
 def run_pass(transforms, jpegs, args, device):
@@ -77,14 +77,14 @@ def run_pass(transforms, jpegs, args, device):
     for start in range(0, len(jpegs), args.batch_size):
         chunk = jpegs[start:start + args.batch_size]
         t = time.process_time()
-        images, _, _ = collate(worker_share(cpu_tf, chunk, start))
+        images = collate(worker_share(cpu_tf, chunk, start)).images
         times['cpu_path'] += time.process_time() - t
         outputs[0].append(images)
 
         t = time.process_time()
-        items = worker_share(device_tf, chunk, start)
+        encoded = collate(worker_share(device_tf, chunk, start)).images
         wall = time.perf_counter()
-        decoded, _ = decode_batch(EncodedBatch(item for item, _ in items), device)
+        decoded, _ = decode_batch(encoded, device)
         times['device_cpu'] += time.process_time() - t  # not the wait below: a training step waits anyway
         if device.type == 'cuda':
             torch.cuda.synchronize(device)

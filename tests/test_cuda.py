@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import config as config_module
 from conftest import make_tiny_config
-from data.datasets import seeded
+from data.datasets import Sample, seeded
 from data.loader import collate, to_device
 from data.transforms import build_transform, open_image
 from helpers import (
@@ -38,7 +37,11 @@ from helpers import (
 from models import build_model
 from utils import Precision
 
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+from benchmark import buildable_families  # noqa: E402
+
 ON_CPU = os.environ.get('SWIN_CUDA_TESTS_ON_CPU') == '1'
+FAMILIES = buildable_families()  # every MODEL.TYPE models.build_model builds: new families join by themselves
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(DEVICE == 'cpu' and not ON_CPU, reason='needs CUDA (SWIN_CUDA_TESTS_ON_CPU=1: CPU)')]
@@ -111,7 +114,7 @@ def test_amp_train_step_close_to_fp32(dtype, tolerance):
 
 
 # ----------------------------------------------------------------------------- fused vs explicit attention
-@pytest.mark.parametrize('family', config_module._MODEL_TYPES)
+@pytest.mark.parametrize('family', FAMILIES)
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
 def test_fused_attention_matches_explicit(family, dtype):
     torch.manual_seed(0)
@@ -165,7 +168,7 @@ print(json.dumps({'warnings': found, 'ran': ran}))
 def test_sdpa_takes_the_masks_without_padding_warnings():
     """In a fresh process (PyTorch warns once per process): every family, windows 7 and 12, fp32/bf16/fp16,
     forward and backward through the memory-efficient kernel only, and no alignment warning."""
-    families = [f for f in config_module._MODEL_TYPES]
+    families = list(FAMILIES)
     result = subprocess.run([sys.executable, '-c', SDPA_WARNINGS, os.path.join(ROOT, 'tests'), DEVICE,
                              json.dumps(families)], cwd=ROOT, env=child_env(), capture_output=True, text=True,
                             timeout=600)
@@ -195,15 +198,12 @@ def test_device_normalization_equals_the_cpu_transform(is_train):
     batches = []
     for uint8 in (False, True):
         transform = build_transform(is_train, config, uint8=uint8)
-        images = []
+        items = []
         for i, data in enumerate(samples):  # seeded per sample, as a train dataset does
             with seeded(i):
-                images.append((transform(open_image(data)), i))
-        batch, targets, extras = collate(images)
-        if extras['erasing']:
-            batch.deferred_erasing = extras['erasing']
+                items.append(Sample(transform(open_image(data)), i))
         device = DEVICE if uint8 else 'cpu'
-        batches.append(to_device(batch, targets, torch.device(device))[0].cpu())
+        batches.append(to_device(collate(items), torch.device(device))[0].cpu())
     host, device = batches
     assert device.dtype == torch.float32 and device.shape == host.shape == (4, 3, 64, 64)
     assert (device - host).abs().max().item() < 1e-5

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import make_tiny_config
 from data import build_loader, to_device
-from data.datasets import seeded
+from data.datasets import Sample, seeded
 from data.device_decode import EncodedBatch, EncodedImage, decode_batch
 from data.loader import collate
 from data.transforms import build_transform, open_image
@@ -42,8 +42,8 @@ def both_paths(is_train, device, samples, *opts):
         items = []
         for i, data in enumerate(samples):
             with seeded(i):
-                items.append((transform(open_image(data)), i))
-        images, _, _ = collate(items)
+                items.append(Sample(transform(open_image(data)), i))
+        images = collate(items).images
         if gpu_decode:
             assert isinstance(images, EncodedBatch)
             images, _ = decode_batch(images, device)
@@ -104,9 +104,9 @@ def test_loader_batches_decode_normalize_and_erase_in_to_device(tmp_path):
     _, _, train, val, _ = build_loader(config, uint8=True)
     train.sampler.set_epoch(0)
     for loader, erased in ((train, True), (val, False)):
-        images, targets = next(iter(loader))
-        assert isinstance(images, EncodedBatch) and len(images) == 4
-        moved, targets = to_device(images, targets, torch.device('cpu'))
+        batch = next(iter(loader))
+        assert isinstance(batch.images, EncodedBatch) and len(batch.images) == 4
+        moved, targets = to_device(batch, torch.device('cpu'))
         assert moved.dtype == torch.float32 and moved.shape == (4, 3, 64, 64)
         assert targets.shape == (4,)
         # const erasing writes zeros (the mean) into a box of every train image; none in validation
