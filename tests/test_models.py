@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import checkpoint_filter_fn
 
 import models.swin_transformer as swin
+import models.swin_transformer_v2 as swin_v2
 from checkpoint import load_model_weights
 from errors import ConfigError
 from models import SwinTransformer, build_model
@@ -228,14 +229,19 @@ def test_fused_and_manual_attention_agree(cfg, force_sdpa):
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16], ids=['fp32', 'bf16', 'fp16'])
 @pytest.mark.parametrize('window', [7, 8, 12, 16, 24])
-def test_attention_mask_layout_is_aligned(window, dtype):
+@pytest.mark.parametrize('version', ['v1', 'v2'])
+def test_attention_mask_layout_is_aligned(version, window, dtype):
     # CUDA's memory-efficient SDPA kernel pads a copy of any mask whose last dim is not contiguous or whose
     # other strides are not multiples of 8 elements; the mask must come out in its layout for every window
-    attn = swin.WindowAttention(dim=24, window_size=window, num_heads=3)
     n = window * window
+    if version == 'v1':
+        attn = swin.WindowAttention(dim=24, window_size=window, num_heads=3)
+        table = attn.relative_position_bias_table
+        expected_bias = table[attn.relative_position_index.view(-1)].view(n, n, 3).permute(2, 0, 1)
+    else:
+        attn = swin_v2.WindowAttention(dim=24, window_size=window, num_heads=3)
+        expected_bias = attn.position_bias()
     shift = swin.shifted_window_mask((2 * window, 2 * window), window, window // 2)  # 4 windows
-    table = attn.relative_position_bias_table
-    expected_bias = table[attn.relative_position_index.view(-1)].view(n, n, 3).permute(2, 0, 1)
     for mask, expected in ((None, expected_bias), (shift, (shift[:, None] + expected_bias).flatten(0, 1))):
         out = attn.attention_mask(mask, dtype)
         assert out.dtype == dtype and out.shape == (1, expected.shape[0], n, n)
