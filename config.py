@@ -63,6 +63,10 @@ _C.DATA.FAST_CROP = True
 _C.DATA.VAL_FAST_RESIZE = False
 # With CUDA: loaders yield uint8 images that data.to_device normalizes (and random-erases) on the GPU
 _C.DATA.DEVICE_NORMALIZE = True
+# With DEVICE_NORMALIZE: JPEGs are decoded, cropped and resized on the GPU (nvJPEG via TorchCodec, else
+# torchvision.io); workers only read files and draw crops. Validation always; training when the recipe has no
+# PIL-only augmentation (AUG.AUTO_AUGMENT none, AUG.COLOR_JITTER 0). Pixels within about a level of the CPU path
+_C.DATA.GPU_DECODE = False
 
 # -----------------------------------------------------------------------------
 # Model settings

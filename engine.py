@@ -40,15 +40,16 @@ class TrainWindow:
     seconds: float           # wall time of the window
     epoch_steps: int         # optimizer steps this call has made in the epoch
     epoch_seconds: float     # wall time of this call so far
+    skipped: int = 0         # steps of the window the fp16 GradScaler skipped (not in grad_norm)
 
 
 class _TrainMeter:
     """Running sums kept on the device (no host sync per step), read once per log window."""
 
     def __init__(self, device):
-        # [loss sum, micro-batches, grad-norm sum, optimizer steps]
-        self.epoch_sums = torch.zeros(4, dtype=torch.float64, device=device)
-        self.window_sums = torch.zeros(4, dtype=torch.float64, device=device)
+        # [loss sum, micro-batches, grad-norm sum, optimizer steps, steps the fp16 GradScaler skipped]
+        self.epoch_sums = torch.zeros(5, dtype=torch.float64, device=device)
+        self.window_sums = torch.zeros(5, dtype=torch.float64, device=device)
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.step_loss = torch.zeros((), dtype=torch.float32, device=device)
         self.epoch_start = self.window_start = time.time()
@@ -59,23 +60,30 @@ class _TrainMeter:
         self.window_sums[0] += loss
         self.window_sums[1] += 1
 
-    def add_step(self, grad_norm, global_step):
-        """An optimizer step ended: record its gradient norm, and the step if its loss was not finite."""
+    def add_step(self, grad_norm, global_step, scaled=False):
+        """An optimizer step ended: record its gradient norm, and the step if its loss was not finite. With a
+        GradScaler (``scaled``) a non-finite norm means the step was skipped: counted, not averaged."""
         self.epoch_steps += 1
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(self.step_loss),
                                           torch.full_like(self.first_bad_step, global_step), self.first_bad_step)
         self.step_loss.zero_()
-        self.window_sums[2] += grad_norm.detach().double()
+        grad_norm = grad_norm.detach().double()
+        if scaled:
+            skipped = ~torch.isfinite(grad_norm)
+            grad_norm = torch.where(skipped, torch.zeros_like(grad_norm), grad_norm)
+            self.window_sums[4] += skipped
+        self.window_sums[2] += grad_norm
         self.window_sums[3] += 1
 
     def read_window(self):
         """The window's numbers (one host sync); the next window starts now."""
         self.epoch_sums += self.window_sums
-        loss_sum, micro_batches, norm_sum, steps = self.window_sums.tolist()
+        loss_sum, micro_batches, norm_sum, steps, skipped = self.window_sums.tolist()
         self.window_sums.zero_()
         now = time.time()
-        window = TrainWindow(loss_sum / max(micro_batches, 1), norm_sum / max(steps, 1), int(steps),
-                             now - self.window_start, self.epoch_steps, now - self.epoch_start)
+        grad_norm = norm_sum / (steps - skipped) if steps > skipped else float('nan')  # over the steps taken
+        window = TrainWindow(loss_sum / max(micro_batches, 1), grad_norm, int(steps), now - self.window_start,
+                             self.epoch_steps, now - self.epoch_start, int(skipped))
         self.window_start = now
         return window
 
@@ -176,7 +184,7 @@ def train_one_epoch(config: CfgNode, objects: TrainingObjects, data_loader: Iter
         objects.lr_scheduler.step_update(state.global_step)
         if objects.model_ema is not None:
             objects.model_ema.update(unwrap_model(objects.model), step=state.global_step)
-        meter.add_step(grad_norm, state.global_step)
+        meter.add_step(grad_norm, state.global_step, scaled=objects.scaler is not None)
 
         step_in_epoch = state.steps_in_epoch(accumulation)
         if step_in_epoch % config.PRINT_FREQ == 0 or step_in_epoch == steps_per_epoch:
@@ -206,15 +214,18 @@ def log_train_window(config: CfgNode, objects: TrainingObjects, state: RunState,
     wd = max(group['weight_decay'] for group in optimizer.param_groups)
     images_per_step = config.DATA.BATCH_SIZE * config.TRAIN.ACCUMULATION_STEPS * config.WORLD_SIZE
     images_per_sec = images_per_step / step_time if step_time > 0 else 0.0
-    scale_text = f"\tloss_scale {scaler.get_scale():.1f}" if scaler is not None else ''
+    scale_text = f"\tloss_scale {scaler.get_scale():.1f}\tskipped {window.skipped}" if scaler is not None else ''
     runtime.logger.info(
         f"Train: [{state.epoch}/{config.TRAIN.EPOCHS}][{step}/{steps_per_epoch}]\t"
         f"eta {format_eta(eta)} lr {lr:.6f}\t wd {wd:.4f}\t"
         f"time {step_time:.4f}\tloss {window.loss:.4f}\tgrad_norm {window.grad_norm:.4f}{scale_text}\t"
         f"mem {memory_mb(runtime.device):.0f}MB\t{images_per_sec:.1f} img/s")
     if runtime.writer is not None:
-        runtime.writer.add_scalars({'train/loss': window.loss, 'train/lr': lr, 'train/grad_norm': window.grad_norm,
-                                    'train/images_per_sec': images_per_sec}, state.global_step)
+        scalars = {'train/loss': window.loss, 'train/lr': lr, 'train/grad_norm': window.grad_norm,
+                   'train/images_per_sec': images_per_sec}
+        if scaler is not None:
+            scalars['train/skipped_steps'] = window.skipped
+        runtime.writer.add_scalars(scalars, state.global_step)
 
 
 def topk_correct(output: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:

@@ -46,7 +46,9 @@ def init_distributed(config: CfgNode) -> torch.device:
     device = resolve_device(config)
     if device.type == 'cuda':
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+        # fixed input sizes: let cuDNN pick the fastest kernels, unless runs must repeat bit for bit (the
+        # benchmark may pick different, each deterministic, algorithms in two processes)
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
     if config.WORLD_SIZE > 1 and not dist.is_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
         dist.init_process_group(backend=backend, init_method='env://',

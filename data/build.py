@@ -59,8 +59,22 @@ def build_loader(config: CfgNode, device: torch.device | str = 'cpu', uint8: boo
     loader_train = _make_loader(config, dataset_train, sampler_train, on_cuda, drop_last=True)
     _logger.info(f"rank {config.RANK}: train {dataset_train}, {len(loader_train)} batches per epoch; "
                  f"val {dataset_val}, {len(loader_val)} batches on this rank"
-                 f"{'; uint8 batches normalized on the device' if uint8 else ''}")
+                 f"{'; uint8 batches normalized on the device' if uint8 else ''}"
+                 f"{_decoding(config, uint8, dataset_train)}")
     return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)
+
+
+def _decoding(config, uint8, dataset_train):
+    """Where DATA.GPU_DECODE decodes, for the loader's log line."""
+    if not config.DATA.GPU_DECODE:
+        return ''
+    if not uint8:
+        return '; DATA.GPU_DECODE has no effect (it needs DATA.DEVICE_NORMALIZE on a CUDA run)'
+    from .device_decode import EncodeRandomResizedCrop, jpeg_decoder
+    if isinstance(dataset_train.transform, EncodeRandomResizedCrop):
+        return f"; JPEGs decoded on the device ({jpeg_decoder()[0]}): train and val"
+    return (f"; JPEGs decoded on the device ({jpeg_decoder()[0]}): val only (train crops stay on the CPU: "
+            f"PIL-only augmentations or tiny images)")
 
 
 def data_root(config: CfgNode) -> str:

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, default_collate
 from errors import DataError
 
 from .datasets import BadImageReport, Sample
+from .device_decode import EncodedBatch, EncodedImage, decode_batch
 from .transforms import DeferredImage, ErasePlan
 
 _logger = logging.getLogger('swin.data')
@@ -28,14 +29,15 @@ class Batch:
     """One batch of a loader built by ``build_loader``.
 
     images: NCHW, float and normalized; or uint8 pixels (a CUDA run with DATA.DEVICE_NORMALIZE) that
-        ``to_device`` converts, normalizes and random-erases on the device.
+        ``to_device`` converts, normalizes and random-erases on the device; or, with DATA.GPU_DECODE, an
+        EncodedBatch of JPEG bytes and crop plans that ``to_device`` decodes there first.
     targets: int64 class indices.
     erase: random-erasing plans of a uint8 batch, ``(position in batch, ErasePlan)``.
     bad_images: the unreadable files skipped (each replaced by the next readable sample) to fill this batch.
     error: set when a sample found no readable image (images and targets are then empty); the loader
         raises it as DataError in the main process.
     """
-    images: torch.Tensor
+    images: torch.Tensor | EncodedBatch
     targets: torch.Tensor
     erase: tuple[tuple[int, ErasePlan], ...] = ()
     bad_images: tuple[BadImageReport, ...] = ()
@@ -60,6 +62,8 @@ def collate(samples: Sequence[Sample]) -> Batch:
                            f"(last: {last.reason})")
     images = [sample.image for sample in samples]
     targets = torch.tensor([sample.target for sample in samples], dtype=torch.long)
+    if isinstance(images[0], EncodedImage):  # DATA.GPU_DECODE: to_device decodes (erasing is in the plans)
+        return Batch(EncodedBatch(images), targets, bad_images=bad_images)
     if not isinstance(images[0], DeferredImage):
         return Batch(default_collate(images), targets, bad_images=bad_images)
     erase = tuple((i, image.erase) for i, image in enumerate(images) if image.erase is not None)
@@ -118,15 +122,19 @@ def check_bad_images(data_loader: DataLoader, logger: logging.Logger | None = No
 def to_device(batch: Batch, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, targets) of a batch on ``device`` (non_blocking), ready for the model. A uint8 batch is
     converted, normalized with the ImageNet mean/std and random-erased there: the values the float host path
-    computes (ToTensor + Normalize), except that erasing noise comes from a device generator."""
-    images = batch.images.to(device, non_blocking=True)
+    computes (ToTensor + Normalize), except that erasing noise comes from a device generator. A batch of
+    JPEG bytes (DATA.GPU_DECODE) is decoded, cropped and resized on the device first."""
+    images, erase = batch.images, batch.erase
+    if isinstance(images, EncodedBatch):
+        images, erase = decode_batch(images, device)
+    images = images.to(device, non_blocking=True)
     targets = batch.targets.to(device, non_blocking=True)
     if images.dtype != torch.uint8:
         return images, targets
     mean, std = _constants(images.device)
     images = images.contiguous().float().div_(255).sub_(mean).div_(std)  # ToTensor, Normalize: same ops
-    if batch.erase:
-        _erase(images, batch.erase)
+    if erase:
+        _erase(images, erase)
     return images, targets
 
 

@@ -271,9 +271,13 @@ def build_transform(is_train: bool, config: CfgNode, uint8: bool = False) -> tra
         steps = primary.transforms + secondary.transforms
         if uint8:
             erasing = final.transforms[-1] if aug.REPROB > 0 else None
-            return transforms.Compose(steps + [ToDeferredImage(erasing)])
+            on_device = _device_decode(True, config, primary, secondary, erasing)
+            return on_device or transforms.Compose(steps + [ToDeferredImage(erasing)])
         return transforms.Compose(steps + final.transforms)
 
+    on_device = _device_decode(False, config) if uint8 else None
+    if on_device is not None:
+        return on_device
     interpolation = _val_interpolation(config.DATA.INTERPOLATION)
     crop = config.TEST.CROP and size > 32
     resize_size = int((256 / 224) * size) if crop else None
@@ -287,3 +291,11 @@ def build_transform(is_train: bool, config: CfgNode, uint8: bool = False) -> tra
         return transforms.Compose(steps + [ToDeferredImage()])
     return transforms.Compose(steps + [transforms.ToTensor(),
                                        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def _device_decode(is_train, config, *args):
+    """DATA.GPU_DECODE: the transform that leaves decoding to the device (data/device_decode.py), or None."""
+    if not config.DATA.GPU_DECODE:
+        return None
+    from .device_decode import device_transform  # it builds on this module
+    return device_transform(is_train, config, *args)

@@ -26,9 +26,10 @@ from errors import ConfigError
 # Logits between tokens from different regions of a shifted window get -100 like the official code: exp(-100)
 # is negligible next to the unmasked terms, and unlike -inf it stays finite in fp16 and in sums with the bias.
 _MASK_VALUE = -100.0
-# Row stride of the attention mask, in elements: CUDA's memory-efficient SDPA kernel needs mask rows aligned to
-# 8 elements; for N = 49 SDPA would otherwise warn and pad a copy of the mask on every call. (Not testable on
-# CPU; the CPU kernels accept either layout.)
+# Alignment of the attention mask's strides, in elements: CUDA's memory-efficient SDPA kernel needs a mask whose
+# last dim is contiguous and whose other strides are multiples of 8; otherwise SDPA warns and pads a copy of the
+# mask on every call (N = 49 rows; or, for N = 144, a permuted view). The strides are tested on CPU; the kernel's
+# acceptance only on CUDA (tests/test_cuda.py).
 _MASK_ALIGN = 8
 
 
@@ -83,6 +84,15 @@ def shifted_window_mask(input_resolution, window_size, shift_size):
     return torch.zeros(same.shape).masked_fill_(~same, _MASK_VALUE)
 
 
+def aligned_rows(x):
+    """``x`` copied so that its last dim is contiguous and every other stride is a multiple of ``_MASK_ALIGN``
+    elements (rows padded in memory, sliced back): the layout SDPA's memory-efficient kernel reads without
+    padding a copy of its own on every call. A permuted view (last-dim stride = heads) would not do either."""
+    n = x.shape[-1]
+    padded = F.pad(x, (0, -n % _MASK_ALIGN)) if n % _MASK_ALIGN else x.contiguous()
+    return padded[..., :n]
+
+
 def _sdpa_is_faster(x, bias_table):
     """Whether ``scaled_dot_product_attention`` beats the explicit path for this call.
 
@@ -134,7 +144,7 @@ class WindowAttention(nn.Module):
         """Relative position bias plus the optional (nW, N, N) shift mask: (1, heads or nW * heads, N, N).
 
         Built once per forward and shared by every image of the batch (4-D: SDPA's CPU flash kernel rejects
-        a 3-D mask). Rows are padded in memory to ``_MASK_ALIGN`` elements and sliced back to N.
+        a 3-D mask). Always a fresh tensor in ``aligned_rows`` layout, whatever the window size.
         """
         N = self.window_size[0] * self.window_size[1]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
@@ -142,9 +152,7 @@ class WindowAttention(nn.Module):
         if mask is not None:
             bias = (mask.unsqueeze(1) + bias).flatten(0, 1)  # nW * heads, N, N
         bias = bias.unsqueeze(0).to(dtype or bias.dtype)  # cast before padding: a later cast drops the padding
-        if N % _MASK_ALIGN:
-            bias = F.pad(bias, (0, -N % _MASK_ALIGN))[..., :N]
-        return bias
+        return aligned_rows(bias)
 
     def forward(self, x, mask=None):
         """x: (B, H, W, C) with H, W multiples of the window; mask: (nW, N, N) shift mask or None."""

@@ -28,10 +28,10 @@ from timm.layers import DropPath, to_2tuple, trunc_normal_
 
 from . import swin_transformer as swin
 from .swin_transformer import (
-    _MASK_ALIGN,
     Mlp,
     PatchEmbed,
     _sdpa_is_faster,
+    aligned_rows,
     check_stage_resolutions,
     relative_position_index,
     shifted_window_mask,
@@ -106,17 +106,13 @@ class WindowAttention(nn.Module):
     def attention_mask(self, mask=None, dtype=None):
         """Position bias plus the optional (nW, N, N) shift mask: (1, heads or nW * heads, N, N).
 
-        Built once per forward and shared by every image of the batch; rows padded in memory to
-        ``_MASK_ALIGN`` elements and sliced back to N (as v1's).
+        Built once per forward and shared by every image of the batch, in v1's ``aligned_rows`` layout (what
+        SDPA's memory-efficient kernel takes without a copy, for every window size).
         """
-        N = self.window_size[0] * self.window_size[1]
         bias = self.position_bias()
         if mask is not None:
             bias = (mask.unsqueeze(1) + bias).flatten(0, 1)  # nW * heads, N, N
-        bias = bias.unsqueeze(0).to(dtype or bias.dtype)
-        if N % _MASK_ALIGN:
-            bias = F.pad(bias, (0, -N % _MASK_ALIGN))[..., :N]
-        return bias
+        return aligned_rows(bias.unsqueeze(0).to(dtype or bias.dtype))
 
     def forward(self, x, mask=None):
         """x: (B, H, W, C) with H, W multiples of the window; mask: (nW, N, N) shift mask or None."""

@@ -23,6 +23,7 @@ Examples::
     python scripts/benchmark_data.py --data-path /data/imagenet --workers 8 --batch-size 128
 """
 import argparse
+import io
 import os
 import statistics
 import sys
@@ -69,13 +70,21 @@ def write_synthetic(root, classes, per_class, side=(400, 500), seed=0):
         for split in ('train', 'val'):
             os.makedirs(os.path.join(root, split, f'class{c:03d}'), exist_ok=True)
         for i in range(per_class):
-            w, h = (int(v) for v in rng.integers(side[0], side[1] + 1, size=2))
-            field = rng.integers(0, 256, (int(rng.integers(3, 10)), int(rng.integers(3, 10)), 3), dtype=np.uint8)
-            pixels = np.asarray(Image.fromarray(field).resize((w, h), Image.BICUBIC), dtype=np.int16)
-            pixels = np.clip(pixels + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
             name = os.path.join(f'class{c:03d}', f'{i:05d}.jpg')
-            Image.fromarray(pixels).save(os.path.join(root, 'train', name), quality=90)
+            with open(os.path.join(root, 'train', name), 'wb') as f:
+                f.write(synthetic_jpeg(rng, side))
             os.link(os.path.join(root, 'train', name), os.path.join(root, 'val', name))
+
+
+def synthetic_jpeg(rng, side=(400, 500)):
+    """The bytes of one photo-like JPEG (a smooth color field plus grain, sides in ``side`` px, quality 90)."""
+    w, h = (int(v) for v in rng.integers(side[0], side[1] + 1, size=2))
+    field = rng.integers(0, 256, (int(rng.integers(3, 10)), int(rng.integers(3, 10)), 3), dtype=np.uint8)
+    pixels = np.asarray(Image.fromarray(field).resize((w, h), Image.BICUBIC), dtype=np.int16)
+    pixels = np.clip(pixels + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format='JPEG', quality=90)
+    return buffer.getvalue()
 
 
 def baseline_loaders(config, root, workers, batch_size):

@@ -1,5 +1,6 @@
 """engine.py pieces in-process: gradient accumulation, the non-finite loss stop, exact top-k counts."""
 import logging
+import math
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from utils import resolve_precision
 LOGGER = logging.getLogger('test_engine')
 
 
-def one_epoch(config, loader, criterion=None, seed=0):
+def one_epoch(config, loader, criterion=None, seed=0, scaler=None):
     """Train a freshly seeded tiny model for one epoch over loader; returns (model, run state, result)."""
     torch.manual_seed(seed)
     model = build_model(config)
@@ -26,7 +27,7 @@ def one_epoch(config, loader, criterion=None, seed=0):
     scheduler = build_scheduler(config, optimizer, steps)
     scheduler.step_update(0)
     device = torch.device('cpu')
-    objects = TrainingObjects(model, criterion or torch.nn.CrossEntropyLoss(), optimizer, scheduler)
+    objects = TrainingObjects(model, criterion or torch.nn.CrossEntropyLoss(), optimizer, scheduler, scaler)
     state = RunState()
     result = train_one_epoch(config, objects, loader, state, steps,
                              Runtime(device, resolve_precision(config, device), LOGGER))
@@ -65,23 +66,51 @@ def test_trailing_partial_accumulation_group_is_skipped(tiny_config):
     assert (state.global_step, state.micro_batch) == (1, 3) and not result.stopped
 
 
-class NonFiniteAt(torch.nn.Module):
-    """Cross-entropy whose n-th call returns NaN: a loss blowing up in the middle of an epoch."""
+class CorruptLossAt(torch.nn.Module):
+    """Cross-entropy whose n-th call is changed by ``corrupt(loss, output)``: a loss going wrong mid-epoch."""
 
-    def __init__(self, bad_call):
+    def __init__(self, bad_call, corrupt):
         super().__init__()
-        self.calls, self.bad_call = 0, bad_call
+        self.calls, self.bad_call, self.corrupt = 0, bad_call, corrupt
 
     def forward(self, output, target):
         self.calls += 1
         loss = torch.nn.functional.cross_entropy(output, target)
-        return loss * float('nan') if self.calls == self.bad_call else loss
+        return self.corrupt(loss, output) if self.calls == self.bad_call else loss
+
+
+def nan_loss(loss, output):
+    return loss * float('nan')
+
+
+def infinite_gradient(loss, output):
+    """The same value, infinite gradients (sqrt at 0): an fp16 overflow in backward, which the scaler skips."""
+    return loss + torch.sqrt(output[0, 0] - output[0, 0].detach())
 
 
 def test_nonfinite_loss_stops_with_the_step(tiny_config):
     config = tiny_config('DATA.BATCH_SIZE', 4, 'AUG.MIXUP', 0.0, 'AUG.CUTMIX', 0.0, 'PRINT_FREQ', 100)
     with pytest.raises(TrainingError, match=r"NaN/inf at optimizer step 3 .*Lower TRAIN.BASE_LR"):
-        one_epoch(config, fixed_batches(4), criterion=NonFiniteAt(bad_call=3))
+        one_epoch(config, fixed_batches(4), criterion=CorruptLossAt(3, nan_loss))
+
+
+def test_steps_the_scaler_skips_are_counted_and_left_out_of_the_grad_norm(tiny_config, caplog):
+    def run(print_freq):
+        config = tiny_config('DATA.BATCH_SIZE', 4, 'AUG.MIXUP', 0.0, 'AUG.CUTMIX', 0.0, 'PRINT_FREQ', print_freq)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=LOGGER.name):
+            one_epoch(config, fixed_batches(4), criterion=CorruptLossAt(2, infinite_gradient),
+                      scaler=torch.amp.GradScaler('cpu'))
+        return [line for line in caplog.messages if line.startswith('Train:')]
+
+    per_step = run(print_freq=1)
+    norms = [float(line.split('grad_norm ')[1].split()[0]) for line in per_step]
+    assert [line.split('skipped ')[1].split()[0] for line in per_step] == ['0', '1', '0', '0']
+    assert math.isnan(norms[1]) and all(math.isfinite(n) and n > 0 for n in norms[:1] + norms[2:])
+    (window,) = run(print_freq=4)  # one line for the 4 steps: the mean of the 3 taken
+    assert 'skipped 1' in window
+    mean_of_taken = (norms[0] + norms[2] + norms[3]) / 3
+    assert float(window.split('grad_norm ')[1].split()[0]) == pytest.approx(mean_of_taken, abs=2e-4)
 
 
 def test_topk_correct_counts():

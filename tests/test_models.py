@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import checkpoint_filter_fn
 
 import models.swin_transformer as swin
+import models.swin_transformer_v2 as swin_v2
 from checkpoint import load_model_weights
 from errors import ConfigError
 from models import SwinTransformer, build_model
@@ -224,6 +225,30 @@ def test_fused_and_manual_attention_agree(cfg, force_sdpa):
     out_manual.square().sum().backward()
     for (name, a), b in zip(fused.named_parameters(), manual.parameters()):
         assert rel_diff(a.grad, b.grad) < 1e-5, name
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16], ids=['fp32', 'bf16', 'fp16'])
+@pytest.mark.parametrize('window', [7, 8, 12, 16, 24])
+@pytest.mark.parametrize('version', ['v1', 'v2'])
+def test_attention_mask_layout_is_aligned(version, window, dtype):
+    # CUDA's memory-efficient SDPA kernel pads a copy of any mask whose last dim is not contiguous or whose
+    # other strides are not multiples of 8 elements; the mask must come out in its layout for every window
+    n = window * window
+    if version == 'v1':
+        attn = swin.WindowAttention(dim=24, window_size=window, num_heads=3)
+        table = attn.relative_position_bias_table
+        expected_bias = table[attn.relative_position_index.view(-1)].view(n, n, 3).permute(2, 0, 1)
+    else:
+        attn = swin_v2.WindowAttention(dim=24, window_size=window, num_heads=3)
+        expected_bias = attn.position_bias()
+    shift = swin.shifted_window_mask((2 * window, 2 * window), window, window // 2)  # 4 windows
+    for mask, expected in ((None, expected_bias), (shift, (shift[:, None] + expected_bias).flatten(0, 1))):
+        out = attn.attention_mask(mask, dtype)
+        assert out.dtype == dtype and out.shape == (1, expected.shape[0], n, n)
+        assert out.stride(-1) == 1, out.stride()
+        assert all(s % 8 == 0 for s in out.stride()[:-1]), out.stride()
+        assert torch.equal(out, expected.unsqueeze(0).to(dtype))  # same values as before the layout change
+        assert out.requires_grad  # the bias table keeps its gradient
 
 
 def test_fused_attention_uses_sdpa_except_cpu_training(monkeypatch):
