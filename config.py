@@ -262,6 +262,9 @@ _C.ENABLE_AMP = False
 _C.AMP_ENABLE = True
 # Mixed precision dtype: auto (bfloat16 where supported, else float16) | float16 | bfloat16
 _C.AMP_DTYPE = 'auto'
+# float32 matmuls and convolutions on CUDA use TF32 tensor cores (Ampere and later; timm's train.py does the same):
+# several times faster, 10-bit mantissa. False: full float32. Matters with AMP off and for what autocast keeps fp32
+_C.TF32 = True
 # [Deprecated] apex opt level, kept so old YAML files parse; ignored
 _C.AMP_OPT_LEVEL = ''
 # Root of the output folder: runs write to OUTPUT/MODEL.NAME/TAG

@@ -247,9 +247,8 @@ def validate(config: CfgNode, data_loader: Iterable, model: torch.nn.Module, dev
         correct1, correct5 = topk_correct(output, target)
         if class_counts is not None:
             class_counts.update(output, target)
-        totals += torch.stack([correct1.double(), correct5.double(),
-                               criterion(output, target).double(),
-                               torch.tensor(float(target.shape[0]), dtype=torch.float64, device=device)])
+        totals[:3] += torch.stack([correct1.double(), correct5.double(), criterion(output, target).double()])
+        totals[3] += target.shape[0]  # a scalar kernel argument: no host-to-device copy, no sync
         if (idx + 1) % config.PRINT_FREQ == 0:
             c1, c5, loss_sum, seen = totals.tolist()
             logger.info(f"{header}: [{idx + 1}/{len(data_loader)}]\tloss {loss_sum / seen:.4f}\t"

@@ -43,8 +43,9 @@ def main(config: CfgNode) -> int:
     if utils.is_main_process():
         save_config(config, config.OUTPUT_DIR)
     runtime = Runtime(device, utils.resolve_precision(config, device), logger)
+    tf32 = f" (TF32 {'on' if config.TF32 else 'off'} for float32 matmuls)" if device.type == 'cuda' else ''
     logger.info(f"rank {config.RANK}/{config.WORLD_SIZE} (pid {os.getpid()}) on {device}, precision "
-                f"{runtime.precision}; full config: {config.OUTPUT_DIR}/config.yaml")
+                f"{runtime.precision}{tf32}; full config: {config.OUTPUT_DIR}/config.yaml")
 
     model = build_model(config).to(device)
     logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "

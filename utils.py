@@ -47,12 +47,20 @@ def init_distributed(config: CfgNode) -> torch.device:
     if device.type == 'cuda':
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    set_tf32(config.TF32)
     if config.WORLD_SIZE > 1 and not dist.is_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
         dist.init_process_group(backend=backend, init_method='env://',
                                 device_id=device if device.type == 'cuda' else None)
     seed_everything(config.SEED + config.RANK)
     return device
+
+
+def set_tf32(enabled: bool) -> None:
+    """float32 matmuls and convolutions on TF32 tensor cores (Ampere and later) or in full float32. CUDA-only
+    flags, so CPU math is untouched; the legacy flags, which torch 2.4 and later all read."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def cleanup_distributed() -> None:
@@ -162,7 +170,8 @@ def resolve_precision(config: CfgNode, device: torch.device) -> Precision:
     if device.type == 'cuda':
         if config.AMP_DTYPE == 'float16':
             return Precision('cuda', torch.float16)
-        bf16_supported = torch.cuda.is_bf16_supported()
+        # native bf16 only (Ampere+): V100/T4 emulate it slowly, so they get float16 + GradScaler
+        bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
         if config.AMP_DTYPE == 'bfloat16' and not bf16_supported:
             raise ConfigError("AMP_DTYPE bfloat16 is not supported by this GPU (use float16)")
         return Precision('cuda', torch.bfloat16 if bf16_supported else torch.float16)

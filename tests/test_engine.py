@@ -1,12 +1,14 @@
 """engine.py pieces in-process: gradient accumulation, the non-finite loss stop, exact top-k counts."""
+import collections
 import logging
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from data import Batch
-from engine import topk_correct, train_one_epoch
+from engine import topk_correct, train_one_epoch, validate
 from errors import TrainingError
 from lr_scheduler import build_scheduler
 from models import build_model
@@ -89,3 +91,32 @@ def test_topk_correct_counts():
     target = torch.tensor([1, 1, 0])
     top1, top2 = topk_correct(output, target, ks=(1, 2))
     assert (top1.item(), top2.item()) == (1, 2)
+
+
+class HostTraffic(TorchDispatchMode):
+    """Counts the ops that move data between Python and tensors: ``lift_fresh`` (a tensor made from Python
+    numbers, a blocking host-to-device copy when the target is a GPU) and ``_local_scalar_dense`` (.item(), a
+    device-to-host sync). The CPU runs the same ops a GPU run would, so the counts are the GPU's."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split('.')[0] in ('lift_fresh', '_local_scalar_dense'):
+            self.counts[func.__name__.split('.')[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_validation_moves_no_numbers_between_host_and_device_per_batch(tiny_config):
+    config = tiny_config('PRINT_FREQ', 1000)
+    model = build_model(config).eval()
+    device = torch.device('cpu')
+    batches = list(fixed_batches(4))   # made (and collated) before counting: loading is not validation's cost
+    traffic = {}
+    for count in (1, 4):
+        with HostTraffic() as mode:
+            validate(config, batches[:count], model, device, resolve_precision(config, device), LOGGER)
+        traffic[count] = mode.counts
+    # the final all-reduce and read are once per validation; nothing grows with the number of batches
+    assert traffic[4] == traffic[1], traffic

@@ -1,0 +1,37 @@
+"""utils.py choices that only a GPU would exercise, checked through what the CPU can read back."""
+import pytest
+import torch
+
+from errors import ConfigError
+from utils import init_distributed, resolve_precision
+
+CUDA = torch.device('cuda')
+
+
+def pre_ampere_gpu(including_emulation=True):
+    """torch.cuda.is_bf16_supported on a V100 / T4: bf16 only through (slow) emulation."""
+    return including_emulation
+
+
+def test_auto_amp_on_a_pre_ampere_gpu_is_float16_with_a_scaler(tiny_config, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', pre_ampere_gpu)
+    precision = resolve_precision(tiny_config('AMP_DTYPE', 'auto'), CUDA)
+    assert precision.dtype == torch.float16 and precision.needs_scaler
+    with pytest.raises(ConfigError, match='AMP_DTYPE bfloat16 is not supported'):
+        resolve_precision(tiny_config('AMP_DTYPE', 'bfloat16'), CUDA)
+
+
+def test_auto_amp_on_ampere_is_bfloat16(tiny_config, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
+    precision = resolve_precision(tiny_config('AMP_DTYPE', 'auto'), CUDA)
+    assert precision.dtype == torch.bfloat16 and not precision.needs_scaler
+
+
+@pytest.mark.parametrize('tf32', [True, False])
+def test_tf32_key_sets_the_cuda_matmul_and_cudnn_flags(tiny_config, monkeypatch, tf32):
+    # start from the opposite values (restored after the test)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', not tf32)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', not tf32)
+    init_distributed(tiny_config('DEVICE', 'cpu', 'TF32', tf32))
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32
+    assert torch.backends.cudnn.allow_tf32 is tf32
