@@ -178,8 +178,10 @@ _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 # Gradient checkpointing: recompute activations in backward to save memory
 _C.TRAIN.USE_CHECKPOINT = False
-# torch.compile the model before DDP wrapping
+# torch.compile the DDP-wrapped model (DDP-aware graph splitting keeps the gradient all-reduce overlapping backward)
 _C.TRAIN.COMPILE = False
+# torch.compile backend: inductor (generated kernels) | aot_eager (traced graphs run by eager kernels: debugging)
+_C.TRAIN.COMPILE_BACKEND = 'inductor'
 # Layer-wise learning rate decay for fine-tuning (1.0: off)
 _C.TRAIN.LAYER_DECAY = 1.0
 

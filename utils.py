@@ -183,17 +183,22 @@ def resolve_precision(config: CfgNode, device: torch.device) -> Precision:
 # -----------------------------------------------------------------------------
 # Preemption
 # -----------------------------------------------------------------------------
+_NO_STEP = torch.iinfo(torch.int64).min  # "no non-finite loss": loses every MAX
+
+
 class StopRequest:
     """Turns SIGTERM/SIGINT (what clusters send before preemption) into a flag the loop polls.
 
     ``should_stop()`` must be called at the same steps on every rank: it takes the max over a CPU (gloo)
-    group, so all ranks agree without a host sync on the GPU stream, and no rank is left waiting.
+    group, so all ranks agree without a host sync on the GPU stream, and no rank is left waiting. It carries
+    the ranks' non-finite loss reports too (``nonfinite_step``).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum = 0  # what all ranks agreed on; written only by should_stop()
+        self.nonfinite_step = -1  # likewise: the earliest optimizer step with a non-finite loss on any rank
         # this process's own signal, written only by the handler: a signal whose handler runs while
         # should_stop() is inside the all-reduce must not be overwritten by the (older) reduced value
         self._received = 0
@@ -217,12 +222,21 @@ class StopRequest:
             raise KeyboardInterrupt  # a second Ctrl-C means "now"
         self._received = signum
 
-    def should_stop(self) -> bool:
-        """True on every rank once any rank got a signal; then ``signal_name``/``exit_code`` say which."""
-        received = torch.tensor([self._received], dtype=torch.int32)
+    def should_stop(self, nonfinite_step: int = -1) -> bool:
+        """True on every rank once any rank got a signal; then ``signal_name``/``exit_code`` say which.
+
+        The same all-reduce agrees on non-finite losses: ``nonfinite_step`` is this rank's first optimizer step
+        with a NaN/inf loss (-1: none, or not read at this step); afterwards ``self.nonfinite_step`` is the
+        earliest such step over all ranks (-1: none), so every rank can stop at once with the same message.
+        """
+        # one MAX over [signal, -(first non-finite step)]: negated, the max is the earliest step
+        flags = torch.tensor([self._received, -nonfinite_step if nonfinite_step >= 0 else _NO_STEP],
+                             dtype=torch.int64)
         if self._group is not None:
-            dist.all_reduce(received, op=dist.ReduceOp.MAX, group=self._group)
-        self.signum = max(self.signum, int(received.item()))
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+        received, negated_step = flags.tolist()
+        self.signum = max(self.signum, received)
+        self.nonfinite_step = -negated_step if negated_step != _NO_STEP else -1
         return self.signum != 0
 
     @property
