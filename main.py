@@ -47,6 +47,8 @@ def main(config: CfgNode) -> int:
     tf32 = f" (TF32 {'on' if config.TF32 else 'off'} for float32 matmuls)" if device.type == 'cuda' else ''
     logger.info(f"rank {config.RANK}/{config.WORLD_SIZE} (pid {os.getpid()}) on {device}, precision "
                 f"{runtime.precision}{tf32}; full config: {config.OUTPUT_DIR}/config.yaml")
+    if config.WORLD_SIZE > 1:
+        logger.info(f"process group formed: collectives time out after DIST.TIMEOUT {config.DIST.TIMEOUT:g}s")
 
     model = build_model(config).to(device)
     logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "

@@ -5,6 +5,7 @@ import contextlib
 import random
 import signal
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,7 @@ def init_distributed(config: CfgNode) -> torch.device:
     set_tf32(config.TF32)
     if config.WORLD_SIZE > 1 and not dist.is_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
-        dist.init_process_group(backend=backend, init_method='env://',
+        dist.init_process_group(backend=backend, init_method='env://', timeout=timedelta(seconds=config.DIST.TIMEOUT),
                                 device_id=device if device.type == 'cuda' else None)
     seed_everything(config.SEED + config.RANK)
     return device

@@ -1,9 +1,11 @@
 """utils.py choices that only a GPU would exercise, checked through what the CPU can read back."""
 import pytest
 import torch
+import torch.distributed as dist
 
 from errors import ConfigError
-from utils import init_distributed, resolve_precision
+from helpers import free_port
+from utils import cleanup_distributed, init_distributed, resolve_precision
 
 CUDA = torch.device('cuda')
 
@@ -35,3 +37,18 @@ def test_tf32_key_sets_the_cuda_matmul_and_cudnn_flags(tiny_config, monkeypatch,
     init_distributed(tiny_config('DEVICE', 'cpu', 'TF32', tf32))
     assert torch.backends.cuda.matmul.allow_tf32 is tf32
     assert torch.backends.cudnn.allow_tf32 is tf32
+
+
+def test_process_group_timeout_comes_from_dist_timeout(tiny_config, monkeypatch):
+    # torchrun's environment for a one-process group; the config believes in two processes, so it forms one
+    for key, value in dict(MASTER_ADDR='127.0.0.1', MASTER_PORT=free_port(), RANK=0, WORLD_SIZE=1).items():
+        monkeypatch.setenv(key, str(value))
+    config = tiny_config('DEVICE', 'cpu', 'DIST.TIMEOUT', 123)
+    config.defrost()
+    config.WORLD_SIZE = 2
+    init_distributed(config)
+    try:
+        backend = dist.group.WORLD._get_backend(torch.device('cpu'))
+        assert backend.options._timeout.total_seconds() == 123
+    finally:
+        cleanup_distributed()
