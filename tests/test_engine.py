@@ -1,6 +1,7 @@
 """engine.py pieces in-process: gradient accumulation, the non-finite loss stop, exact top-k counts."""
 import collections
 import logging
+import warnings
 
 import pytest
 import torch
@@ -120,3 +121,23 @@ def test_validation_moves_no_numbers_between_host_and_device_per_batch(tiny_conf
         traffic[count] = mode.counts
     # the final all-reduce and read are once per validation; nothing grows with the number of batches
     assert traffic[4] == traffic[1], traffic
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='the CUDA twin of the test above (sync debug mode)')
+def test_validation_on_cuda_adds_no_synchronizing_call_per_batch(tiny_config):
+    config = tiny_config('PRINT_FREQ', 1000, 'DEVICE', 'cuda')
+    device = torch.device('cuda')
+    model = build_model(config).to(device).eval()
+    batches = [Batch(b.images.pin_memory(), b.targets.pin_memory()) for b in fixed_batches(4)]  # async copies
+    syncs = {}
+    for count in (1, 4):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            torch.cuda.set_sync_debug_mode('warn')
+            try:
+                validate(config, batches[:count], model, device, resolve_precision(config, device), LOGGER)
+            finally:
+                torch.cuda.set_sync_debug_mode('default')
+        syncs[count] = sum('synchroniz' in str(w.message) for w in caught)
+    assert syncs[4] == syncs[1], syncs
