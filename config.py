@@ -178,9 +178,8 @@ _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 # Gradient checkpointing: recompute activations in backward to save memory
 _C.TRAIN.USE_CHECKPOINT = False
-# torch.compile the DDP-wrapped model (DDP-aware graph splitting keeps the gradient all-reduce overlapping backward)
+# torch.compile the DDP-wrapped model (graphs split for DDP) with COMPILE_BACKEND: inductor | aot_eager (debugging)
 _C.TRAIN.COMPILE = False
-# torch.compile backend: inductor (generated kernels) | aot_eager (traced graphs run by eager kernels: debugging)
 _C.TRAIN.COMPILE_BACKEND = 'inductor'
 # Layer-wise learning rate decay for fine-tuning (1.0: off)
 _C.TRAIN.LAYER_DECAY = 1.0
@@ -264,8 +263,7 @@ _C.ENABLE_AMP = False
 _C.AMP_ENABLE = True
 # Mixed precision dtype: auto (bfloat16 where supported, else float16) | float16 | bfloat16
 _C.AMP_DTYPE = 'auto'
-# float32 matmuls and convolutions on CUDA use TF32 tensor cores (Ampere and later; timm's train.py does the same):
-# several times faster, 10-bit mantissa. False: full float32. Matters with AMP off and for what autocast keeps fp32
+# float32 matmuls/convolutions on CUDA use TF32 tensor cores (Ampere+, as timm does; 10-bit mantissa). False: IEEE fp32
 _C.TF32 = True
 # [Deprecated] apex opt level, kept so old YAML files parse; ignored
 _C.AMP_OPT_LEVEL = ''
@@ -290,13 +288,8 @@ _C.DEVICE = 'auto'
 # [Official] CUDA kernels of the official repo: accepted for compatibility; the SDPA path replaces them
 _C.FUSED_WINDOW_PROCESS = False
 _C.FUSED_LAYERNORM = False
-
-# -----------------------------------------------------------------------------
-# Distributed runs (torchrun): timeouts, so that no rank waits forever
-# -----------------------------------------------------------------------------
+# Seconds a collective waits for a busy rank (rank 0 writing a checkpoint) before it fails (torch: 30/10 min gloo/NCCL)
 _C.DIST = CN()
-# Seconds a collective may wait for a live but busy rank (rank 0 writing a checkpoint, scanning for resume)
-# before it fails: the process-group timeout (library default: 30 min gloo, 10 min NCCL)
 _C.DIST.TIMEOUT = 1800
 
 # Derived values, computed by finalize() -- set from the environment and the keys above, not by hand
@@ -398,7 +391,6 @@ def _validate(config):
             f"TRAIN.ACCUMULATION_STEPS must be at least 1, got {config.TRAIN.ACCUMULATION_STEPS}")
     require(config.TRAIN.EPOCHS >= 0, f"TRAIN.EPOCHS must be >= 0, got {config.TRAIN.EPOCHS}")
     require(config.SAVE_FREQ >= 1, f"SAVE_FREQ must be at least 1, got {config.SAVE_FREQ}")
-    require(config.DIST.TIMEOUT > 0, f"DIST.TIMEOUT must be positive (seconds), got {config.DIST.TIMEOUT}")
     require(config.PRINT_FREQ >= 1, f"PRINT_FREQ must be at least 1, got {config.PRINT_FREQ}")
     require(config.MODEL.NUM_CLASSES >= 1, f"MODEL.NUM_CLASSES must be at least 1, got {config.MODEL.NUM_CLASSES}")
     require(0.0 <= config.MODEL.LABEL_SMOOTHING < 1.0,
