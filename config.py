@@ -182,8 +182,9 @@ _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 # Gradient checkpointing: recompute activations in backward to save memory
 _C.TRAIN.USE_CHECKPOINT = False
-# torch.compile the model before DDP wrapping
+# torch.compile the DDP-wrapped model (graphs split for DDP) with COMPILE_BACKEND: inductor | aot_eager (debugging)
 _C.TRAIN.COMPILE = False
+_C.TRAIN.COMPILE_BACKEND = 'inductor'
 # Layer-wise learning rate decay for fine-tuning (1.0: off)
 _C.TRAIN.LAYER_DECAY = 1.0
 
@@ -266,6 +267,8 @@ _C.ENABLE_AMP = False
 _C.AMP_ENABLE = True
 # Mixed precision dtype: auto (bfloat16 where supported, else float16) | float16 | bfloat16
 _C.AMP_DTYPE = 'auto'
+# float32 matmuls/convolutions on CUDA use TF32 tensor cores (Ampere+, as timm does; 10-bit mantissa). False: IEEE fp32
+_C.TF32 = True
 # [Deprecated] apex opt level, kept so old YAML files parse; ignored
 _C.AMP_OPT_LEVEL = ''
 # Root of the output folder: runs write to OUTPUT/MODEL.NAME/TAG
@@ -289,6 +292,9 @@ _C.DEVICE = 'auto'
 # [Official] CUDA kernels of the official repo: accepted for compatibility; the SDPA path replaces them
 _C.FUSED_WINDOW_PROCESS = False
 _C.FUSED_LAYERNORM = False
+# Seconds a collective waits for a busy rank (rank 0 writing a checkpoint) before it fails (torch: 30/10 min gloo/NCCL)
+_C.DIST = CN()
+_C.DIST.TIMEOUT = 1800
 
 # Derived values, computed by finalize() -- set from the environment and the keys above, not by hand
 # Local rank of this process (from torchrun's LOCAL_RANK; --local_rank is accepted)

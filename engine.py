@@ -87,6 +87,10 @@ class _TrainMeter:
         self.window_start = now
         return window
 
+    def bad_step(self):
+        """The first optimizer step with a non-finite loss, -1 if none (a host sync: call it when logging)."""
+        return int(self.first_bad_step.item())
+
     def epoch_loss(self):
         self.epoch_sums += self.window_sums
         self.window_sums.zero_()
@@ -110,9 +114,8 @@ def memory_mb(device):
     return 0.0
 
 
-def raise_if_nonfinite(first_bad_step, lr):
-    """first_bad_step is a device tensor: -1 while every loss was finite, else the first bad optimizer step."""
-    step = int(first_bad_step.item())
+def raise_if_nonfinite(step, lr):
+    """step: -1 while every loss was finite, else the first optimizer step with a non-finite loss."""
     if step >= 0:
         raise TrainingError(f"loss became NaN/inf at optimizer step {step} (lr {lr:.3g}); the last good "
                             f"checkpoint is kept. Lower TRAIN.BASE_LR, set TRAIN.CLIP_GRAD, or use "
@@ -151,6 +154,17 @@ def _optimizer_step(objects, clip_grad):
     return grad_norm
 
 
+def _agree_to_stop(stop, meter, logged, lr):
+    """The per-step agreement of all ranks: True to stop for a signal; raises the same TrainingError on every
+    rank when any rank's loss was non-finite. Losses are read (a host sync) only on logged steps, and before a
+    stop, whose checkpoint must not hold the weights of an unread non-finite step."""
+    stopping = stop.should_stop(meter.bad_step() if logged else -1)
+    if stopping and not logged:
+        stop.should_stop(meter.bad_step())
+    raise_if_nonfinite(stop.nonfinite_step, lr)
+    return stopping
+
+
 def train_one_epoch(config: CfgNode, objects: TrainingObjects, data_loader: Iterable, state: RunState,
                     steps_per_epoch: int, runtime: Runtime) -> EpochResult:
     """Train epoch ``state.epoch`` from micro-batch ``state.micro_batch`` on (non-zero on a mid-epoch resume),
@@ -187,16 +201,19 @@ def train_one_epoch(config: CfgNode, objects: TrainingObjects, data_loader: Iter
         meter.add_step(grad_norm, state.global_step, scaled=objects.scaler is not None)
 
         step_in_epoch = state.steps_in_epoch(accumulation)
-        if step_in_epoch % config.PRINT_FREQ == 0 or step_in_epoch == steps_per_epoch:
+        logged = step_in_epoch % config.PRINT_FREQ == 0 or step_in_epoch == steps_per_epoch
+        if logged:
             log_train_window(config, objects, state, meter.read_window(), steps_per_epoch, runtime)
-            raise_if_nonfinite(meter.first_bad_step, objects.optimizer.param_groups[0]['lr'])
-
-        if runtime.stop is not None and runtime.stop.should_stop():
+        if runtime.stop is None:
+            if logged:
+                raise_if_nonfinite(meter.bad_step(), objects.optimizer.param_groups[0]['lr'])
+        elif _agree_to_stop(runtime.stop, meter, logged, objects.optimizer.param_groups[0]['lr']):
             stopped = True
             break
 
     loss = meter.epoch_loss()
-    raise_if_nonfinite(meter.first_bad_step, objects.optimizer.param_groups[0]['lr'])
+    if runtime.stop is None:  # with a stop request every step up to here has been agreed on
+        raise_if_nonfinite(meter.bad_step(), objects.optimizer.param_groups[0]['lr'])
     if not stopped:
         runtime.logger.info(f"EPOCH {state.epoch} training takes {format_eta(time.time() - meter.epoch_start)}")
     return EpochResult(stopped, loss)
@@ -258,9 +275,8 @@ def validate(config: CfgNode, data_loader: Iterable, model: torch.nn.Module, dev
         correct1, correct5 = topk_correct(output, target)
         if class_counts is not None:
             class_counts.update(output, target)
-        totals += torch.stack([correct1.double(), correct5.double(),
-                               criterion(output, target).double(),
-                               torch.tensor(float(target.shape[0]), dtype=torch.float64, device=device)])
+        totals[:3] += torch.stack([correct1.double(), correct5.double(), criterion(output, target).double()])
+        totals[3] += target.shape[0]  # a scalar kernel argument: no host-to-device copy, no sync
         if (idx + 1) % config.PRINT_FREQ == 0:
             c1, c5, loss_sum, seen = totals.tolist()
             logger.info(f"{header}: [{idx + 1}/{len(data_loader)}]\tloss {loss_sum / seen:.4f}\t"

@@ -10,6 +10,7 @@ The story of a run, in order: config -> processes -> logging -> model -> data ->
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import time
@@ -43,8 +44,11 @@ def main(config: CfgNode) -> int:
     if utils.is_main_process():
         save_config(config, config.OUTPUT_DIR)
     runtime = Runtime(device, utils.resolve_precision(config, device), logger)
+    tf32 = f" (TF32 {'on' if config.TF32 else 'off'} for float32 matmuls)" if device.type == 'cuda' else ''
     logger.info(f"rank {config.RANK}/{config.WORLD_SIZE} (pid {os.getpid()}) on {device}, precision "
-                f"{runtime.precision}; full config: {config.OUTPUT_DIR}/config.yaml")
+                f"{runtime.precision}{tf32}; full config: {config.OUTPUT_DIR}/config.yaml")
+    if config.WORLD_SIZE > 1:
+        logger.info(f"process group formed: collectives time out after DIST.TIMEOUT {config.DIST.TIMEOUT:g}s")
 
     model = build_model(config).to(device)
     logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
@@ -117,13 +121,27 @@ def build_training_objects(config, model, mixup_fn, steps_per_epoch, precision, 
 
 
 def wrap_model(config, model, device, logger):
-    """torch.compile (optional) then DistributedDataParallel when running on several processes."""
-    if config.TRAIN.COMPILE:
-        logger.info("compiling the model with torch.compile (the first steps are slow)")
-        model = torch.compile(model)
+    """The model the training loop calls, and the one validation calls.
+
+    Training: DistributedDataParallel on several processes, then torch.compile of the DDP module -- the order
+    PyTorch documents for compiled DDP: graphs split at gradient-bucket boundaries, so the all-reduce overlaps
+    backward. No buffer broadcast: every buffer (relative_position_index, attn_mask) is derived from the config.
+    Validation calls the bare model (compiled too with TRAIN.COMPILE): DDP's forward is not for passes whose
+    batch counts differ between ranks (TEST.SEQUENTIAL). Checkpoints and EMA unwrap either (utils.unwrap_model).
+    """
+    train_model, eval_model = model, model
     if config.WORLD_SIZE > 1:
-        model = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
-    return model
+        # torch >= 2.14 names the per-forward buffer sync forward_sync_buffers (broadcast_buffers is deprecated)
+        no_buffer_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in
+                          inspect.signature(DistributedDataParallel).parameters else {'broadcast_buffers': False})
+        train_model = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
+                                              **no_buffer_sync)
+    if config.TRAIN.COMPILE:
+        logger.info(f"compiling the model with torch.compile (backend {config.TRAIN.COMPILE_BACKEND}; the first "
+                    f"steps are slow)")
+        train_model = torch.compile(train_model, backend=config.TRAIN.COMPILE_BACKEND)
+        eval_model = torch.compile(model, backend=config.TRAIN.COMPILE_BACKEND)
+    return train_model, eval_model
 
 
 def resume_or_start(config, objects, steps_per_epoch, logger):
@@ -170,7 +188,7 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
 
     state = resume_or_start(config, objects, steps_per_epoch, logger)
     objects.lr_scheduler.step_update(state.global_step)
-    objects.model = wrap_model(config, model, runtime.device, logger)
+    objects.model, eval_model = wrap_model(config, model, runtime.device, logger)
     class_names = list(loader_train.dataset.classes)
     runtime.writer = writer = MetricWriter(config.OUTPUT_DIR, enabled=utils.is_main_process())
     runtime.stop = stop = utils.StopRequest().install()
@@ -190,8 +208,7 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
                             f"checkpoint {path or 'written by rank 0'}; run the same command to resume")
                 return stop.exit_code
 
-            acc1, acc5, val_loss = validate(config, loader_val, objects.model, runtime.device, runtime.precision,
-                                            logger)
+            acc1, acc5, val_loss = validate(config, loader_val, eval_model, runtime.device, runtime.precision, logger)
             writer.add_scalars({'val/acc1': acc1, 'val/acc5': acc5, 'val/loss': val_loss,
                                 'train/epoch_loss': result.loss}, epoch)
             if objects.model_ema is not None:

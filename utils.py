@@ -5,6 +5,7 @@ import contextlib
 import random
 import signal
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -49,12 +50,20 @@ def init_distributed(config: CfgNode) -> torch.device:
         # fixed input sizes: let cuDNN pick the fastest kernels, unless runs must repeat bit for bit (the
         # benchmark may pick different, each deterministic, algorithms in two processes)
         torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
+    set_tf32(config.TF32)
     if config.WORLD_SIZE > 1 and not dist.is_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
-        dist.init_process_group(backend=backend, init_method='env://',
+        dist.init_process_group(backend=backend, init_method='env://', timeout=timedelta(seconds=config.DIST.TIMEOUT),
                                 device_id=device if device.type == 'cuda' else None)
     seed_everything(config.SEED + config.RANK)
     return device
+
+
+def set_tf32(enabled: bool) -> None:
+    """float32 matmuls and convolutions on TF32 tensor cores (Ampere and later) or in full float32. CUDA-only
+    flags, so CPU math is untouched; the legacy flags, which torch 2.4 and later all read."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def cleanup_distributed() -> None:
@@ -164,7 +173,8 @@ def resolve_precision(config: CfgNode, device: torch.device) -> Precision:
     if device.type == 'cuda':
         if config.AMP_DTYPE == 'float16':
             return Precision('cuda', torch.float16)
-        bf16_supported = torch.cuda.is_bf16_supported()
+        # native bf16 only (Ampere+): V100/T4 emulate it slowly, so they get float16 + GradScaler
+        bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
         if config.AMP_DTYPE == 'bfloat16' and not bf16_supported:
             raise ConfigError("AMP_DTYPE bfloat16 is not supported by this GPU (use float16)")
         return Precision('cuda', torch.bfloat16 if bf16_supported else torch.float16)
@@ -176,17 +186,22 @@ def resolve_precision(config: CfgNode, device: torch.device) -> Precision:
 # -----------------------------------------------------------------------------
 # Preemption
 # -----------------------------------------------------------------------------
+_NO_STEP = torch.iinfo(torch.int64).min  # "no non-finite loss": loses every MAX
+
+
 class StopRequest:
     """Turns SIGTERM/SIGINT (what clusters send before preemption) into a flag the loop polls.
 
     ``should_stop()`` must be called at the same steps on every rank: it takes the max over a CPU (gloo)
-    group, so all ranks agree without a host sync on the GPU stream, and no rank is left waiting.
+    group, so all ranks agree without a host sync on the GPU stream, and no rank is left waiting. It carries
+    the ranks' non-finite loss reports too (``nonfinite_step``).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum = 0  # what all ranks agreed on; written only by should_stop()
+        self.nonfinite_step = -1  # likewise: the earliest optimizer step with a non-finite loss on any rank
         # this process's own signal, written only by the handler: a signal whose handler runs while
         # should_stop() is inside the all-reduce must not be overwritten by the (older) reduced value
         self._received = 0
@@ -210,12 +225,21 @@ class StopRequest:
             raise KeyboardInterrupt  # a second Ctrl-C means "now"
         self._received = signum
 
-    def should_stop(self) -> bool:
-        """True on every rank once any rank got a signal; then ``signal_name``/``exit_code`` say which."""
-        received = torch.tensor([self._received], dtype=torch.int32)
+    def should_stop(self, nonfinite_step: int = -1) -> bool:
+        """True on every rank once any rank got a signal; then ``signal_name``/``exit_code`` say which.
+
+        The same all-reduce agrees on non-finite losses: ``nonfinite_step`` is this rank's first optimizer step
+        with a NaN/inf loss (-1: none, or not read at this step); afterwards ``self.nonfinite_step`` is the
+        earliest such step over all ranks (-1: none), so every rank can stop at once with the same message.
+        """
+        # one MAX over [signal, -(first non-finite step)]: negated, the max is the earliest step
+        flags = torch.tensor([self._received, -nonfinite_step if nonfinite_step >= 0 else _NO_STEP],
+                             dtype=torch.int64)
         if self._group is not None:
-            dist.all_reduce(received, op=dist.ReduceOp.MAX, group=self._group)
-        self.signum = max(self.signum, int(received.item()))
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+        received, negated_step = flags.tolist()
+        self.signum = max(self.signum, received)
+        self.nonfinite_step = -negated_step if negated_step != _NO_STEP else -1
         return self.signum != 0
 
     @property

@@ -1,4 +1,6 @@
-"""Real torchrun with gloo on CPU: two ranks train, agree on weights, validate exactly, stop together."""
+"""Real torchrun with gloo on CPU: two ranks train, agree on weights, validate exactly, stop together;
+compiled DDP trains like eager DDP."""
+import logging
 import os
 import re
 import signal
@@ -7,9 +9,12 @@ import threading
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
+from conftest import make_tiny_config
 from helpers import (
     ROOT,
     assert_same_weights,
@@ -22,7 +27,9 @@ from helpers import (
     torchrun_command,
     wait_for,
 )
-from utils import StopRequest
+from main import wrap_model
+from models import build_model
+from utils import StopRequest, unwrap_model
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +67,64 @@ def test_two_ranks_train_and_agree(two_rank_run):
     files = os.listdir(two_rank_run)
     assert any(name.startswith('events.out.tfevents') for name in files)
     assert {'last.pth', 'best.pth', 'ckpt_epoch_1.pth', 'config.yaml'} <= set(files)
+
+
+def test_sequential_validation_on_two_ranks_finishes_with_exact_counts(tmp_path, config_path):
+    # rank 1 gets no val batches: validation must not go through DDP's forward (a collective per call)
+    result = subprocess.run(torchrun_command(2, '--cfg', config_path, '--output', str(tmp_path),
+                                             '--opts', 'TEST.SEQUENTIAL', 'True', 'TRAIN.EPOCHS', '1'),
+                            cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in (0, 1):
+        assert read(tmp_path / 'tiny' / 'default' / f'log_rank{rank}.txt').count('Test: 21 images') == 1
+
+
+def test_compiled_ddp_trains_like_eager_ddp_with_official_keys(tmp_path, two_rank_run):
+    # aot_eager: the DDP graph splitting and the traced graphs of inductor, run by eager kernels (the same
+    # random draws for drop path, so the weights compare); inductor would take minutes to compile on 2 CPU cores
+    result = subprocess.run(torchrun_command(2, '--cfg', str(two_rank_run / 'config.yaml'), '--output',
+                                             str(tmp_path), '--opts', 'TRAIN.COMPILE', 'True',
+                                             'TRAIN.COMPILE_BACKEND', 'aot_eager'),
+                            cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = tmp_path / 'tiny' / 'default'
+    assert 'compiling the model with torch.compile (backend aot_eager' in read(run_dir / 'log_rank0.txt')
+    compiled, eager = load_weights(run_dir / 'last.pth'), load_weights(two_rank_run / 'last.pth')
+    assert list(compiled) == list(eager)   # official keys: no '_orig_mod.' / 'module.' prefixes
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_nonfinite_loss_on_one_rank_stops_every_rank_with_the_same_line(tmp_path, config_path):
+    # rank 1's loss is NaN at step 2; DDP spreads it, so rank 0's turns NaN at step 3, where the losses are read
+    command = torchrun_command(2, '--cfg', config_path, '--output', str(tmp_path),
+                               '--opts', 'PRINT_FREQ', '3', 'TRAIN.EPOCHS', '1')
+    script = command.index(os.path.join(ROOT, 'main.py'))
+    command[script:script + 1] = [os.path.join(ROOT, 'tests', 'nan_probe.py'), '1', '2']   # rank 1, call 2
+    result = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    errors = dict(re.findall(r"error \(rank (\d)\): (.*)", output))
+    assert errors.keys() == {'0', '1'}, output
+    assert errors['0'] == errors['1'] and 'loss became NaN/inf at optimizer step 2 ' in errors['0'], output
+    run_dir = tmp_path / 'tiny' / 'default'
+    for rank in (0, 1):
+        assert 'Train: [0/1][3/6]' in read(run_dir / f'log_rank{rank}.txt')   # both got as far as step 3
+    assert not [name for name in os.listdir(run_dir) if name.endswith('.pth')]   # no checkpoint of NaN weights
+
+
+def test_wrap_order_is_ddp_then_compile_and_validation_skips_ddp(tmp_path):
+    config = make_tiny_config(tmp_path, 'TRAIN.COMPILE', True,
+                              environ={'WORLD_SIZE': '2', 'RANK': '0', 'LOCAL_RANK': '0'})
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)
+    try:
+        model = build_model(config)
+        train_model, eval_model = wrap_model(config, model, torch.device('cpu'), logging.getLogger('test'))
+    finally:
+        dist.destroy_process_group()
+    ddp = train_model._orig_mod    # torch.compile of the DDP module: DDP-aware graph splitting
+    assert isinstance(ddp, DistributedDataParallel) and ddp.module is model and not ddp.broadcast_buffers
+    assert eval_model._orig_mod is model and unwrap_model(train_model) is model
 
 
 def test_sigterm_to_one_rank_stops_both_and_resumes_exactly(tmp_path, config_path, two_rank_run):

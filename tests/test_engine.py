@@ -1,13 +1,16 @@
 """engine.py pieces in-process: gradient accumulation, the non-finite loss stop, exact top-k counts."""
+import collections
 import logging
 import math
+import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from data import Batch
-from engine import topk_correct, train_one_epoch
+from engine import topk_correct, train_one_epoch, validate
 from errors import TrainingError
 from lr_scheduler import build_scheduler
 from models import build_model
@@ -118,3 +121,52 @@ def test_topk_correct_counts():
     target = torch.tensor([1, 1, 0])
     top1, top2 = topk_correct(output, target, ks=(1, 2))
     assert (top1.item(), top2.item()) == (1, 2)
+
+
+class HostTraffic(TorchDispatchMode):
+    """Counts the ops that move data between Python and tensors: ``lift_fresh`` (a tensor made from Python
+    numbers, a blocking host-to-device copy when the target is a GPU) and ``_local_scalar_dense`` (.item(), a
+    device-to-host sync). The CPU runs the same ops a GPU run would, so the counts are the GPU's."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split('.')[0] in ('lift_fresh', '_local_scalar_dense'):
+            self.counts[func.__name__.split('.')[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_validation_moves_no_numbers_between_host_and_device_per_batch(tiny_config):
+    config = tiny_config('PRINT_FREQ', 1000)
+    model = build_model(config).eval()
+    device = torch.device('cpu')
+    batches = list(fixed_batches(4))   # made (and collated) before counting: loading is not validation's cost
+    traffic = {}
+    for count in (1, 4):
+        with HostTraffic() as mode:
+            validate(config, batches[:count], model, device, resolve_precision(config, device), LOGGER)
+        traffic[count] = mode.counts
+    # the final all-reduce and read are once per validation; nothing grows with the number of batches
+    assert traffic[4] == traffic[1], traffic
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='the CUDA twin of the test above (sync debug mode)')
+def test_validation_on_cuda_adds_no_synchronizing_call_per_batch(tiny_config):
+    config = tiny_config('PRINT_FREQ', 1000, 'DEVICE', 'cuda')
+    device = torch.device('cuda')
+    model = build_model(config).to(device).eval()
+    batches = [Batch(b.images.pin_memory(), b.targets.pin_memory()) for b in fixed_batches(4)]  # async copies
+    syncs = {}
+    for count in (1, 4):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            torch.cuda.set_sync_debug_mode('warn')
+            try:
+                validate(config, batches[:count], model, device, resolve_precision(config, device), LOGGER)
+            finally:
+                torch.cuda.set_sync_debug_mode('default')
+        syncs[count] = sum('synchroniz' in str(w.message) for w in caught)
+    assert syncs[4] == syncs[1], syncs

@@ -1,0 +1,54 @@
+"""utils.py choices that only a GPU would exercise, checked through what the CPU can read back."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from errors import ConfigError
+from helpers import free_port
+from utils import cleanup_distributed, init_distributed, resolve_precision
+
+CUDA = torch.device('cuda')
+
+
+def pre_ampere_gpu(including_emulation=True):
+    """torch.cuda.is_bf16_supported on a V100 / T4: bf16 only through (slow) emulation."""
+    return including_emulation
+
+
+def test_auto_amp_on_a_pre_ampere_gpu_is_float16_with_a_scaler(tiny_config, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', pre_ampere_gpu)
+    precision = resolve_precision(tiny_config('AMP_DTYPE', 'auto'), CUDA)
+    assert precision.dtype == torch.float16 and precision.needs_scaler
+    with pytest.raises(ConfigError, match='AMP_DTYPE bfloat16 is not supported'):
+        resolve_precision(tiny_config('AMP_DTYPE', 'bfloat16'), CUDA)
+
+
+def test_auto_amp_on_ampere_is_bfloat16(tiny_config, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
+    precision = resolve_precision(tiny_config('AMP_DTYPE', 'auto'), CUDA)
+    assert precision.dtype == torch.bfloat16 and not precision.needs_scaler
+
+
+@pytest.mark.parametrize('tf32', [True, False])
+def test_tf32_key_sets_the_cuda_matmul_and_cudnn_flags(tiny_config, monkeypatch, tf32):
+    # start from the opposite values (restored after the test)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', not tf32)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', not tf32)
+    init_distributed(tiny_config('DEVICE', 'cpu', 'TF32', tf32))
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32
+    assert torch.backends.cudnn.allow_tf32 is tf32
+
+
+def test_process_group_timeout_comes_from_dist_timeout(tiny_config, monkeypatch):
+    # torchrun's environment for a one-process group; the config believes in two processes, so it forms one
+    for key, value in dict(MASTER_ADDR='127.0.0.1', MASTER_PORT=free_port(), RANK=0, WORLD_SIZE=1).items():
+        monkeypatch.setenv(key, str(value))
+    config = tiny_config('DEVICE', 'cpu', 'DIST.TIMEOUT', 123)
+    config.defrost()
+    config.WORLD_SIZE = 2
+    init_distributed(config)
+    try:
+        backend = dist.group.WORLD._get_backend(torch.device('cpu'))
+        assert backend.options._timeout.total_seconds() == 123
+    finally:
+        cleanup_distributed()
