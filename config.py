@@ -286,6 +286,18 @@ _C.DEVICE = 'auto'
 _C.FUSED_WINDOW_PROCESS = False
 _C.FUSED_LAYERNORM = False
 
+# -----------------------------------------------------------------------------
+# Distributed runs (torchrun): timeouts, so that no rank waits forever
+# -----------------------------------------------------------------------------
+_C.DIST = CN()
+# Seconds a collective may wait for a live but busy rank (rank 0 writing a checkpoint, scanning for resume)
+# before it fails: the process-group timeout (library default: 30 min gloo, 10 min NCCL)
+_C.DIST.TIMEOUT = 1800
+# Seconds to wait for a rank that does not show up when the group forms after a (re)start, or that stops
+# sending heartbeats (process killed, node lost): then every rank ends with one line naming it (exit code 1),
+# and torchrun restarts the group when restarts are left
+_C.DIST.PEER_TIMEOUT = 60
+
 # Derived values, computed by finalize() -- set from the environment and the keys above, not by hand
 # Local rank of this process (from torchrun's LOCAL_RANK; --local_rank is accepted)
 _C.LOCAL_RANK = 0
@@ -385,6 +397,9 @@ def _validate(config):
             f"TRAIN.ACCUMULATION_STEPS must be at least 1, got {config.TRAIN.ACCUMULATION_STEPS}")
     require(config.TRAIN.EPOCHS >= 0, f"TRAIN.EPOCHS must be >= 0, got {config.TRAIN.EPOCHS}")
     require(config.SAVE_FREQ >= 1, f"SAVE_FREQ must be at least 1, got {config.SAVE_FREQ}")
+    require(config.DIST.TIMEOUT > 0, f"DIST.TIMEOUT must be positive (seconds), got {config.DIST.TIMEOUT}")
+    require(config.DIST.PEER_TIMEOUT > 0,
+            f"DIST.PEER_TIMEOUT must be positive (seconds), got {config.DIST.PEER_TIMEOUT}")
     require(config.PRINT_FREQ >= 1, f"PRINT_FREQ must be at least 1, got {config.PRINT_FREQ}")
     require(config.MODEL.NUM_CLASSES >= 1, f"MODEL.NUM_CLASSES must be at least 1, got {config.MODEL.NUM_CLASSES}")
     require(0.0 <= config.MODEL.LABEL_SMOOTHING < 1.0,

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
 import checkpoint
+import process_group
 import utils
 from config import build_parser, get_config
 from data import build_loader, check_bad_images, to_device
@@ -45,6 +46,10 @@ def main(config: CfgNode) -> int:
     runtime = Runtime(device, utils.resolve_precision(config, device), logger)
     logger.info(f"rank {config.RANK}/{config.WORLD_SIZE} (pid {os.getpid()}) on {device}, precision "
                 f"{runtime.precision}; full config: {config.OUTPUT_DIR}/config.yaml")
+    if process_group.peer_watch() is not None:
+        process_group.peer_watch().logger = logger
+        logger.info(f"process group formed: collectives time out after DIST.TIMEOUT {config.DIST.TIMEOUT:g}s, "
+                    f"a silent or missing rank after DIST.PEER_TIMEOUT {config.DIST.PEER_TIMEOUT:g}s")
 
     model = build_model(config).to(device)
     logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
@@ -217,6 +222,7 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
 def run(argv: list[str] | None = None) -> int:
     """Command-line entry: user mistakes end with one line (and exit 2), not a traceback."""
     args = build_parser().parse_args(argv)
+    reason = 'finished'
     try:
         return main(get_config(args))
     except SwinTrainError as e:
@@ -224,12 +230,22 @@ def run(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         rank = utils.get_rank()
         print(f"error{f' (rank {rank})' if utils.is_distributed() else ''}: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, 'exit_code', 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        reason = f"failed: {type(e).__name__}"
+        vanished = process_group.explain_failure()  # a failed collective: name the rank that is gone
+        if vanished is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"error (rank {utils.get_rank()}): {vanished} (this rank's collective failed: {type(e).__name__})",
+              file=sys.stderr)
+        return 1
     finally:
-        utils.cleanup_distributed()
+        utils.cleanup_distributed(reason)
 
 
 if __name__ == '__main__':

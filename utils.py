@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from yacs.config import CfgNode
 
+import process_group
 from errors import ConfigError
 
 
@@ -49,13 +50,14 @@ def init_distributed(config: CfgNode) -> torch.device:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     if config.WORLD_SIZE > 1 and not dist.is_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
-        dist.init_process_group(backend=backend, init_method='env://',
-                                device_id=device if device.type == 'cuda' else None)
+        process_group.form_process_group(backend, config.RANK, config.WORLD_SIZE, config.DIST.TIMEOUT,
+                                         config.DIST.PEER_TIMEOUT, device_id=device if device.type == 'cuda' else None)
     seed_everything(config.SEED + config.RANK)
     return device
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(reason: str = 'finished') -> None:
+    process_group.leave(reason)  # a goodbye first: the peers' watch must not take this exit for a vanished rank
     if dist.is_initialized():
         dist.destroy_process_group()
 
