@@ -226,6 +226,8 @@ def run(argv: list[str] | None = None) -> int:
     try:
         return main(get_config(args))
     except SwinTrainError as e:
+        reason = f"failed: {type(e).__name__}"
+        process_group.record_failure(e)
         if args.debug:
             traceback.print_exc()
         rank = utils.get_rank()
@@ -236,13 +238,13 @@ def run(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         reason = f"failed: {type(e).__name__}"
-        vanished = process_group.explain_failure()  # a failed collective: name the rank that is gone
-        if vanished is None:
+        process_group.record_failure(e)
+        cause = process_group.explain_failure()  # another rank failed first or vanished: name it, in one line
+        if cause is None:
             raise
         if args.debug:
             traceback.print_exc()
-        print(f"error (rank {utils.get_rank()}): {vanished} (this rank's collective failed: {type(e).__name__})",
-              file=sys.stderr)
+        print(f"error (rank {utils.get_rank()}): {cause} (here: {type(e).__name__})", file=sys.stderr)
         return 1
     finally:
         utils.cleanup_distributed(reason)

@@ -176,9 +176,26 @@ def leave(reason='finished'):
         _watch.stop(reason)
 
 
+def record_failure(exc):
+    """The main thread of this rank failed with exc: say goodbye, and unless exc is a failed collective (the echo
+    of another rank's trouble), record it as the job's first failure for the other ranks to name."""
+    if _watch is not None and _watch.is_alive():
+        _watch.record_failure(exc)
+
+
 def explain_failure():
-    """After an exception on a distributed rank: one line naming the rank(s) that vanished, or None."""
-    return _watch.vanished_peers() if _watch is not None and _watch.is_alive() else None
+    """After record_failure: one line naming the other rank that failed first or vanished, or None (this rank's
+    own failure, or nothing to tell)."""
+    return _watch.explain_failure() if _watch is not None and _watch.is_alive() else None
+
+
+def is_communication_error(exc):
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(word in text for word in _COMMUNICATION_WORDS)
+
+
+_COMMUNICATION_WORDS = ('gloo', 'Gloo', 'NCCL', 'Connection reset', 'Connection closed', 'Connection refused',
+                        'Broken pipe', 'Socket Timeout')
 
 
 def _restart_hint(environ):
@@ -207,7 +224,7 @@ class PeerWatch(threading.Thread):
         super().__init__(name='peer-watch', daemon=True)
         self.connect = connect
         self.rank, self.world_size, self.peer_timeout = rank, world_size, peer_timeout
-        self.interval = min(max(peer_timeout / 10.0, 0.1), 5.0)
+        self.interval = min(max(peer_timeout / 10.0, 0.1), 2.0)
         self.store_address = store_address
         self.agent_pid = agent_pid  # torchrun's agent: if it dies, this worker must not live on as an orphan
         self.logger = None  # set once logging exists: the verdict line also goes to log_rank*.txt
@@ -275,14 +292,29 @@ class PeerWatch(threading.Thread):
         except (RuntimeError, dist.DistError):
             pass
 
-    # -- after a failed collective ---------------------------------------------------------------
-    def vanished_peers(self, grace=None):
-        """Called by the main thread after a collective failed: says goodbye, then returns the one-line
-        description of ranks that neither beat nor said goodbye within ``grace`` seconds (None if all are
-        alive: the failure is not a lost rank)."""
+    # -- after a failure of the main thread -------------------------------------------------------
+    def _failure_store(self):
+        if getattr(self, '_main_store', None) is None:
+            self._main_store = self.connect()  # its own connection: the heartbeat thread keeps using its one
+        return self._main_store
+
+    def record_failure(self, exc):
         try:
-            store = self.connect()  # its own connection: the heartbeat thread keeps using its one
-            store.set(f'left/{self.rank}', 'failed')
+            store = self._failure_store()
+            store.set(f'left/{self.rank}', f'failed: {type(exc).__name__}')
+            if not is_communication_error(exc):
+                store.compare_set('first_failure', '', f'{self.rank} {type(exc).__name__}: {_first_line(exc)}')
+        except (DistributedError, RuntimeError, dist.DistError):
+            pass
+
+    def explain_failure(self, grace=None):
+        """The other rank that failed first (recorded its error), or ranks that neither beat nor said goodbye
+        within ``grace`` seconds; None when neither."""
+        try:
+            store = self._failure_store()
+            first = self._first_failure(store)
+            if first:
+                return first
             if store.check(['vanished']):
                 return store.get('vanished').decode()
             others = [r for r in range(self.world_size) if r != self.rank]
@@ -290,9 +322,17 @@ class PeerWatch(threading.Thread):
             time.sleep(grace if grace is not None else 3 * self.interval + 0.5)
             silent = [r for r in others
                       if self._beat(store, r) == before[r] and not store.check([f'left/{r}'])]
-            if not silent:
-                return None
-            names = ', '.join(self.describe(store, r) for r in silent[:4])
-            return f"{names} vanished: no heartbeat and no goodbye"
+            if silent:
+                names = ', '.join(self.describe(store, r) for r in silent[:4])
+                return f"{names} vanished: no heartbeat and no goodbye"
+            return self._first_failure(store)
         except (DistributedError, RuntimeError, dist.DistError) as e:
             return f"the rendezvous store at {self.store_address} (on rank 0's node) is gone ({_first_line(e)})"
+
+    def _first_failure(self, store):
+        if not store.check(['first_failure']):
+            return None
+        rank, what = store.get('first_failure').decode().split(' ', 1)
+        if int(rank) == self.rank:
+            return None
+        return f"{self.describe(store, int(rank))} failed first: {what}"
