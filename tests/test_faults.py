@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+import torch
 from helpers import (
     ROOT,
     assert_same_weights,
@@ -26,6 +27,10 @@ from helpers import (
     tiny_yaml,
     wait_for,
 )
+from torch.utils.data import DataLoader, Dataset
+
+from data.recovery import survive_worker_deaths
+from data.samplers import DistributedEpochSampler
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +102,51 @@ def test_a_round_that_cannot_form_fails_within_peer_timeout():
                       r"DIST.PEER_TIMEOUT 4s: rank 0 never published the round", out)
     assert match, out
     assert 4 <= float(match.group(1)) < 4 + 30, out  # generous slack: the machine may be loaded
+
+
+# -----------------------------------------------------------------------------
+# A DataLoader worker killed (OOM killer): the pass goes on at the same batch
+# -----------------------------------------------------------------------------
+class DyingWorkerDataset(Dataset):
+    """Sample i is tensor(i); the worker process that first loads sample ``fatal`` SIGKILLs itself."""
+
+    def __init__(self, size, fatal, marker):
+        self.size, self.fatal, self.marker = size, fatal, str(marker)
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key  # train samplers yield (index, augmentation seed)
+        if index == self.fatal and not os.path.exists(self.marker):
+            open(self.marker, 'w').close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.tensor(index)
+
+
+def one_pass(loader):
+    return [int(i) for batch in survive_worker_deaths(loader, lambda: DataLoader.__iter__(loader)) for i in batch]
+
+
+@pytest.mark.parametrize('persistent', [True, False])
+def test_a_killed_loader_worker_costs_a_restart_of_the_workers_not_the_pass(tmp_path, caplog, persistent):
+    sampler = DistributedEpochSampler(40, rank=0, world_size=1, seed=5)
+    sampler.set_epoch(3, start_index=8)  # a pass that itself resumes mid-epoch
+    expected = [index for index, _ in sampler][:32 // 4 * 4]
+    fatal = expected[13]
+    loader = DataLoader(DyingWorkerDataset(40, fatal, tmp_path / 'died'), sampler=sampler, batch_size=4,
+                        num_workers=2, persistent_workers=persistent, drop_last=True)
+    assert one_pass(loader) == expected
+    assert (tmp_path / 'died').exists()
+    assert "restarting the loader's workers, the pass goes on at batch" in caplog.text
+    sampler.set_epoch(4)  # the loader keeps working for the next epoch
+    assert one_pass(loader) == [index for index, _ in sampler]
+
+
+def test_a_killed_worker_of_a_loader_without_start_positions_is_replayed(tmp_path):
+    loader = DataLoader(DyingWorkerDataset(30, 17, tmp_path / 'died'), batch_size=4, num_workers=2)
+    assert one_pass(loader) == list(range(30))  # each sample exactly once, in order
+    assert (tmp_path / 'died').exists()
 
 
 # -----------------------------------------------------------------------------
