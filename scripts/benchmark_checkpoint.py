@@ -1,5 +1,5 @@
 """How long a checkpoint save blocks training: synchronous save (the previous behaviour) against the
-background writer (``checkpoint_writer.CheckpointWriter``: CPU copy of the state, file written on a thread).
+background writer (``checkpoint.CheckpointWriter``: CPU copy of the state, file written on a thread).
 
 A real training state (model, AdamW moments, scheduler, RNG) of the chosen config is saved ``--rounds``
 times each way, interleaved; the table shows medians of the time the training thread is blocked, the
@@ -23,11 +23,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402
-from checkpoint_writer import CheckpointWriter  # noqa: E402
 from config import load_config  # noqa: E402
 from lr_scheduler import build_scheduler  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
+from run_state import RunState, TrainingObjects  # noqa: E402
 
 
 def training_objects(cfg, device, output):
@@ -38,13 +38,13 @@ def training_objects(cfg, device, output):
     for p in model.parameters():  # one step, so that AdamW holds its moment tensors as in a real run
         p.grad = torch.randn_like(p) * 1e-3
     optimizer.step()
-    scheduler = build_scheduler(config, optimizer, 100)
-    return config, model, optimizer, scheduler, logger
+    objects = TrainingObjects(model, torch.nn.CrossEntropyLoss(), optimizer, build_scheduler(config, optimizer, 100))
+    return config, objects, logger
 
 
-def state_of(config, model, optimizer, scheduler, epoch, step):
-    return checkpoint.training_state(config, model, optimizer, scheduler, None, None, epoch, step, 100 * epoch,
-                                     0.0, [], [checkpoint.capture_rng_state()])
+def checkpoint_of(config, objects, epoch, micro_batch):
+    return checkpoint.training_state(config, objects, RunState(epoch, micro_batch, 100 * epoch), [],
+                                     [checkpoint.capture_rng_state()])
 
 
 def synchronize(device):
@@ -60,20 +60,20 @@ def main():
     parser.add_argument('--output', default='')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.output or None) as output:
-        config, model, optimizer, scheduler, logger = training_objects(args.cfg, args.device, output)
-        params = sum(p.numel() for p in model.parameters())
-        writer = CheckpointWriter()
+        config, objects, logger = training_objects(args.cfg, args.device, output)
+        params = sum(p.numel() for p in objects.model.parameters())
+        writer = checkpoint.CheckpointWriter()
         sync_blocked, background_blocked, background_write = [], [], []
         for r in range(args.rounds):
             synchronize(args.device)
             start = time.perf_counter()
-            checkpoint.save_checkpoint(config, state_of(config, model, optimizer, scheduler, r, 1), logger)
+            checkpoint.save_checkpoint(config, checkpoint_of(config, objects, r, 1), logger)
             sync_blocked.append(time.perf_counter() - start)
 
             synchronize(args.device)
             start = time.perf_counter()
             writer.submit(lambda state: checkpoint.save_checkpoint(config, state, logger),
-                          state_of(config, model, optimizer, scheduler, r, 2))
+                          checkpoint_of(config, objects, r, 2))
             background_blocked.append(time.perf_counter() - start)
             writer.wait()
             background_write.append(time.perf_counter() - start)

@@ -16,6 +16,10 @@ import time
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data.recovery import survive_worker_deaths
+from data.samplers import DistributedEpochSampler
 from helpers import (
     ROOT,
     assert_same_weights,
@@ -27,10 +31,6 @@ from helpers import (
     tiny_yaml,
     wait_for,
 )
-from torch.utils.data import DataLoader, Dataset
-
-from data.recovery import survive_worker_deaths
-from data.samplers import DistributedEpochSampler
 
 pytestmark = pytest.mark.slow
 
