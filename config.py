@@ -272,6 +272,12 @@ _C.TAG = 'default'
 _C.SAVE_FREQ = 1
 # Keep only the newest KEEP_CHECKPOINTS ckpt_epoch_N.pth files (0: keep all); last/best are always kept
 _C.KEEP_CHECKPOINTS = 3
+# Also save mid-epoch (ckpt_epoch_N_step_K.pth) once this many minutes passed since the last checkpoint, so a
+# crash (SIGKILL, OOM killer, lost node) loses at most about this much work; 0: only at epoch ends and signals
+_C.SAVE_EVERY_MINUTES = 30.0
+# When writing a checkpoint fails (disk full, read-only, permission): stop (one-line error, exit 2) | continue
+# (one-line error in the log, training goes on). Earlier checkpoints stay intact either way
+_C.SAVE_FAILURE = 'stop'
 # Log a training line every PRINT_FREQ steps
 _C.PRINT_FREQ = 10
 # Random seed (each rank uses SEED + rank)
@@ -397,6 +403,9 @@ def _validate(config):
             f"TRAIN.ACCUMULATION_STEPS must be at least 1, got {config.TRAIN.ACCUMULATION_STEPS}")
     require(config.TRAIN.EPOCHS >= 0, f"TRAIN.EPOCHS must be >= 0, got {config.TRAIN.EPOCHS}")
     require(config.SAVE_FREQ >= 1, f"SAVE_FREQ must be at least 1, got {config.SAVE_FREQ}")
+    require(config.SAVE_EVERY_MINUTES >= 0, f"SAVE_EVERY_MINUTES must be >= 0, got {config.SAVE_EVERY_MINUTES}")
+    require(config.SAVE_FAILURE in ('stop', 'continue'),
+            f"SAVE_FAILURE {config.SAVE_FAILURE!r} is unknown (choose stop or continue)")
     require(config.DIST.TIMEOUT > 0, f"DIST.TIMEOUT must be positive (seconds), got {config.DIST.TIMEOUT}")
     require(config.DIST.PEER_TIMEOUT > 0,
             f"DIST.PEER_TIMEOUT must be positive (seconds), got {config.DIST.PEER_TIMEOUT}")

@@ -186,6 +186,8 @@ def train_one_epoch(config: CfgNode, objects: TrainingObjects, data_loader: Iter
         if runtime.stop is not None and runtime.stop.should_stop():
             stopped = True
             break
+        if runtime.stop is not None and runtime.stop.checkpoint_due and runtime.checkpoint is not None:
+            runtime.checkpoint(state)  # periodic, at this step boundary: every rank takes part
 
     loss = meter.epoch_loss()
     raise_if_nonfinite(meter.first_bad_step, objects.optimizer.param_groups[0]['lr'])

@@ -151,17 +151,6 @@ def resume_or_start(config, objects, steps_per_epoch, logger):
     return state
 
 
-def save(config, objects, state, class_names, logger, is_best=False):
-    """Gather every rank's RNG state, then rank 0 writes the checkpoint while the others wait."""
-    rng_states = utils.all_gather_objects(checkpoint.capture_rng_state())
-    path = None
-    if utils.is_main_process():
-        ckpt = checkpoint.training_state(config, objects, state, class_names, rng_states)
-        path = checkpoint.save_checkpoint(config, ckpt, logger, is_best=is_best)
-    utils.barrier()
-    return path
-
-
 def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoader, loader_val: DataLoader,
                  mixup_fn: Mixup | None, runtime: Runtime) -> int:
     """Train from scratch, a checkpoint or pretrained weights; validate and save after every epoch."""
@@ -176,9 +165,10 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
     state = resume_or_start(config, objects, steps_per_epoch, logger)
     objects.lr_scheduler.step_update(state.global_step)
     objects.model = wrap_model(config, model, runtime.device, logger)
-    class_names = list(loader_train.dataset.classes)
+    checkpoints = checkpoint.Checkpointer(config, objects, list(loader_train.dataset.classes), logger)
+    runtime.checkpoint = checkpoints.save_periodic
     runtime.writer = writer = MetricWriter(config.OUTPUT_DIR, enabled=utils.is_main_process())
-    runtime.stop = stop = utils.StopRequest().install()
+    runtime.stop = stop = utils.StopRequest(checkpoint_due=checkpoints.due).install()
     acc1 = None
     logger.info(f"Start training: epochs {state.epoch}..{config.TRAIN.EPOCHS - 1}")
     start_time = time.time()
@@ -189,7 +179,8 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
             result = train_one_epoch(config, objects, loader_train, state, steps_per_epoch, runtime)
             check_bad_images(loader_train, logger)
             if result.stopped:
-                path = save(config, objects, state, class_names, logger)
+                path = checkpoints.save(state)
+                checkpoints.finish()
                 logger.info(f"{stop.signal_name} received: stopped at epoch {epoch} step "
                             f"{state.steps_in_epoch(accumulation)}/{steps_per_epoch}, "
                             f"checkpoint {path or 'written by rank 0'}; run the same command to resume")
@@ -206,7 +197,8 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
             is_best = state.finish_epoch(acc1)
             logger.info(format_max_accuracy(state.max_accuracy))
             if (epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or is_best:
-                save(config, objects, state, class_names, logger, is_best=is_best)
+                checkpoints.save(state, is_best=is_best)
+        checkpoints.finish()
     finally:
         stop.uninstall()
         writer.close()

@@ -5,6 +5,7 @@ import contextlib
 import random
 import signal
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -185,8 +186,12 @@ class StopRequest:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, checkpoint_due: Callable[[], bool] | None = None):
         self.signum = 0  # what all ranks agreed on; written only by should_stop()
+        # the same all-reduce agrees on periodic checkpoints: checkpoint_due() is this rank's clock, and
+        # checkpoint_due (the attribute) is True on every rank once any rank's clock says so
+        self._checkpoint_clock = checkpoint_due
+        self.checkpoint_due = False
         # this process's own signal, written only by the handler: a signal whose handler runs while
         # should_stop() is inside the all-reduce must not be overwritten by the (older) reduced value
         self._received = 0
@@ -211,11 +216,15 @@ class StopRequest:
         self._received = signum
 
     def should_stop(self) -> bool:
-        """True on every rank once any rank got a signal; then ``signal_name``/``exit_code`` say which."""
-        received = torch.tensor([self._received], dtype=torch.int32)
+        """True on every rank once any rank got a signal; then ``signal_name``/``exit_code`` say which.
+        Otherwise ``checkpoint_due`` says whether every rank saves a periodic checkpoint at this step."""
+        due = self._checkpoint_clock is not None and self._checkpoint_clock()
+        flags = torch.tensor([self._received, int(due)], dtype=torch.int32)
         if self._group is not None:
-            dist.all_reduce(received, op=dist.ReduceOp.MAX, group=self._group)
-        self.signum = max(self.signum, int(received.item()))
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+        received, due = flags.tolist()
+        self.signum = max(self.signum, received)
+        self.checkpoint_due = bool(due) and self.signum == 0
         return self.signum != 0
 
     @property
