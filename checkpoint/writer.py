@@ -6,6 +6,7 @@ earlier checkpoint intact -- files are replaced atomically -- and becomes one Ch
 training loop turns into a stop or a logged warning (SAVE_FAILURE).
 """
 import errno
+import os
 import threading
 import time
 
@@ -36,14 +37,27 @@ def cpu_snapshot(obj, buffers=None, where=()):
     return obj
 
 
+def describe_failure(exc, path):
+    """One line for a failed save. torch.save reports a full disk as a RuntimeError of its zip writer
+    ("unexpected pos ...") raised while handling the OSError: the OSError in the chain is what counts."""
+    cause = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''
+        return f"saving checkpoint {path} failed: {type(exc).__name__}: {text}; earlier checkpoints are intact"
+    return describe_os_error(cause, path)
+
+
 def describe_os_error(exc, path):
     """One line for a failed save: what went wrong, in words a user can act on."""
     causes = {errno.ENOSPC: 'the disk is full', errno.EDQUOT: 'the disk quota is exceeded',
               errno.EROFS: 'the file system is read-only', errno.EACCES: 'permission denied',
               errno.EPERM: 'operation not permitted', errno.EIO: 'an I/O error'}
     cause = causes.get(exc.errno, exc.strerror or type(exc).__name__)
-    return (f"saving checkpoint {path} failed: {cause} ({errno.errorcode.get(exc.errno, exc.errno)}: "
-            f"{exc.filename or path}); earlier checkpoints are intact")
+    code = errno.errorcode.get(exc.errno, exc.errno)
+    where = f": {exc.filename}" if exc.filename and os.fspath(exc.filename) != os.fspath(path) else ''
+    return f"saving checkpoint {path} failed: {cause} ({code}{where}); earlier checkpoints are intact"
 
 
 class CheckpointWriter:
@@ -77,10 +91,10 @@ class CheckpointWriter:
     def _run(self, write, snapshot, path_hint):
         try:
             write(snapshot)
-        except OSError as e:
-            self._failure = CheckpointError(describe_os_error(e, path_hint))
         except CheckpointError as e:
             self._failure = e
+        except Exception as e:  # noqa: BLE001 -- any failure becomes one line for the training thread
+            self._failure = CheckpointError(describe_failure(e, path_hint))
 
     def wait(self):
         """Block until the write in flight (if any) is on disk or failed."""
