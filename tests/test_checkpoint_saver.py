@@ -205,3 +205,18 @@ def test_real_full_disk_stops_with_one_line(tiny_filesystem, config_path):
                                          rf"is full \(ENOSPC\); earlier checkpoints are intact$", errors[0]), errors
     last = checkpoint.load_file(run_dir / 'last.pth')
     assert last['epoch'] >= 0 and not [n for n in os.listdir(run_dir) if n.endswith('.tmp')]
+
+
+def test_full_disk_on_rank_0_is_named_by_the_other_rank(tiny_filesystem, config_path):
+    from test_faults import c10d_torchrun
+    result = subprocess.run(c10d_torchrun(2, os.path.join(ROOT, 'main.py'), '--cfg', config_path, '--output',
+                                          str(tiny_filesystem), '--opts', 'SAVE_EVERY_MINUTES', '0',
+                                          'KEEP_CHECKPOINTS', '1'),
+                            cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=900)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    rank0 = [line for line in out.splitlines() if line.startswith('error (rank 0): ')]
+    rank1 = [line for line in out.splitlines() if line.startswith('error (rank 1): ')]
+    assert len(rank0) == 1 and 'failed: the disk is full (ENOSPC)' in rank0[0], out[-3000:]
+    named = r"error \(rank 1\): rank 0 \(host \S+, pid \d+\) failed first: CheckpointError: saving .* disk is full"
+    assert len(rank1) == 1 and re.match(named, rank1[0]), out[-3000:]
