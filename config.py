@@ -272,11 +272,9 @@ _C.TAG = 'default'
 _C.SAVE_FREQ = 1
 # Keep only the newest KEEP_CHECKPOINTS ckpt_epoch_N.pth files (0: keep all); last/best are always kept
 _C.KEEP_CHECKPOINTS = 3
-# Also save mid-epoch (ckpt_epoch_N_step_K.pth) once this many minutes passed since the last checkpoint, so a
-# crash (SIGKILL, OOM killer, lost node) loses at most about this much work; 0: only at epoch ends and signals
+# Also save mid-epoch once this many minutes passed since the last checkpoint: bounds the work a crash loses (0: off)
 _C.SAVE_EVERY_MINUTES = 30.0
-# When writing a checkpoint fails (disk full, read-only, permission): stop (one-line error, exit 2) | continue
-# (one-line error in the log, training goes on). Earlier checkpoints stay intact either way
+# A failed checkpoint write (disk full, read-only, permission), earlier files intact: stop (exit 2) | continue
 _C.SAVE_FAILURE = 'stop'
 # Log a training line every PRINT_FREQ steps
 _C.PRINT_FREQ = 10
@@ -292,16 +290,11 @@ _C.DEVICE = 'auto'
 _C.FUSED_WINDOW_PROCESS = False
 _C.FUSED_LAYERNORM = False
 
-# -----------------------------------------------------------------------------
-# Distributed runs (torchrun): timeouts, so that no rank waits forever
-# -----------------------------------------------------------------------------
-_C.DIST = CN()
-# Seconds a collective may wait for a live but busy rank (rank 0 writing a checkpoint, scanning for resume)
-# before it fails: the process-group timeout (library default: 30 min gloo, 10 min NCCL)
+_C.DIST = CN()  # distributed runs: timeouts, so that no rank waits forever
+# Process-group timeout (s): how long a collective waits for a live but busy rank (rank 0 saving, resume scan)
 _C.DIST.TIMEOUT = 1800
-# Seconds to wait for a rank that does not show up when the group forms after a (re)start, or that stops
-# sending heartbeats (process killed, node lost): then every rank ends with one line naming it (exit code 1),
-# and torchrun restarts the group when restarts are left
+# Seconds until a rank that does not join a (re)started group, or stops its heartbeat (killed, node lost), ends
+# every rank with one line naming it (exit 1; torchrun restarts the group when restarts are left)
 _C.DIST.PEER_TIMEOUT = 60
 
 # Derived values, computed by finalize() -- set from the environment and the keys above, not by hand
@@ -327,6 +320,7 @@ _CHOICES = {
     'DATA.DATASET': ('imagenet', 'imagenet22K', 'digits'),
     'DATA.CACHE_MODE': ('no', 'full', 'part'),
     'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
+    'SAVE_FAILURE': ('stop', 'continue'),
 }
 # Official keys accepted so that official YAML files and flags work unchanged, though nothing here implements
 # them; one warning names those set to a value other than the default (key: what it switches on officially)
@@ -404,11 +398,8 @@ def _validate(config):
     require(config.TRAIN.EPOCHS >= 0, f"TRAIN.EPOCHS must be >= 0, got {config.TRAIN.EPOCHS}")
     require(config.SAVE_FREQ >= 1, f"SAVE_FREQ must be at least 1, got {config.SAVE_FREQ}")
     require(config.SAVE_EVERY_MINUTES >= 0, f"SAVE_EVERY_MINUTES must be >= 0, got {config.SAVE_EVERY_MINUTES}")
-    require(config.SAVE_FAILURE in ('stop', 'continue'),
-            f"SAVE_FAILURE {config.SAVE_FAILURE!r} is unknown (choose stop or continue)")
-    require(config.DIST.TIMEOUT > 0, f"DIST.TIMEOUT must be positive (seconds), got {config.DIST.TIMEOUT}")
-    require(config.DIST.PEER_TIMEOUT > 0,
-            f"DIST.PEER_TIMEOUT must be positive (seconds), got {config.DIST.PEER_TIMEOUT}")
+    for key in ('DIST.TIMEOUT', 'DIST.PEER_TIMEOUT'):
+        require(_get(config, key) > 0, f"{key} must be positive (seconds), got {_get(config, key)}")
     require(config.PRINT_FREQ >= 1, f"PRINT_FREQ must be at least 1, got {config.PRINT_FREQ}")
     require(config.MODEL.NUM_CLASSES >= 1, f"MODEL.NUM_CLASSES must be at least 1, got {config.MODEL.NUM_CLASSES}")
     require(0.0 <= config.MODEL.LABEL_SMOOTHING < 1.0,

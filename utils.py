@@ -4,8 +4,8 @@ from __future__ import annotations
 import contextlib
 import random
 import signal
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
