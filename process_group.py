@@ -94,8 +94,11 @@ def _multi_get(store, keys, deadline):
     _limit_wait(store, deadline)
     try:
         return store.multi_get(keys)  # waits for keys that do not exist yet, up to the store's timeout
-    except (RuntimeError, dist.DistError):
-        absent = [key.rsplit('/', 1)[1] for key in keys if not store.check([key])]
+    except (RuntimeError, dist.DistError) as e:
+        try:
+            absent = [key.rsplit('/', 1)[1] for key in keys if not store.check([key])]
+        except (RuntimeError, dist.DistError):
+            raise DistributedError(f"the store stopped answering ({_first_line(e)})") from None
         raise DistributedError(f"ranks {_ranks_text(absent)} never appeared") from None
 
 
@@ -143,8 +146,9 @@ def form_process_group(backend, rank, world_size, timeout, peer_timeout, device_
                                f"{peer_timeout:g}s: {e}{_restart_hint(environ)}") from None
     prefix = f'{NAMESPACE}/{round_id}'
     try:
+        remaining = timedelta(seconds=max(deadline - time.monotonic(), 1.0))
         dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=peer_timeout), device_id=device_id)
+                                timeout=remaining, device_id=device_id)
         dist.barrier()
     except (RuntimeError, dist.DistError) as e:
         raise DistributedError(f"rank {rank}: the process group did not form within DIST.PEER_TIMEOUT "
