@@ -77,7 +77,12 @@ class CheckpointWriter:
     def submit(self, write, state, path_hint=''):
         start = time.perf_counter()
         self.wait()
-        snapshot = cpu_snapshot(state, self._buffers)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the copy is memory-bound: more OpenMP threads gain little, and stall on a busy host
+        try:
+            snapshot = cpu_snapshot(state, self._buffers)
+        finally:
+            torch.set_num_threads(threads)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # the non-blocking copies into pinned memory are complete
         if self.background:
