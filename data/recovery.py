@@ -50,33 +50,35 @@ def _discard(loader, iterator):
 
 
 def survive_worker_deaths(loader, start_pass, max_restarts=MAX_RESTARTS_PER_PASS):
-    """The batches of one pass of ``loader``; ``start_pass()`` returns a fresh torch iterator of it."""
+    """The batches of one pass of ``loader``; ``start_pass()`` returns a fresh torch iterator of it. A death may
+    also surface while a pass starts (persistent workers are asked to reset), which is recovered the same way."""
     sampler = loader.sampler
     first = getattr(sampler, 'start_index', None)  # EpochSampler: where this pass started in the epoch
-    iterator = start_pass()
-    _quiet_sigchld()
-    delivered = restarts = 0
+    iterator, delivered, skip, restarts = None, 0, 0, 0
     while True:
         try:
+            if iterator is None:
+                iterator = start_pass()
+                _quiet_sigchld()
+                for _ in range(skip):
+                    next(iterator)
             batch = next(iterator)
         except StopIteration:
             return
         except Exception as e:  # noqa: BLE001 -- which error a death causes depends on timing, see dead_workers
-            dead = _await_dead_workers(iterator)
+            broken = iterator if iterator is not None else getattr(loader, '_iterator', None)
+            dead = _await_dead_workers(broken)
             if not dead or restarts >= max_restarts:
                 raise
             restarts += 1
             _logger.warning(f"DataLoader worker (pid {', '.join(map(str, dead))}) died ({type(e).__name__}): "
                             f"restarting the loader's workers, the pass goes on at batch {delivered} "
                             f"({restarts}/{max_restarts} restarts of this pass)")
-            _discard(loader, iterator)
-            skip = delivered
+            _discard(loader, broken)
+            iterator, skip = None, delivered
             if first is not None:
                 sampler.set_epoch(sampler.epoch, start_index=first + delivered * loader.batch_size)
                 skip = 0
-            iterator = start_pass()
-            for _ in range(skip):
-                next(iterator)
             continue
         delivered += 1
         yield batch

@@ -10,6 +10,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -143,6 +144,19 @@ def test_a_killed_loader_worker_costs_a_restart_of_the_workers_not_the_pass(tmp_
     assert one_pass(loader) == [index for index, _ in sampler]
 
 
+def test_a_persistent_worker_killed_between_epochs_is_replaced_when_the_next_pass_starts(tmp_path, caplog):
+    sampler = DistributedEpochSampler(24, rank=0, world_size=1, seed=5)
+    loader = DataLoader(DyingWorkerDataset(24, -1, tmp_path / 'unused'), sampler=sampler, batch_size=4,
+                        num_workers=2, persistent_workers=True, drop_last=True)
+    one_pass(loader)
+    victim = loader._iterator._workers[0]
+    os.kill(victim.pid, signal.SIGKILL)  # idle between epochs: noticed when the next pass asks it to reset
+    victim.join()
+    sampler.set_epoch(1)
+    assert one_pass(loader) == [index for index, _ in sampler]
+    assert f"DataLoader worker (pid {victim.pid}) died" in caplog.text
+
+
 def test_a_killed_worker_of_a_loader_without_start_positions_is_replayed(tmp_path):
     loader = DataLoader(DyingWorkerDataset(30, 17, tmp_path / 'died'), batch_size=4, num_workers=2)
     assert one_pass(loader) == list(range(30))  # each sample exactly once, in order
@@ -215,26 +229,35 @@ def test_random_sigkills_of_ranks_and_loader_workers_resume_exactly(tmp_path, co
 PEER_TIMEOUT = 10
 
 
-def test_survivor_names_a_vanished_node_and_exits_in_bounded_time(tmp_path, config_path):
+def _listening(port):
+    with socket.socket() as s:
+        return s.connect_ex(('127.0.0.1', port)) == 0
+
+
+@pytest.mark.parametrize('lost', [1, 0])
+def test_survivor_names_a_vanished_node_and_exits_in_bounded_time(tmp_path, config_path, lost):
+    """Agents start one after the other (torchrun ranks nodes by agent pid): agent ``lost`` and its worker,
+    rank ``lost``, are SIGKILLed. Node 0 also hosts both stores (rendezvous backend, the workers' store)."""
     output = tmp_path / 'out'
     run_dir = output / 'tiny' / 'default'
-    endpoint = f'127.0.0.1:{free_port()}'
+    port = free_port()
     logs = [open(tmp_path / f'agent{i}.log', 'w') for i in range(2)]
     command = c10d_torchrun(1, MAIN, '--cfg', config_path, '--output', str(output), '--opts', 'TRAIN.EPOCHS', '50',
-                            'DIST.PEER_TIMEOUT', str(PEER_TIMEOUT), nnodes=2, endpoint=endpoint)
-    agents = [subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True) for log in logs]
+                            'DIST.PEER_TIMEOUT', str(PEER_TIMEOUT), nnodes=2, endpoint=f'127.0.0.1:{port}')
+    agents = []
     try:
-        rank1_log = run_dir / 'log_rank1.txt'
-        wait_for(lambda: rank1_log.exists() and 'Train: [1/50]' in read(rank1_log), 600, 'both ranks training')
-        rank1_pid = int(re.search(r"rank 1/2 \(pid (\d+)\)", read(rank1_log)).group(1))
-        victim = next(a for a in agents if rank1_pid in children(a.pid))
-        survivor = next(a for a in agents if a is not victim)
-        # the agent, then its worker with the worker's loader processes (torchrun gives each worker its own session)
-        kill(victim.pid)
-        os.killpg(rank1_pid, signal.SIGKILL)
+        for log in logs:
+            agents.append(subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True))
+            wait_for(lambda: _listening(port), 300, 'the rendezvous store')
+        wait_for(lambda: all((run_dir / f'log_rank{r}.txt').exists() and 'Train: [1/50]' in
+                             read(run_dir / f'log_rank{r}.txt') for r in (0, 1)), 600, 'both ranks training')
+        worker = children(agents[lost].pid)[0]
+        victim_rank = next(r for r in (0, 1) if f"(pid {worker})" in read(run_dir / f'log_rank{r}.txt'))
+        kill(agents[lost].pid)  # the agent, then its worker and the worker's loader processes (their own session)
+        os.killpg(worker, signal.SIGKILL)
         killed_at = time.monotonic()
-        returncode = survivor.wait(timeout=600)
+        returncode = agents[1 - lost].wait(timeout=600)
         elapsed = time.monotonic() - killed_at
     finally:
         for a in agents:
@@ -242,12 +265,15 @@ def test_survivor_names_a_vanished_node_and_exits_in_bounded_time(tmp_path, conf
                 os.killpg(a.pid, signal.SIGKILL)
         for log in logs:
             log.close()
-    out = read(logs[agents.index(survivor)].name)
+    out = read(logs[1 - lost].name)
+    survivor = 1 - victim_rank
+    # rank 0's node also holds the store the workers share (torchrun's agent of rank 0 hosts it)
+    named = (rf"rank 1 \(host \S+, pid {worker}\) vanished" if victim_rank == 1 else
+             rf"(rank 0 \(host \S+, pid {worker}\) vanished|the rendezvous store at \S+ \(on rank 0's node\))")
     assert returncode != 0, out[-4000:]
-    assert re.search(rf"error \(rank 0\): rank 1 \(host \S+, pid {rank1_pid}\) vanished", out), out[-4000:]
-    # one line names the lost rank; the bound is DIST.PEER_TIMEOUT plus slack for a loaded machine
-    assert elapsed < PEER_TIMEOUT + 60, (elapsed, out[-4000:])
-    assert 'vanished' in read(run_dir / 'log_rank0.txt')
+    assert re.search(rf"error \(rank {survivor}\): {named}", out), out[-4000:]
+    # the bound: DIST.PEER_TIMEOUT plus slack for torchrun's own shutdown on a loaded machine (not 30 minutes)
+    assert elapsed < PEER_TIMEOUT + 120, (elapsed, out[-4000:])
 
 
 def test_a_frozen_rank_is_named_while_the_others_wait_in_a_collective(tmp_path, config_path):
@@ -275,6 +301,6 @@ def test_a_frozen_rank_is_named_while_the_others_wait_in_a_collective(tmp_path, 
     line = [text for text in read(rank0_log).splitlines() if 'vanished' in text][0]
     assert re.search(rf"error \(rank 0\): rank 1 \(host \S+, pid {rank1_pid}\) vanished: no heartbeat for "
                      rf"\d+s; exiting", line), line
-    # beats come every PEER_TIMEOUT / 10 s: the silence is measured from the last one seen before the stop
-    assert PEER_TIMEOUT - 2 <= elapsed < PEER_TIMEOUT + 60, elapsed
+    # the silence is measured from the last beat seen before the stop (beats are 1 s apart, later on a busy host)
+    assert PEER_TIMEOUT / 2 <= elapsed < PEER_TIMEOUT + 60, elapsed
     assert agent.returncode != 0
