@@ -279,6 +279,10 @@ _C.TAG = 'default'
 _C.SAVE_FREQ = 1
 # Keep only the newest KEEP_CHECKPOINTS ckpt_epoch_N.pth files (0: keep all); last/best are always kept
 _C.KEEP_CHECKPOINTS = 3
+# Also save mid-epoch once this many minutes passed since the last checkpoint: bounds the work a crash loses (0: off)
+_C.SAVE_EVERY_MINUTES = 30.0
+# A failed checkpoint write (disk full, read-only, permission), earlier files intact: stop (exit 2) | continue
+_C.SAVE_FAILURE = 'stop'
 # Log a training line every PRINT_FREQ steps
 _C.PRINT_FREQ = 10
 # Random seed (each rank uses SEED + rank)
@@ -292,10 +296,11 @@ _C.DEVICE = 'auto'
 # [Official] CUDA kernels of the official repo: accepted for compatibility; the SDPA path replaces them
 _C.FUSED_WINDOW_PROCESS = False
 _C.FUSED_LAYERNORM = False
-# Seconds a collective waits for a busy rank (rank 0 writing a checkpoint) before it fails (torch: 30/10 min gloo/NCCL)
-_C.DIST = CN()
+_C.DIST = CN()  # distributed runs: timeouts, so that no rank waits forever
+# Process-group timeout (s): how long a collective waits for a live but busy rank (rank 0 saving, resume scan)
 _C.DIST.TIMEOUT = 1800
-
+# Seconds until a rank missing from a (re)started group, or silent (killed, node lost), ends all with one line
+_C.DIST.PEER_TIMEOUT = 60
 # Derived values, computed by finalize() -- set from the environment and the keys above, not by hand
 # Local rank of this process (from torchrun's LOCAL_RANK; --local_rank is accepted)
 _C.LOCAL_RANK = 0
@@ -313,13 +318,17 @@ _C.TRAIN.EFFECTIVE_MIN_LR = 0.0
 
 _DERIVED_KEYS = ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'OUTPUT_DIR', 'TRAIN.GLOBAL_BATCH_SIZE',
                  'TRAIN.EFFECTIVE_LR', 'TRAIN.EFFECTIVE_WARMUP_LR', 'TRAIN.EFFECTIVE_MIN_LR')
-# Keys with a fixed set of values, checked when the config is built
+# Keys with a fixed set of values, and numeric keys with their smallest value, checked when the config is built
 _CHOICES = {
     'MODEL.TYPE': ('swin', 'swinv2', 'swin_mlp'),  # parameters in MODEL.<TYPE upper-cased>
     'DATA.DATASET': ('imagenet', 'imagenet22K', 'digits'),
     'DATA.CACHE_MODE': ('no', 'full', 'part'),
     'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
+    'SAVE_FAILURE': ('stop', 'continue'),
 }
+_MINIMUMS = {'DATA.BATCH_SIZE': 1, 'DATA.NUM_WORKERS': 0, 'DATA.IMG_SIZE': 1, 'TRAIN.ACCUMULATION_STEPS': 1,
+             'TRAIN.EPOCHS': 0, 'SAVE_FREQ': 1, 'SAVE_EVERY_MINUTES': 0, 'PRINT_FREQ': 1, 'MODEL.NUM_CLASSES': 1,
+             'DIST.TIMEOUT': 1, 'DIST.PEER_TIMEOUT': 1}
 # Official keys accepted so that official YAML files and flags work unchanged, though nothing here implements
 # them; one warning names those set to a value other than the default (key: what it switches on officially)
 _NOT_IMPLEMENTED = {
@@ -388,15 +397,8 @@ def _validate(config):
     for key, allowed in _CHOICES.items():
         require(_get(config, key) in allowed,
                 f"{key} {_get(config, key)!r} is not supported (choose one of: {', '.join(allowed)})")
-    require(config.DATA.BATCH_SIZE >= 1, f"DATA.BATCH_SIZE must be at least 1, got {config.DATA.BATCH_SIZE}")
-    require(config.DATA.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS must be >= 0, got {config.DATA.NUM_WORKERS}")
-    require(config.DATA.IMG_SIZE >= 1, f"DATA.IMG_SIZE must be positive, got {config.DATA.IMG_SIZE}")
-    require(config.TRAIN.ACCUMULATION_STEPS >= 1,
-            f"TRAIN.ACCUMULATION_STEPS must be at least 1, got {config.TRAIN.ACCUMULATION_STEPS}")
-    require(config.TRAIN.EPOCHS >= 0, f"TRAIN.EPOCHS must be >= 0, got {config.TRAIN.EPOCHS}")
-    require(config.SAVE_FREQ >= 1, f"SAVE_FREQ must be at least 1, got {config.SAVE_FREQ}")
-    require(config.PRINT_FREQ >= 1, f"PRINT_FREQ must be at least 1, got {config.PRINT_FREQ}")
-    require(config.MODEL.NUM_CLASSES >= 1, f"MODEL.NUM_CLASSES must be at least 1, got {config.MODEL.NUM_CLASSES}")
+    for key, minimum in _MINIMUMS.items():
+        require(_get(config, key) >= minimum, f"{key} must be at least {minimum}, got {_get(config, key)}")
     require(0.0 <= config.MODEL.LABEL_SMOOTHING < 1.0,
             f"MODEL.LABEL_SMOOTHING must be in [0, 1), got {config.MODEL.LABEL_SMOOTHING}")
     mixup_on = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None

@@ -210,6 +210,8 @@ def train_one_epoch(config: CfgNode, objects: TrainingObjects, data_loader: Iter
         elif _agree_to_stop(runtime.stop, meter, logged, objects.optimizer.param_groups[0]['lr']):
             stopped = True
             break
+        if runtime.stop is not None and runtime.stop.checkpoint_due and runtime.checkpoint is not None:
+            runtime.checkpoint(state)  # periodic, at this step boundary: every rank takes part
 
     loss = meter.epoch_loss()
     if runtime.stop is None:  # with a stop request every step up to here has been agreed on

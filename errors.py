@@ -22,6 +22,12 @@ class TrainingError(SwinTrainError):
     """A run that cannot go on (non-finite loss, unusable device, ...)."""
 
 
+class DistributedError(SwinTrainError):
+    """The process group cannot form, or a rank vanished: ends the process with code 1, so that torchrun's
+    next round (when restarts are left) can try again."""
+    exit_code = 1
+
+
 def exit_status(function, *args):
     """``function(*args)`` as a command-line tool's exit status: its return value, or 2 after printing
     ``error: ...`` (one line, on stderr) when it stops on a SwinTrainError. For scripts/; main.py adds

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
 import checkpoint
+import process_group
 import utils
 from config import build_parser, get_config
 from data import build_loader, check_bad_images, to_device
@@ -47,8 +48,10 @@ def main(config: CfgNode) -> int:
     tf32 = f" (TF32 {'on' if config.TF32 else 'off'} for float32 matmuls)" if device.type == 'cuda' else ''
     logger.info(f"rank {config.RANK}/{config.WORLD_SIZE} (pid {os.getpid()}) on {device}, precision "
                 f"{runtime.precision}{tf32}; full config: {config.OUTPUT_DIR}/config.yaml")
-    if config.WORLD_SIZE > 1:
-        logger.info(f"process group formed: collectives time out after DIST.TIMEOUT {config.DIST.TIMEOUT:g}s")
+    if process_group.peer_watch() is not None:
+        process_group.peer_watch().logger = logger
+        logger.info(f"process group formed: collectives time out after DIST.TIMEOUT {config.DIST.TIMEOUT:g}s, "
+                    f"a silent or missing rank after DIST.PEER_TIMEOUT {config.DIST.PEER_TIMEOUT:g}s")
 
     model = build_model(config).to(device)
     logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
@@ -164,17 +167,6 @@ def resume_or_start(config, objects, steps_per_epoch, logger):
     return state
 
 
-def save(config, objects, state, class_names, logger, is_best=False):
-    """Gather every rank's RNG state, then rank 0 writes the checkpoint while the others wait."""
-    rng_states = utils.all_gather_objects(checkpoint.capture_rng_state())
-    path = None
-    if utils.is_main_process():
-        ckpt = checkpoint.training_state(config, objects, state, class_names, rng_states)
-        path = checkpoint.save_checkpoint(config, ckpt, logger, is_best=is_best)
-    utils.barrier()
-    return path
-
-
 def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoader, loader_val: DataLoader,
                  mixup_fn: Mixup | None, runtime: Runtime) -> int:
     """Train from scratch, a checkpoint or pretrained weights; validate and save after every epoch."""
@@ -189,9 +181,10 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
     state = resume_or_start(config, objects, steps_per_epoch, logger)
     objects.lr_scheduler.step_update(state.global_step)
     objects.model, eval_model = wrap_model(config, model, runtime.device, logger)
-    class_names = list(loader_train.dataset.classes)
+    checkpoints = checkpoint.Checkpointer(config, objects, list(loader_train.dataset.classes), logger)
+    runtime.checkpoint = checkpoints.save_periodic
     runtime.writer = writer = MetricWriter(config.OUTPUT_DIR, enabled=utils.is_main_process())
-    runtime.stop = stop = utils.StopRequest().install()
+    runtime.stop = stop = utils.StopRequest(checkpoint_due=checkpoints.due).install()
     acc1 = None
     logger.info(f"Start training: epochs {state.epoch}..{config.TRAIN.EPOCHS - 1}")
     start_time = time.time()
@@ -202,7 +195,8 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
             result = train_one_epoch(config, objects, loader_train, state, steps_per_epoch, runtime)
             check_bad_images(loader_train, logger)
             if result.stopped:
-                path = save(config, objects, state, class_names, logger)
+                path = checkpoints.save(state)
+                checkpoints.finish()
                 logger.info(f"{stop.signal_name} received: stopped at epoch {epoch} step "
                             f"{state.steps_in_epoch(accumulation)}/{steps_per_epoch}, "
                             f"checkpoint {path or 'written by rank 0'}; run the same command to resume")
@@ -218,7 +212,8 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
             is_best = state.finish_epoch(acc1)
             logger.info(format_max_accuracy(state.max_accuracy))
             if (epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or is_best:
-                save(config, objects, state, class_names, logger, is_best=is_best)
+                checkpoints.save(state, is_best=is_best)
+        checkpoints.finish()
     finally:
         stop.uninstall()
         writer.close()
@@ -234,19 +229,32 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
 def run(argv: list[str] | None = None) -> int:
     """Command-line entry: user mistakes end with one line (and exit 2), not a traceback."""
     args = build_parser().parse_args(argv)
+    reason = 'finished'
     try:
         return main(get_config(args))
     except SwinTrainError as e:
+        reason = f"failed: {type(e).__name__}"
+        process_group.record_failure(e)
         if args.debug:
             traceback.print_exc()
         rank = utils.get_rank()
         print(f"error{f' (rank {rank})' if utils.is_distributed() else ''}: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, 'exit_code', 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        reason = f"failed: {type(e).__name__}"
+        process_group.record_failure(e)
+        cause = process_group.explain_failure()  # another rank failed first or vanished: name it, in one line
+        if cause is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"error (rank {utils.get_rank()}): {cause} (here: {type(e).__name__})", file=sys.stderr)
+        return 1
     finally:
-        utils.cleanup_distributed()
+        utils.cleanup_distributed(reason)
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@ TRAIN.ACCUMULATION_STEPS micro-batches.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -88,3 +89,4 @@ class Runtime:
     logger: logging.Logger
     writer: MetricWriter | None = None   # TensorBoard (rank 0); None: no scalars
     stop: StopRequest | None = None      # polled once per optimizer step; None: never stops early
+    checkpoint: Callable[[RunState], Any] | None = None  # saves a mid-epoch checkpoint when stop.checkpoint_due

@@ -4,8 +4,8 @@ from __future__ import annotations
 import contextlib
 import random
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from yacs.config import CfgNode
 
+import process_group
 from errors import ConfigError
 
 
@@ -53,8 +54,8 @@ def init_distributed(config: CfgNode) -> torch.device:
     set_tf32(config.TF32)
     if config.WORLD_SIZE > 1 and not dist.is_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
-        dist.init_process_group(backend=backend, init_method='env://', timeout=timedelta(seconds=config.DIST.TIMEOUT),
-                                device_id=device if device.type == 'cuda' else None)
+        process_group.form_process_group(backend, config.RANK, config.WORLD_SIZE, config.DIST.TIMEOUT,
+                                         config.DIST.PEER_TIMEOUT, device_id=device if device.type == 'cuda' else None)
     seed_everything(config.SEED + config.RANK)
     return device
 
@@ -65,8 +66,8 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
 
-
-def cleanup_distributed() -> None:
+def cleanup_distributed(reason: str = 'finished') -> None:
+    process_group.leave(reason)  # a goodbye first: the peers' watch must not take this exit for a vanished rank
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -199,9 +200,13 @@ class StopRequest:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, checkpoint_due: Callable[[], bool] | None = None):
         self.signum = 0  # what all ranks agreed on; written only by should_stop()
         self.nonfinite_step = -1  # likewise: the earliest optimizer step with a non-finite loss on any rank
+        # the same all-reduce agrees on periodic checkpoints: checkpoint_due() is this rank's clock, and
+        # checkpoint_due (the attribute) is True on every rank once any rank's clock says so
+        self._checkpoint_clock = checkpoint_due
+        self.checkpoint_due = False
         # this process's own signal, written only by the handler: a signal whose handler runs while
         # should_stop() is inside the all-reduce must not be overwritten by the (older) reduced value
         self._received = 0
@@ -228,18 +233,22 @@ class StopRequest:
     def should_stop(self, nonfinite_step: int = -1) -> bool:
         """True on every rank once any rank got a signal; then ``signal_name``/``exit_code`` say which.
 
-        The same all-reduce agrees on non-finite losses: ``nonfinite_step`` is this rank's first optimizer step
-        with a NaN/inf loss (-1: none, or not read at this step); afterwards ``self.nonfinite_step`` is the
-        earliest such step over all ranks (-1: none), so every rank can stop at once with the same message.
+        The same all-reduce agrees on two more things. Non-finite losses: ``nonfinite_step`` is this rank's first
+        optimizer step with a NaN/inf loss (-1: none, or not read at this step); afterwards
+        ``self.nonfinite_step`` is the earliest such step over all ranks (-1: none), so every rank can stop at
+        once with the same message. Periodic checkpoints: ``checkpoint_due`` says whether every rank saves one
+        at this step.
         """
-        # one MAX over [signal, -(first non-finite step)]: negated, the max is the earliest step
-        flags = torch.tensor([self._received, -nonfinite_step if nonfinite_step >= 0 else _NO_STEP],
+        due = self._checkpoint_clock is not None and self._checkpoint_clock()
+        # one MAX over [signal, -(first non-finite step), checkpoint due]: negated, the max is the earliest step
+        flags = torch.tensor([self._received, -nonfinite_step if nonfinite_step >= 0 else _NO_STEP, int(due)],
                              dtype=torch.int64)
         if self._group is not None:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
-        received, negated_step = flags.tolist()
+        received, negated_step, due = flags.tolist()
         self.signum = max(self.signum, received)
         self.nonfinite_step = -negated_step if negated_step != _NO_STEP else -1
+        self.checkpoint_due = bool(due) and self.signum == 0
         return self.signum != 0
 
     @property

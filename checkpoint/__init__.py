@@ -5,6 +5,8 @@
 * ``training``   the training checkpoint: its dict (format 2; format 1 still read), RNG capture, config drift,
                  reading ours / official / bare weights to resume from, restoring the training objects.
 * ``folder``     the run's folder: file names, save + retention, the auto-resume scan.
+* ``writer``     saving without stalling training: a CPU snapshot, the file written on a background thread.
+* ``saver``      a run's checkpoints: when (epoch ends, signals, SAVE_EVERY_MINUTES), RNG gathering, failures.
 * ``weights``    reading a weights file (``read_weights``: .pth or .safetensors), finding the weights in it,
                  strict loading, and the per-family hook (``WeightFamily``, ``register_family``) that converts
                  foreign layouts and resizes pretrained tensors.
@@ -24,6 +26,7 @@ from .files import (
 )
 from .folder import checkpoint_name, find_resume_checkpoint, save_checkpoint
 from .pretrained import imagenet22k_to_1k_indices, load_pretrained
+from .saver import Checkpointer
 from .swin import is_timm_state_dict, official_to_timm, timm_to_official  # and registers MODEL.TYPE swin
 from .training import (
                     FORMAT_VERSION,
@@ -35,12 +38,13 @@ from .training import (
                     training_state,
 )
 from .weights import WeightFamily, extract_state_dict, load_model_weights, read_weights, register_family, weight_family
+from .writer import CheckpointWriter
 
 __all__ = [
-    'FORMAT_VERSION', 'WeightFamily', 'atomic_save', 'capture_rng_state', 'check_config_drift', 'checkpoint_name',
-    'extract_state_dict', 'find_resume_checkpoint', 'imagenet22k_to_1k_indices', 'is_safetensors', 'is_timm_state_dict',
-    'load_file', 'load_model_weights', 'load_pretrained', 'load_safetensors', 'load_training_state', 'official_to_timm',
-    'read_weights', 'register_family', 'replace_atomically', 'restore_rng_state', 'restore_training_state',
-    'save_checkpoint', 'save_safetensors',
-    'timm_to_official', 'training_state', 'weight_family', 'write_text_atomically',
+    'atomic_save', 'capture_rng_state', 'check_config_drift', 'checkpoint_name', 'Checkpointer', 'CheckpointWriter',
+    'extract_state_dict', 'find_resume_checkpoint', 'FORMAT_VERSION', 'imagenet22k_to_1k_indices', 'is_safetensors',
+    'is_timm_state_dict', 'load_file', 'load_model_weights', 'load_pretrained', 'load_safetensors',
+    'load_training_state', 'official_to_timm', 'read_weights', 'register_family', 'replace_atomically',
+    'restore_rng_state', 'restore_training_state', 'save_checkpoint', 'save_safetensors', 'timm_to_official',
+    'training_state', 'weight_family', 'WeightFamily', 'write_text_atomically',
 ]

@@ -17,6 +17,7 @@ from errors import DataError
 
 from .datasets import BadImageReport, Sample
 from .device_decode import EncodedBatch, EncodedImage, decode_batch
+from .recovery import survive_worker_deaths
 from .transforms import DeferredImage, ErasePlan
 
 _logger = logging.getLogger('swin.data')
@@ -88,7 +89,8 @@ class ImageLoader(DataLoader):
     def __iter__(self) -> Iterator[Batch]:
         self.bad_images = self.images_loaded = 0
         allowance = self.max_bad_fraction * len(self.sampler)
-        for batch in super().__iter__():
+        batches = survive_worker_deaths(self, super().__iter__) if self.num_workers else super().__iter__()
+        for batch in batches:
             for report in batch.bad_images:
                 _logger.warning(f"skipped unreadable image {report.path}: {report.reason}")
             self.bad_images += len(batch.bad_images)

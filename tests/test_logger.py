@@ -7,8 +7,16 @@ import pytest
 
 from config import load_config
 from errors import ConfigError
-from logger import (MetricWriter, create_logger, format_accuracy, format_eta, format_max_accuracy,
-                    format_network_accuracy, format_throughput, save_config)
+from logger import (
+    MetricWriter,
+    create_logger,
+    format_accuracy,
+    format_eta,
+    format_max_accuracy,
+    format_network_accuracy,
+    format_throughput,
+    save_config,
+)
 
 _names = itertools.count()
 
