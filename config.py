@@ -56,9 +56,14 @@ _C.DATA.MAX_BAD_FRACTION = 0.01
 _C.DATA.PERSISTENT_WORKERS = True
 # Batches each worker loads ahead
 _C.DATA.PREFETCH_FACTOR = 2
-# Train: random-resized crops resized by torch's uint8 SIMD kernels (nearly all pixels within a level of
-# PIL's), or from JPEGs decoded at 1/2..1/8 size when the crop keeps >= IMG_SIZE pixels; False: exactly timm's
-_C.DATA.FAST_CROP = True
+# Train crops are timm's transform exactly unless one of these opts in (both change pixels):
+# FAST_CROP: random-resized crops resized by torch's uint8 SIMD kernels (~2.5x faster resample; PIL's filters
+# rounded differently: most values within a level of PIL's, bicubic overshoot on high-contrast content more)
+_C.DATA.FAST_CROP = False
+# FAST_DECODE: a JPEG crop that keeps >= IMG_SIZE pixels per side at 1/2..1/8 scale is decoded at that scale
+# (libjpeg DCT scaling) and resampled from the smaller image (largest gain on big JPEGs; values may differ
+# from timm's by ~10 levels)
+_C.DATA.FAST_DECODE = False
 # Val: the same fast resize for the val resize + center crop (opt-in: pixels may differ from PIL's by a level)
 _C.DATA.VAL_FAST_RESIZE = False
 # With CUDA: loaders yield uint8 images that data.to_device normalizes (and random-erases) on the GPU

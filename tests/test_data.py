@@ -355,8 +355,9 @@ def test_fast_crops_stay_within_a_level_of_the_reference(tmp_path, monkeypatch):
         with open(_save(str(tmp_path / f'{name}.jpg'), size=size, seed=7, quality=95), 'rb') as f:
             images[name] = f.read()
     plain = ('AUG.REPROB', 0.0, 'AUG.AUTO_AUGMENT', 'none', 'AUG.COLOR_JITTER', 0.0)  # crop + flip only
-    fast = build_transform(True, config_for(tmp_path, *plain), uint8=True)
-    exact = build_transform(True, config_for(tmp_path, *plain, 'DATA.FAST_CROP', False), uint8=True)
+    fast = build_transform(True, config_for(tmp_path, *plain, 'DATA.FAST_CROP', True, 'DATA.FAST_DECODE', True),
+                           uint8=True)
+    exact = build_transform(True, config_for(tmp_path, *plain), uint8=True)
     reduced = 0
     for seed in range(6):
         # 90x80: no crop can be decoded at reduced size, so only the resampler differs: torch's uint8
@@ -379,8 +380,8 @@ def test_fast_crops_stay_within_a_level_of_the_reference(tmp_path, monkeypatch):
 
     # interpolations torch has no uint8 kernel for take timm's own path: identical pixels
     nearest = ('DATA.INTERPOLATION', 'nearest') + plain
-    fast = build_transform(True, config_for(tmp_path, *nearest), uint8=True)
-    exact = build_transform(True, config_for(tmp_path, *nearest, 'DATA.FAST_CROP', False), uint8=True)
+    fast = build_transform(True, config_for(tmp_path, *nearest, 'DATA.FAST_CROP', True), uint8=True)
+    exact = build_transform(True, config_for(tmp_path, *nearest), uint8=True)
     assert torch.equal(_pixels(fast, images['big'], 3), _pixels(exact, images['big'], 3))
 
 
