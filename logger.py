@@ -19,10 +19,15 @@ _COLOR_FORMAT = ('\033[32m[%(asctime)s %(name)s]\033[0m\033[33m(%(filename)s %(l
 _DATE_FORMAT = '%Y-%m-%d %H:%M:%S'
 
 
+# the project's library loggers (swin.data, swin.config, swin.models) live under this name
+LIBRARY_LOGGER = 'swin'
+
+
 def create_logger(output_dir: str, dist_rank: int = 0, name: str = 'swin') -> logging.Logger:
     """The run's logger: rank 0 also prints to stdout; every rank appends to output_dir/log_rank{rank}.txt.
 
-    Calling it again (same name) replaces the handlers it added before instead of adding more.
+    The same handlers serve the library loggers under ``swin.`` (data, config, models), so their messages reach
+    the console and log_rank*.txt too. Calling it again replaces the handlers it added before.
     """
     log_file = os.path.join(output_dir, f'log_rank{dist_rank}.txt')
     try:
@@ -30,13 +35,6 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = 'swin') -> lo
         file_handler = logging.FileHandler(log_file, mode='a')  # opens the file: the real write check
     except OSError as e:
         raise _not_writable(output_dir, e) from None
-
-    logger = logging.getLogger(name)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    for handler in [h for h in logger.handlers if getattr(h, '_swin_train', False)]:
-        logger.removeHandler(handler)
-        handler.close()
 
     file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(logging.Formatter(_FORMAT, datefmt=_DATE_FORMAT))
@@ -49,8 +47,18 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = 'swin') -> lo
         handlers.append(console)
     for handler in handlers:
         handler._swin_train = True  # marks the handlers a later call replaces
-        logger.addHandler(handler)
-    return logger
+
+    for logger_name in dict.fromkeys((name, LIBRARY_LOGGER)):
+        target = logging.getLogger(logger_name)
+        target.setLevel(logging.DEBUG)
+        target.propagate = False
+        for handler in [h for h in target.handlers if getattr(h, '_swin_train', False)]:
+            target.removeHandler(handler)
+            if handler not in handlers:
+                handler.close()
+        for handler in handlers:
+            target.addHandler(handler)
+    return logging.getLogger(name)
 
 
 def save_config(config: CfgNode, output_dir: str) -> str:
