@@ -105,20 +105,28 @@ class MetricWriter:
 # -----------------------------------------------------------------------------
 # The official log lines
 # -----------------------------------------------------------------------------
-def format_accuracy(acc1: float, acc5: float) -> str:
-    return f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}'
+def format_accuracy(acc1: float, acc5: float, label: str = '') -> str:
+    """`` * Acc@1 x Acc@5 y``; with a label (another model, e.g. 'EMA'): `` * EMA Acc@1 x Acc@5 y``."""
+    return f" * {label + ' ' if label else ''}Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}"
 
 
-def format_network_accuracy(num_images: int, acc1: float) -> str:
-    return f"Accuracy of the network on the {num_images} test images: {acc1:.1f}%"
+def format_network_accuracy(num_images: int, acc1: float, label: str = '') -> str:
+    network = f"{label} network" if label else 'network'
+    return f"Accuracy of the {network} on the {num_images} test images: {acc1:.1f}%"
 
 
-def format_max_accuracy(max_accuracy: float) -> str:
-    return f'Max accuracy: {max_accuracy:.2f}%'
+def format_max_accuracy(max_accuracy: float, label: str = '') -> str:
+    return f"Max {label + ' ' if label else ''}accuracy: {max_accuracy:.2f}%"
+
+
+def format_meter(value: float, average: float, digits: int = 4) -> str:
+    """An official ``v (avg)`` pair: the latest value and the running average."""
+    return f"{value:.{digits}f} ({average:.{digits}f})"
 
 
 def format_throughput(batch_size: int, throughput: float) -> str:
-    """``throughput`` in images per second (the official measure: 30 batches / their time)."""
+    """``throughput`` in images per second (the official measure: 30 batches / their time). Nothing follows the
+    number: scripts read it as the line's last word."""
     return f"batch_size {batch_size} throughput {throughput}"
 
 
