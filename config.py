@@ -37,7 +37,8 @@ _C.DATA.DATA_PATH = ''
 _C.DATA.DATASET = 'imagenet'
 # Input image size (square)
 _C.DATA.IMG_SIZE = 224
-# Interpolation for resizing: random | bilinear | bicubic
+# Interpolation for resizing: bicubic | bilinear | random (timm picks per image; val: bilinear) | nearest | box |
+# hamming | lanczos
 _C.DATA.INTERPOLATION = 'bicubic'
 # Read images straight out of train.zip / val.zip (official zip layout with *_map.txt)
 _C.DATA.ZIP_MODE = False
@@ -81,7 +82,9 @@ _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
 _C.MODEL.PRETRAINED = ''
 # Checkpoint to resume training from (wins over TRAIN.AUTO_RESUME)
 _C.MODEL.RESUME = ''
-# Number of classes (must match the dataset)
+# Number of classes. When no YAML file (BASE chain included) and no --opts pair sets it, the dataset decides
+# (its class folders; 1000 for the ImageNet zip layout; 21841 for imagenet22K) and the log says so; when set, it
+# must match the dataset
 _C.MODEL.NUM_CLASSES = 1000
 # Dropout rate (after the patch embedding, on the attention projection and in the MLPs, as officially)
 _C.MODEL.DROP_RATE = 0.0
@@ -244,7 +247,7 @@ _C.AUG.CUTMIX_MINMAX = None
 _C.AUG.MIXUP_PROB = 1.0
 # Probability of switching to cutmix when both mixup and cutmix enabled
 _C.AUG.MIXUP_SWITCH_PROB = 0.5
-# How to apply mixup/cutmix params: per "batch", "pair", or "elem"
+# How to apply mixup/cutmix params: per "batch", "pair", "elem" (element) or "half" (timm)
 _C.AUG.MIXUP_MODE = 'batch'
 
 # -----------------------------------------------------------------------------
@@ -306,21 +309,30 @@ _C.TRAIN.EFFECTIVE_LR = 0.0
 _C.TRAIN.EFFECTIVE_WARMUP_LR = 0.0
 _C.TRAIN.EFFECTIVE_MIN_LR = 0.0
 
-_DERIVED_KEYS = ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'OUTPUT_DIR', 'TRAIN.GLOBAL_BATCH_SIZE',
-                 'TRAIN.EFFECTIVE_LR', 'TRAIN.EFFECTIVE_WARMUP_LR', 'TRAIN.EFFECTIVE_MIN_LR')
+# Whether MODEL.NUM_CLASSES is left to the dataset: True when no YAML file or --opts pair set it
+_C.MODEL.NUM_CLASSES_FROM_DATA = False
+
+_DERIVED_KEYS = ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'OUTPUT_DIR', 'MODEL.NUM_CLASSES_FROM_DATA',
+                 'TRAIN.GLOBAL_BATCH_SIZE', 'TRAIN.EFFECTIVE_LR', 'TRAIN.EFFECTIVE_WARMUP_LR', 'TRAIN.EFFECTIVE_MIN_LR')
 # Keys with a fixed set of values, checked when the config is built
 _CHOICES = {
     'MODEL.TYPE': ('swin', 'swinv2', 'swin_mlp'),  # parameters in MODEL.<TYPE upper-cased>
     'DATA.DATASET': ('imagenet', 'imagenet22K', 'digits'),
     'DATA.CACHE_MODE': ('no', 'full', 'part'),
+    'DATA.INTERPOLATION': ('bicubic', 'bilinear', 'random', 'nearest', 'box', 'hamming', 'lanczos'),
     'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
+    'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
+    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'),
+    'AUG.REMODE': ('const', 'rand', 'pixel'),
+    'AUG.MIXUP_MODE': ('batch', 'pair', 'elem', 'half'),
 }
+# ... of which these are read case-insensitively, as the official code and timm do
+_ANY_CASE = ('TRAIN.OPTIMIZER.NAME', 'TRAIN.LR_SCHEDULER.NAME', 'AUG.REMODE')
 # Official keys accepted so that official YAML files and flags work unchanged, though nothing here implements
 # them; one warning names those set to a value other than the default (key: what it switches on officially)
 _NOT_IMPLEMENTED = {
     'FUSED_WINDOW_PROCESS': 'the official CUDA window kernel; the SDPA attention path is used instead',
-    'FUSED_LAYERNORM': "apex's fused LayerNorm",
-    'AMP_OPT_LEVEL': 'apex AMP; torch.amp is used instead',
+    'AMP_OPT_LEVEL': 'apex AMP; torch.amp is used instead (--amp-opt-level O0 turns it off)',
     'TRAIN.MOE.SAVE_MASTER': 'Swin-MoE',
     'DATA.MASK_PATCH_SIZE': 'SimMIM masking',
     'DATA.MASK_RATIO': 'SimMIM masking',
@@ -381,8 +393,9 @@ def _validate(config):
             raise ConfigError(message)
 
     for key, allowed in _CHOICES.items():
-        require(_get(config, key) in allowed,
-                f"{key} {_get(config, key)!r} is not supported (choose one of: {', '.join(allowed)})")
+        value = _get(config, key)
+        require((value.lower() if key in _ANY_CASE else value) in allowed,
+                f"{key} {value!r} is not supported (choose one of: {', '.join(allowed)})")
     require(config.DATA.BATCH_SIZE >= 1, f"DATA.BATCH_SIZE must be at least 1, got {config.DATA.BATCH_SIZE}")
     require(config.DATA.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS must be >= 0, got {config.DATA.NUM_WORKERS}")
     require(config.DATA.IMG_SIZE >= 1, f"DATA.IMG_SIZE must be positive, got {config.DATA.IMG_SIZE}")
@@ -423,22 +436,34 @@ def load_config(path: str | None = None, opts: Sequence[Any] = (),
                 environ: Mapping[str, str] | None = None) -> CN:
     """Config from a YAML file (or only the defaults) and KEY VALUE overrides; for scripts and tests.
     ``environ`` stands in for os.environ (torchrun's RANK, WORLD_SIZE, LOCAL_RANK)."""
-    config = get_defaults()
+    config, given = get_defaults(), set()
     if path:
-        merge_file(config, path)
-    merge_opts(config, opts, _DERIVED_KEYS)
+        merge_file(config, path, given)
+    merge_opts(config, opts, _DERIVED_KEYS, given)
+    config.MODEL.NUM_CLASSES_FROM_DATA = 'MODEL.NUM_CLASSES' not in given
     return finalize(config, environ)
 
 
 def get_config(args: argparse.Namespace) -> CN:
     """Config of a run from the parsed command line (see build_parser)."""
-    config = get_defaults()
-    merge_file(config, args.cfg)
-    merge_flags(config, args)
-    merge_opts(config, args.opts, _DERIVED_KEYS)
+    config, given = get_defaults(), set()
+    merge_file(config, args.cfg, given)
+    merge_opts(config, args.opts, _DERIVED_KEYS, given)
+    merge_flags(config, args)  # after --opts: a flag wins, as in the official code
+    config.MODEL.NUM_CLASSES_FROM_DATA = 'MODEL.NUM_CLASSES' not in given
     if getattr(args, 'local_rank', None) is not None and 'LOCAL_RANK' not in os.environ:
         config.LOCAL_RANK = args.local_rank
     return finalize(config)
+
+
+def with_num_classes(config: CN, num_classes: int) -> CN:
+    """A frozen copy of ``config`` with MODEL.NUM_CLASSES set (the dataset's count, when the user left it)."""
+    config = config.clone()
+    config.defrost()
+    config.MODEL.NUM_CLASSES = num_classes
+    _validate(config)
+    config.freeze()
+    return config
 
 
 def config_from_yaml_text(text: str) -> CN:

@@ -51,7 +51,8 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = 'swin') -> lo
     for logger_name in dict.fromkeys((name, LIBRARY_LOGGER)):
         target = logging.getLogger(logger_name)
         target.setLevel(logging.DEBUG)
-        target.propagate = False
+        if logger_name == name:
+            target.propagate = False  # the run's lines are printed here only (library records may propagate)
         for handler in [h for h in target.handlers if getattr(h, '_swin_train', False)]:
             target.removeHandler(handler)
             if handler not in handlers:

@@ -10,6 +10,7 @@ The story of a run, in order: config -> processes -> logging -> model -> data ->
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -25,8 +26,8 @@ from yacs.config import CfgNode
 
 import checkpoint
 import utils
-from config import build_parser, get_config
-from data import build_loader, check_bad_images, to_device
+from config import build_parser, get_config, with_num_classes
+from data import build_loader, check_bad_images, dataset_num_classes, to_device
 from engine import throughput, train_one_epoch, validate
 from errors import SwinTrainError
 from evaluation import ClassCounts, write_eval_results
@@ -40,6 +41,7 @@ from run_state import RunState, Runtime, TrainingObjects
 def main(config: CfgNode) -> int:
     device = utils.init_distributed(config)
     logger = create_logger(config.OUTPUT_DIR, config.RANK, name=config.MODEL.NAME)
+    config = classes_from_dataset(config, logger)
     if utils.is_main_process():
         save_config(config, config.OUTPUT_DIR)
     runtime = Runtime(device, utils.resolve_precision(config, device), logger)
@@ -59,6 +61,15 @@ def main(config: CfgNode) -> int:
         return run_eval(config, model, loader_val, runtime)
 
     return run_training(config, model, loader_train, loader_val, mixup_fn, runtime)
+
+
+def classes_from_dataset(config: CfgNode, logger: logging.Logger) -> CfgNode:
+    """MODEL.NUM_CLASSES from the dataset when the user did not set it (and there is a dataset to ask)."""
+    if not config.MODEL.NUM_CLASSES_FROM_DATA or (config.THROUGHPUT_MODE and not config.DATA.DATA_PATH):
+        return config
+    num_classes, source = dataset_num_classes(config)
+    logger.info(f"MODEL.NUM_CLASSES {num_classes}: not set in the config, taken from the dataset ({source})")
+    return with_num_classes(config, num_classes)
 
 
 def run_throughput(config: CfgNode, model: torch.nn.Module, runtime: Runtime) -> int:

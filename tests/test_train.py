@@ -189,6 +189,22 @@ def test_eval_reports_accuracy_and_never_changes_weights(tmp_path, train_config,
     assert not glob.glob(str(output / '**' / '*.pth'), recursive=True)
 
 
+@pytest.mark.slow
+def test_num_classes_left_unset_comes_from_the_dataset_and_the_log_says_so(tmp_path, dataset):
+    config = tiny_yaml(tmp_path / 'tiny.yaml', dataset)
+    with open(config) as f:
+        text = f.read()
+    with open(config, 'w') as f:
+        f.write(text.replace('  NUM_CLASSES: 3\n', ''))   # the user leaves it to the dataset (3 class folders)
+    result = run_main('--cfg', config, '--throughput', '--output', str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (f"MODEL.NUM_CLASSES 3: not set in the config, taken from the dataset (class folders in "
+            f"{os.path.join(dataset, 'train')})") in result.stdout
+    assert 'NUM_CLASSES: 3\n' in read(tmp_path / 'tiny' / 'default' / 'config.yaml')
+    set_wrong = run_main('--cfg', config, '--eval', '--output', str(tmp_path), '--opts', 'MODEL.NUM_CLASSES', '5')
+    assert set_wrong.returncode == 2 and 'has 3 class folders but MODEL.NUM_CLASSES is 5' in set_wrong.stderr
+
+
 def test_throughput_prints_the_official_line_without_a_dataset(tmp_path, dataset):
     config = tiny_yaml(tmp_path / 'tiny.yaml', '')
     result = run_main('--cfg', config, '--throughput', '--output', str(tmp_path))

@@ -6,10 +6,10 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_config
 from PIL import Image
 from timm.data import create_transform
 
+from conftest import make_tiny_config
 from data.transforms import build_transform, open_image
 
 SIZES = ((1600, 1200), (1200, 1600), (500, 375), (224, 224), (120, 90))
