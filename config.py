@@ -1,7 +1,8 @@
 """All settings of a run: the defaults (with the official Swin key names), derived values, validation.
 
-Precedence, lowest to highest: the defaults below, the YAML file (and its ``BASE:`` files), command-line
-flags, ``--opts KEY VALUE`` pairs; reading and merging those sources is config_merge.py's job. Derived values
+Precedence, lowest to highest: the defaults below, the YAML file (and its ``BASE:`` files), ``--opts KEY VALUE``
+pairs, command-line flags (a flag wins over --opts, as officially); reading and merging those sources is
+config_merge.py's job. Derived values
 (marked "derived" below) are computed once by ``finalize`` and the result is frozen: it is the only source
 of settings for the rest of the run.
 """
