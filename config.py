@@ -38,8 +38,7 @@ _C.DATA.DATA_PATH = ''
 _C.DATA.DATASET = 'imagenet'
 # Input image size (square)
 _C.DATA.IMG_SIZE = 224
-# Interpolation for resizing: bicubic | bilinear | random (timm picks per image; val: bilinear) | nearest | box |
-# hamming | lanczos
+# Interpolation: bicubic | bilinear | random (timm picks per image; val: bilinear) | nearest | box | hamming | lanczos
 _C.DATA.INTERPOLATION = 'bicubic'
 # Read images straight out of train.zip / val.zip (official zip layout with *_map.txt)
 _C.DATA.ZIP_MODE = False
@@ -58,13 +57,10 @@ _C.DATA.MAX_BAD_FRACTION = 0.01
 _C.DATA.PERSISTENT_WORKERS = True
 # Batches each worker loads ahead
 _C.DATA.PREFETCH_FACTOR = 2
-# Train crops are timm's transform exactly unless one of these opts in (both change pixels):
-# FAST_CROP: random-resized crops resized by torch's uint8 SIMD kernels (~2.5x faster resample; PIL's filters
-# rounded differently: most values within a level of PIL's, bicubic overshoot on high-contrast content more)
+# Opt-in faster train crops (they change pixels; off: exactly timm's). FAST_CROP: torch's uint8 SIMD resize (most
+# values within a level of PIL's, more where bicubic overshoot clips); FAST_DECODE: a JPEG decoded at 1/2..1/8
+# scale when the crop keeps >= IMG_SIZE px per side (values ~10 levels off). See scripts/crop_fidelity.py
 _C.DATA.FAST_CROP = False
-# FAST_DECODE: a JPEG crop that keeps >= IMG_SIZE pixels per side at 1/2..1/8 scale is decoded at that scale
-# (libjpeg DCT scaling) and resampled from the smaller image (largest gain on big JPEGs; values may differ
-# from timm's by ~10 levels)
 _C.DATA.FAST_DECODE = False
 # Val: the same fast resize for the val resize + center crop (opt-in: pixels may differ from PIL's by a level)
 _C.DATA.VAL_FAST_RESIZE = False
@@ -83,9 +79,8 @@ _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
 _C.MODEL.PRETRAINED = ''
 # Checkpoint to resume training from (wins over TRAIN.AUTO_RESUME)
 _C.MODEL.RESUME = ''
-# Number of classes. When no YAML file (BASE chain included) and no --opts pair sets it, the dataset decides
-# (its class folders; 1000 for the ImageNet zip layout; 21841 for imagenet22K) and the log says so; when set, it
-# must match the dataset
+# Number of classes; must match the dataset. Set by no YAML file (BASE chain included) and no --opts pair, the
+# dataset decides (class folders; 1000 for the ImageNet zip layout; 21841 for imagenet22K), and the log says so
 _C.MODEL.NUM_CLASSES = 1000
 # Dropout rate (after the patch embedding, on the attention projection and in the MLPs, as officially)
 _C.MODEL.DROP_RATE = 0.0
@@ -327,8 +322,7 @@ _CHOICES = {
     'AUG.REMODE': ('const', 'rand', 'pixel'),
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem', 'half'),
 }
-# ... of which these are read case-insensitively, as the official code and timm do
-_ANY_CASE = ('TRAIN.OPTIMIZER.NAME', 'TRAIN.LR_SCHEDULER.NAME', 'AUG.REMODE')
+_ANY_CASE = ('TRAIN.OPTIMIZER.NAME', 'TRAIN.LR_SCHEDULER.NAME', 'AUG.REMODE')  # read lower-cased, as officially
 # Official keys accepted so that official YAML files and flags work unchanged, though nothing here implements
 # them; one warning names those set to a value other than the default (key: what it switches on officially)
 _NOT_IMPLEMENTED = {
@@ -455,16 +449,6 @@ def get_config(args: argparse.Namespace) -> CN:
     if getattr(args, 'local_rank', None) is not None and 'LOCAL_RANK' not in os.environ:
         config.LOCAL_RANK = args.local_rank
     return finalize(config)
-
-
-def with_num_classes(config: CN, num_classes: int) -> CN:
-    """A frozen copy of ``config`` with MODEL.NUM_CLASSES set (the dataset's count, when the user left it)."""
-    config = config.clone()
-    config.defrost()
-    config.MODEL.NUM_CLASSES = num_classes
-    _validate(config)
-    config.freeze()
-    return config
 
 
 def config_from_yaml_text(text: str) -> CN:

@@ -26,7 +26,7 @@ from yacs.config import CfgNode
 
 import checkpoint
 import utils
-from config import build_parser, get_config, with_num_classes
+from config import build_parser, get_config
 from data import build_loader, check_bad_images, dataset_num_classes, to_device
 from engine import throughput, train_one_epoch, validate
 from errors import SwinTrainError
@@ -69,7 +69,11 @@ def classes_from_dataset(config: CfgNode, logger: logging.Logger) -> CfgNode:
         return config
     num_classes, source = dataset_num_classes(config)
     logger.info(f"MODEL.NUM_CLASSES {num_classes}: not set in the config, taken from the dataset ({source})")
-    return with_num_classes(config, num_classes)
+    config = config.clone()  # the run's config: a new frozen copy, as official build_loader sets it
+    config.defrost()
+    config.MODEL.NUM_CLASSES = num_classes
+    config.freeze()
+    return config
 
 
 def run_throughput(config: CfgNode, model: torch.nn.Module, runtime: Runtime) -> int:

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 import data.transforms as transforms_module
-from config import load_config, with_num_classes
+import main
+from config import load_config
 from conftest import ROOT, make_tiny_config
 from data import (
     Batch,
@@ -522,10 +523,12 @@ def test_dataset_num_classes_when_the_user_left_it(tmp_path):
     config = load_config(None, unset, environ={})
     assert config.MODEL.NUM_CLASSES_FROM_DATA and config.MODEL.NUM_CLASSES == 1000
     assert dataset_num_classes(config) == (3, f"class folders in {os.path.join(root, 'train')}")
-    resolved = with_num_classes(config, 3)
+    resolved = main.classes_from_dataset(config, logging.getLogger('test_data'))
     assert resolved.MODEL.NUM_CLASSES == 3 and config.MODEL.NUM_CLASSES == 1000   # a new frozen config
     dataset_train, _, _, _, mixup_fn = build_loader(resolved)
     assert len(dataset_train.classes) == 3 and mixup_fn.num_classes == 3
+    with pytest.raises(AttributeError):
+        resolved.MODEL.NUM_CLASSES = 4
     # eval mode reads val/, the official zip layout means ImageNet-1K, as in the official code
     os.makedirs(tmp_path / 'ds' / 'val' / 'extra')
     assert dataset_num_classes(load_config(None, unset + ['EVAL_MODE', True], environ={}))[0] == 4
