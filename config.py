@@ -1,10 +1,8 @@
 """All settings of a run: the defaults (with the official Swin key names), derived values, validation.
 
 Precedence, lowest to highest: the defaults below, the YAML file (and its ``BASE:`` files), ``--opts KEY VALUE``
-pairs, command-line flags (a flag wins over --opts, as officially); reading and merging those sources is
-config_merge.py's job. Derived values
-(marked "derived" below) are computed once by ``finalize`` and the result is frozen: it is the only source
-of settings for the rest of the run.
+pairs, command-line flags (as officially); reading and merging them is config_merge.py's job. Derived values
+("derived" below) are computed once by ``finalize``; the frozen result is the run's only source of settings.
 """
 import argparse
 import logging
@@ -57,9 +55,8 @@ _C.DATA.MAX_BAD_FRACTION = 0.01
 _C.DATA.PERSISTENT_WORKERS = True
 # Batches each worker loads ahead
 _C.DATA.PREFETCH_FACTOR = 2
-# Opt-in faster train crops (they change pixels; off: exactly timm's). FAST_CROP: torch's uint8 SIMD resize (most
-# values within a level of PIL's, more where bicubic overshoot clips); FAST_DECODE: a JPEG decoded at 1/2..1/8
-# scale when the crop keeps >= IMG_SIZE px per side (values ~10 levels off). See scripts/crop_fidelity.py
+# Opt-in faster train crops (off: timm's pixels; scripts/crop_fidelity.py). FAST_CROP: torch's uint8 resize (most
+# values within a level); FAST_DECODE: JPEG decoded at 1/2..1/8 scale when the crop keeps IMG_SIZE (~10 levels off)
 _C.DATA.FAST_CROP = False
 _C.DATA.FAST_DECODE = False
 # Val: the same fast resize for the val resize + center crop (opt-in: pixels may differ from PIL's by a level)
@@ -79,8 +76,7 @@ _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
 _C.MODEL.PRETRAINED = ''
 # Checkpoint to resume training from (wins over TRAIN.AUTO_RESUME)
 _C.MODEL.RESUME = ''
-# Number of classes; must match the dataset. Set by no YAML file (BASE chain included) and no --opts pair, the
-# dataset decides (class folders; 1000 for the ImageNet zip layout; 21841 for imagenet22K), and the log says so
+# Number of classes; must match the dataset. Unset in YAML (BASE chain too) and --opts: the dataset's count, logged
 _C.MODEL.NUM_CLASSES = 1000
 # Dropout rate (after the patch embedding, on the attention projection and in the MLPs, as officially)
 _C.MODEL.DROP_RATE = 0.0
@@ -286,7 +282,7 @@ _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
 # Device: auto (cuda when available) | cpu | cuda | cuda:N
 _C.DEVICE = 'auto'
-# [Official] CUDA kernels of the official repo: accepted for compatibility; the SDPA path replaces them
+# [Official] FUSED_WINDOW_PROCESS: accepted, the SDPA path is used; FUSED_LAYERNORM: apex's, when importable
 _C.FUSED_WINDOW_PROCESS = False
 _C.FUSED_LAYERNORM = False
 
@@ -305,22 +301,17 @@ _C.TRAIN.EFFECTIVE_LR = 0.0
 _C.TRAIN.EFFECTIVE_WARMUP_LR = 0.0
 _C.TRAIN.EFFECTIVE_MIN_LR = 0.0
 
-# Whether MODEL.NUM_CLASSES is left to the dataset: True when no YAML file or --opts pair set it
-_C.MODEL.NUM_CLASSES_FROM_DATA = False
-
+_C.MODEL.NUM_CLASSES_FROM_DATA = False  # True when no YAML file or --opts pair set MODEL.NUM_CLASSES
 _DERIVED_KEYS = ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'OUTPUT_DIR', 'MODEL.NUM_CLASSES_FROM_DATA',
                  'TRAIN.GLOBAL_BATCH_SIZE', 'TRAIN.EFFECTIVE_LR', 'TRAIN.EFFECTIVE_WARMUP_LR', 'TRAIN.EFFECTIVE_MIN_LR')
 # Keys with a fixed set of values, checked when the config is built
 _CHOICES = {
     'MODEL.TYPE': ('swin', 'swinv2', 'swin_mlp'),  # parameters in MODEL.<TYPE upper-cased>
     'DATA.DATASET': ('imagenet', 'imagenet22K', 'digits'),
-    'DATA.CACHE_MODE': ('no', 'full', 'part'),
+    'DATA.CACHE_MODE': ('no', 'full', 'part'), 'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
     'DATA.INTERPOLATION': ('bicubic', 'bilinear', 'random', 'nearest', 'box', 'hamming', 'lanczos'),
-    'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
-    'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
-    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'),
-    'AUG.REMODE': ('const', 'rand', 'pixel'),
-    'AUG.MIXUP_MODE': ('batch', 'pair', 'elem', 'half'),
+    'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'), 'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'),
+    'AUG.REMODE': ('const', 'rand', 'pixel'), 'AUG.MIXUP_MODE': ('batch', 'pair', 'elem', 'half'),
 }
 _ANY_CASE = ('TRAIN.OPTIMIZER.NAME', 'TRAIN.LR_SCHEDULER.NAME', 'AUG.REMODE')  # read lower-cased, as officially
 # Official keys accepted so that official YAML files and flags work unchanged, though nothing here implements
@@ -389,8 +380,8 @@ def _validate(config):
 
     for key, allowed in _CHOICES.items():
         value = _get(config, key)
-        require((value.lower() if key in _ANY_CASE else value) in allowed,
-                f"{key} {value!r} is not supported (choose one of: {', '.join(allowed)})")
+        require((value.lower() if key in _ANY_CASE else value) in allowed, f"{key} {value!r} is not supported "
+                f"(choose one of: {', '.join(allowed)})")
     require(config.DATA.BATCH_SIZE >= 1, f"DATA.BATCH_SIZE must be at least 1, got {config.DATA.BATCH_SIZE}")
     require(config.DATA.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS must be >= 0, got {config.DATA.NUM_WORKERS}")
     require(config.DATA.IMG_SIZE >= 1, f"DATA.IMG_SIZE must be positive, got {config.DATA.IMG_SIZE}")
