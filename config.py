@@ -1,9 +1,8 @@
 """All settings of a run: the defaults (with the official Swin key names), derived values, validation.
 
-Precedence, lowest to highest: the defaults below, the YAML file (and its ``BASE:`` files), command-line
-flags, ``--opts KEY VALUE`` pairs; reading and merging those sources is config_merge.py's job. Derived values
-(marked "derived" below) are computed once by ``finalize`` and the result is frozen: it is the only source
-of settings for the rest of the run.
+Precedence, lowest to highest: the defaults below, the YAML file (and its ``BASE:`` files), ``--opts KEY VALUE``
+pairs, command-line flags (as officially); reading and merging them is config_merge.py's job. Derived values
+("derived" below) are computed once by ``finalize``; the frozen result is the run's only source of settings.
 """
 import argparse
 import logging
@@ -37,7 +36,7 @@ _C.DATA.DATA_PATH = ''
 _C.DATA.DATASET = 'imagenet'
 # Input image size (square)
 _C.DATA.IMG_SIZE = 224
-# Interpolation for resizing: random | bilinear | bicubic
+# Interpolation: bicubic | bilinear | random (timm picks per image; val: bilinear) | nearest | box | hamming | lanczos
 _C.DATA.INTERPOLATION = 'bicubic'
 # Read images straight out of train.zip / val.zip (official zip layout with *_map.txt)
 _C.DATA.ZIP_MODE = False
@@ -56,9 +55,10 @@ _C.DATA.MAX_BAD_FRACTION = 0.01
 _C.DATA.PERSISTENT_WORKERS = True
 # Batches each worker loads ahead
 _C.DATA.PREFETCH_FACTOR = 2
-# Train: random-resized crops resized by torch's uint8 SIMD kernels (nearly all pixels within a level of
-# PIL's), or from JPEGs decoded at 1/2..1/8 size when the crop keeps >= IMG_SIZE pixels; False: exactly timm's
-_C.DATA.FAST_CROP = True
+# Opt-in faster train crops (off: timm's pixels; scripts/crop_fidelity.py). FAST_CROP: torch's uint8 resize (most
+# values within a level); FAST_DECODE: JPEG decoded at 1/2..1/8 scale when the crop keeps IMG_SIZE (~10 levels off)
+_C.DATA.FAST_CROP = False
+_C.DATA.FAST_DECODE = False
 # Val: the same fast resize for the val resize + center crop (opt-in: pixels may differ from PIL's by a level)
 _C.DATA.VAL_FAST_RESIZE = False
 # With CUDA: loaders yield uint8 images that data.to_device normalizes (and random-erases) on the GPU
@@ -80,7 +80,7 @@ _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
 _C.MODEL.PRETRAINED = ''
 # Checkpoint to resume training from (wins over TRAIN.AUTO_RESUME)
 _C.MODEL.RESUME = ''
-# Number of classes (must match the dataset)
+# Number of classes; must match the dataset. Unset in YAML (BASE chain too) and --opts: the dataset's count, logged
 _C.MODEL.NUM_CLASSES = 1000
 # Dropout rate (after the patch embedding, on the attention projection and in the MLPs, as officially)
 _C.MODEL.DROP_RATE = 0.0
@@ -244,7 +244,7 @@ _C.AUG.CUTMIX_MINMAX = None
 _C.AUG.MIXUP_PROB = 1.0
 # Probability of switching to cutmix when both mixup and cutmix enabled
 _C.AUG.MIXUP_SWITCH_PROB = 0.5
-# How to apply mixup/cutmix params: per "batch", "pair", or "elem"
+# How to apply mixup/cutmix params: per "batch", "pair", "elem" (element) or "half" (timm)
 _C.AUG.MIXUP_MODE = 'batch'
 
 # -----------------------------------------------------------------------------
@@ -293,7 +293,7 @@ _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
 # Device: auto (cuda when available) | cpu | cuda | cuda:N
 _C.DEVICE = 'auto'
-# [Official] CUDA kernels of the official repo: accepted for compatibility; the SDPA path replaces them
+# [Official] FUSED_WINDOW_PROCESS: accepted, the SDPA path is used; FUSED_LAYERNORM: apex's, when importable
 _C.FUSED_WINDOW_PROCESS = False
 _C.FUSED_LAYERNORM = False
 _C.DIST = CN()  # distributed runs: timeouts, so that no rank waits forever
@@ -316,16 +316,20 @@ _C.TRAIN.EFFECTIVE_LR = 0.0
 _C.TRAIN.EFFECTIVE_WARMUP_LR = 0.0
 _C.TRAIN.EFFECTIVE_MIN_LR = 0.0
 
-_DERIVED_KEYS = ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'OUTPUT_DIR', 'TRAIN.GLOBAL_BATCH_SIZE',
-                 'TRAIN.EFFECTIVE_LR', 'TRAIN.EFFECTIVE_WARMUP_LR', 'TRAIN.EFFECTIVE_MIN_LR')
+_C.MODEL.NUM_CLASSES_FROM_DATA = False  # True when no YAML file or --opts pair set MODEL.NUM_CLASSES
+_DERIVED_KEYS = ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'OUTPUT_DIR', 'MODEL.NUM_CLASSES_FROM_DATA',
+                 'TRAIN.GLOBAL_BATCH_SIZE', 'TRAIN.EFFECTIVE_LR', 'TRAIN.EFFECTIVE_WARMUP_LR', 'TRAIN.EFFECTIVE_MIN_LR')
 # Keys with a fixed set of values, and numeric keys with their smallest value, checked when the config is built
 _CHOICES = {
     'MODEL.TYPE': ('swin', 'swinv2', 'swin_mlp'),  # parameters in MODEL.<TYPE upper-cased>
     'DATA.DATASET': ('imagenet', 'imagenet22K', 'digits'),
-    'DATA.CACHE_MODE': ('no', 'full', 'part'),
-    'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
+    'DATA.CACHE_MODE': ('no', 'full', 'part'), 'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
+    'DATA.INTERPOLATION': ('bicubic', 'bilinear', 'random', 'nearest', 'box', 'hamming', 'lanczos'),
+    'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'), 'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'),
+    'AUG.REMODE': ('const', 'rand', 'pixel'), 'AUG.MIXUP_MODE': ('batch', 'pair', 'elem', 'half'),
     'SAVE_FAILURE': ('stop', 'continue'),
 }
+_ANY_CASE = ('TRAIN.OPTIMIZER.NAME', 'TRAIN.LR_SCHEDULER.NAME', 'AUG.REMODE')  # read lower-cased, as officially
 _MINIMUMS = {'DATA.BATCH_SIZE': 1, 'DATA.NUM_WORKERS': 0, 'DATA.IMG_SIZE': 1, 'TRAIN.ACCUMULATION_STEPS': 1,
              'TRAIN.EPOCHS': 0, 'SAVE_FREQ': 1, 'SAVE_EVERY_MINUTES': 0, 'PRINT_FREQ': 1, 'MODEL.NUM_CLASSES': 1,
              'DIST.TIMEOUT': 1, 'DIST.PEER_TIMEOUT': 1}
@@ -333,8 +337,7 @@ _MINIMUMS = {'DATA.BATCH_SIZE': 1, 'DATA.NUM_WORKERS': 0, 'DATA.IMG_SIZE': 1, 'T
 # them; one warning names those set to a value other than the default (key: what it switches on officially)
 _NOT_IMPLEMENTED = {
     'FUSED_WINDOW_PROCESS': 'the official CUDA window kernel; the SDPA attention path is used instead',
-    'FUSED_LAYERNORM': "apex's fused LayerNorm",
-    'AMP_OPT_LEVEL': 'apex AMP; torch.amp is used instead',
+    'AMP_OPT_LEVEL': 'apex AMP; torch.amp is used instead (--amp-opt-level O0 turns it off)',
     'TRAIN.MOE.SAVE_MASTER': 'Swin-MoE',
     'DATA.MASK_PATCH_SIZE': 'SimMIM masking',
     'DATA.MASK_RATIO': 'SimMIM masking',
@@ -395,8 +398,9 @@ def _validate(config):
             raise ConfigError(message)
 
     for key, allowed in _CHOICES.items():
-        require(_get(config, key) in allowed,
-                f"{key} {_get(config, key)!r} is not supported (choose one of: {', '.join(allowed)})")
+        value = _get(config, key)
+        require((value.lower() if key in _ANY_CASE else value) in allowed, f"{key} {value!r} is not supported "
+                f"(choose one of: {', '.join(allowed)})")
     for key, minimum in _MINIMUMS.items():
         require(_get(config, key) >= minimum, f"{key} must be at least {minimum}, got {_get(config, key)}")
     require(0.0 <= config.MODEL.LABEL_SMOOTHING < 1.0,
@@ -430,19 +434,21 @@ def load_config(path: str | None = None, opts: Sequence[Any] = (),
                 environ: Mapping[str, str] | None = None) -> CN:
     """Config from a YAML file (or only the defaults) and KEY VALUE overrides; for scripts and tests.
     ``environ`` stands in for os.environ (torchrun's RANK, WORLD_SIZE, LOCAL_RANK)."""
-    config = get_defaults()
+    config, given = get_defaults(), set()
     if path:
-        merge_file(config, path)
-    merge_opts(config, opts, _DERIVED_KEYS)
+        merge_file(config, path, given)
+    merge_opts(config, opts, _DERIVED_KEYS, given)
+    config.MODEL.NUM_CLASSES_FROM_DATA = 'MODEL.NUM_CLASSES' not in given
     return finalize(config, environ)
 
 
 def get_config(args: argparse.Namespace) -> CN:
     """Config of a run from the parsed command line (see build_parser)."""
-    config = get_defaults()
-    merge_file(config, args.cfg)
-    merge_flags(config, args)
-    merge_opts(config, args.opts, _DERIVED_KEYS)
+    config, given = get_defaults(), set()
+    merge_file(config, args.cfg, given)
+    merge_opts(config, args.opts, _DERIVED_KEYS, given)
+    merge_flags(config, args)  # after --opts: a flag wins, as in the official code
+    config.MODEL.NUM_CLASSES_FROM_DATA = 'MODEL.NUM_CLASSES' not in given
     if getattr(args, 'local_rank', None) is not None and 'LOCAL_RANK' not in os.environ:
         config.LOCAL_RANK = args.local_rank
     return finalize(config)

@@ -51,16 +51,17 @@ def read_yaml(path: str) -> dict:
     return data
 
 
-def merge_file(config: CfgNode, path: str) -> None:
-    """Merge a YAML file into config: first its ``BASE`` files (paths relative to it, in order), then it."""
+def merge_file(config: CfgNode, path: str, given: set[str] | None = None) -> None:
+    """Merge a YAML file into config: first its ``BASE`` files (paths relative to it, in order), then it.
+    ``given`` (when passed) collects the full names of the keys the files set."""
     data = read_yaml(path)
     for base in data.pop('BASE', None) or ['']:
         if base:
-            merge_file(config, os.path.join(os.path.dirname(path), base))
-    merge_dict(config, data, path)
+            merge_file(config, os.path.join(os.path.dirname(path), base), given)
+    merge_dict(config, data, path, given=given)
 
 
-def merge_dict(config: CfgNode, data: dict, source: str, prefix: str = '') -> None:
+def merge_dict(config: CfgNode, data: dict, source: str, prefix: str = '', given: set[str] | None = None) -> None:
     """Merge a plain (nested) dict into config; ``source`` names where it came from in error lines."""
     for key, value in data.items():
         full_key = f"{prefix}.{key}" if prefix else key
@@ -70,13 +71,17 @@ def merge_dict(config: CfgNode, data: dict, source: str, prefix: str = '') -> No
         if isinstance(current, CfgNode):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {full_key} in {source} must be a section of keys, got {value!r}")
-            merge_dict(current, value, source, full_key)
+            merge_dict(current, value, source, full_key, given)
         else:
             config[key] = coerce(current, value, full_key, source)
+            if given is not None:
+                given.add(full_key)
 
 
-def merge_opts(config: CfgNode, opts: Sequence[Any] | None, derived_keys: Collection[str] = ()) -> None:
-    """Apply ``KEY VALUE`` pairs (values as strings from the command line, or already typed)."""
+def merge_opts(config: CfgNode, opts: Sequence[Any] | None, derived_keys: Collection[str] = (),
+               given: set[str] | None = None) -> None:
+    """Apply ``KEY VALUE`` pairs (values as strings from the command line, or already typed); ``given`` (when
+    passed) collects the keys set."""
     opts = list(opts or [])
     if len(opts) % 2:
         raise ConfigError(f"--opts takes KEY VALUE pairs; {opts[-1]!r} has no value")
@@ -95,6 +100,8 @@ def merge_opts(config: CfgNode, opts: Sequence[Any] | None, derived_keys: Collec
         if isinstance(node[parts[-1]], str) and not isinstance(value, str):
             value = str(text)
         node[parts[-1]] = coerce(node[parts[-1]], value, key, '--opts')
+        if given is not None:
+            given.add(key)
 
 
 def parse_value(text: Any) -> Any:
@@ -158,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--use-checkpoint', action='store_true', default=None,
                         help="whether to use gradient checkpointing to save memory")
     parser.add_argument('--disable_amp', action='store_true', default=None, help='Disable pytorch amp')
-    parser.add_argument('--amp-opt-level', type=str, help='[deprecated] apex amp level; ignored')
+    parser.add_argument('--amp-opt-level', type=str, choices=['O0', 'O1', 'O2'],
+                        help='[deprecated apex amp level] O0 turns mixed precision off; O1/O2 keep torch.amp')
     parser.add_argument('--output', type=str, metavar='PATH',
                         help='root of output folder, the full path is <output>/<model_name>/<tag>')
     parser.add_argument('--tag', help='tag of experiment')
@@ -205,7 +213,8 @@ _FLAG_KEYS = {
 
 
 def merge_flags(config: CfgNode, args: argparse.Namespace) -> None:
-    """Set the keys of the flags that were given (argparse values are already typed)."""
+    """Set the keys of the flags that were given (argparse values are already typed). Called after the
+    ``--opts`` pairs are merged: as in the official code, a flag wins over ``--opts``."""
     for flag, key in _FLAG_KEYS.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -213,5 +222,5 @@ def merge_flags(config: CfgNode, args: argparse.Namespace) -> None:
             for part in parts[:-1]:
                 node = node[part]
             node[parts[-1]] = value
-    if getattr(args, 'disable_amp', None):
-        config.AMP_ENABLE = False
+    if getattr(args, 'disable_amp', None) or getattr(args, 'amp_opt_level', None) == 'O0':
+        config.AMP_ENABLE = False  # as officially: --amp-opt-level O0 means no mixed precision

@@ -17,7 +17,7 @@ from yacs.config import CfgNode
 
 from data import to_device
 from errors import TrainingError
-from logger import format_accuracy, format_eta, format_throughput
+from logger import format_accuracy, format_eta, format_meter, format_throughput
 from run_state import RunState, Runtime, TrainingObjects
 from utils import Precision, all_reduce_sum, unwrap_model
 
@@ -40,6 +40,8 @@ class TrainWindow:
     seconds: float           # wall time of the window
     epoch_steps: int         # optimizer steps this call has made in the epoch
     epoch_seconds: float     # wall time of this call so far
+    epoch_loss: float        # mean loss over this call's micro-batches so far
+    epoch_grad_norm: float   # mean gradient norm over this call's optimizer steps so far
     skipped: int = 0         # steps of the window the fp16 GradScaler skipped (not in grad_norm)
 
 
@@ -76,14 +78,20 @@ class _TrainMeter:
         self.window_sums[3] += 1
 
     def read_window(self):
-        """The window's numbers (one host sync); the next window starts now."""
+        """The window's and the epoch's numbers (one host sync); the next window starts now."""
         self.epoch_sums += self.window_sums
-        loss_sum, micro_batches, norm_sum, steps, skipped = self.window_sums.tolist()
+        (loss_sum, micro_batches, norm_sum, steps, skipped,
+         epoch_loss_sum, epoch_micro_batches, epoch_norm_sum, epoch_steps, epoch_skipped) = torch.cat(
+            [self.window_sums, self.epoch_sums]).tolist()
         self.window_sums.zero_()
         now = time.time()
-        grad_norm = norm_sum / (steps - skipped) if steps > skipped else float('nan')  # over the steps taken
+        # gradient norms are averaged over the steps taken (a step the fp16 scaler skipped has an inf/nan norm)
+        grad_norm = norm_sum / (steps - skipped) if steps > skipped else float('nan')
+        epoch_grad_norm = (epoch_norm_sum / (epoch_steps - epoch_skipped) if epoch_steps > epoch_skipped
+                           else float('nan'))
         window = TrainWindow(loss_sum / max(micro_batches, 1), grad_norm, int(steps), now - self.window_start,
-                             self.epoch_steps, now - self.epoch_start, int(skipped))
+                             self.epoch_steps, now - self.epoch_start, epoch_loss_sum / max(epoch_micro_batches, 1),
+                             epoch_grad_norm, int(skipped))
         self.window_start = now
         return window
 
@@ -96,6 +104,18 @@ class _TrainMeter:
         self.window_sums.zero_()
         loss_sum, micro_batches = self.epoch_sums[0].item(), self.epoch_sums[1].item()
         return loss_sum / max(micro_batches, 1)
+
+
+class _ScaleMeter:
+    """The float16 loss scale at each logged step: reading it syncs the host, so it is read only when logging."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def read(self, scaler):
+        value = scaler.get_scale()
+        self.total, self.count = self.total + value, self.count + 1
+        return value, self.total / self.count
 
 
 def grad_norm_and_clip(parameters, max_norm):
@@ -178,7 +198,7 @@ def train_one_epoch(config: CfgNode, objects: TrainingObjects, data_loader: Iter
     accumulation = config.TRAIN.ACCUMULATION_STEPS
     micro_batches = steps_per_epoch * accumulation
     objects.optimizer.zero_grad(set_to_none=True)
-    meter = _TrainMeter(runtime.device)
+    meter, scale_meter = _TrainMeter(runtime.device), _ScaleMeter()
     stopped = False
     for batch in data_loader:
         if state.micro_batch >= micro_batches:
@@ -203,7 +223,7 @@ def train_one_epoch(config: CfgNode, objects: TrainingObjects, data_loader: Iter
         step_in_epoch = state.steps_in_epoch(accumulation)
         logged = step_in_epoch % config.PRINT_FREQ == 0 or step_in_epoch == steps_per_epoch
         if logged:
-            log_train_window(config, objects, state, meter.read_window(), steps_per_epoch, runtime)
+            log_train_window(config, objects, state, meter.read_window(), steps_per_epoch, runtime, scale_meter)
         if runtime.stop is None:
             if logged:
                 raise_if_nonfinite(meter.bad_step(), objects.optimizer.param_groups[0]['lr'])
@@ -222,23 +242,30 @@ def train_one_epoch(config: CfgNode, objects: TrainingObjects, data_loader: Iter
 
 
 def log_train_window(config: CfgNode, objects: TrainingObjects, state: RunState, window: TrainWindow,
-                     steps_per_epoch: int, runtime: Runtime) -> None:
-    """One training log line (the official fields) and the matching TensorBoard scalars, at the optimizer step
-    ``state.global_step`` (the line shows the step within the epoch)."""
+                     steps_per_epoch: int, runtime: Runtime, scale_meter: _ScaleMeter | None = None) -> None:
+    """One training log line in the official format and the matching TensorBoard scalars, at the optimizer step
+    ``state.global_step`` (the line shows the step within the epoch). Each ``v (avg)`` pair is the mean over the
+    steps since the previous line and over the epoch so far; ``loss_scale`` only appears with a GradScaler."""
     optimizer, scaler = objects.optimizer, objects.scaler
     step = state.steps_in_epoch(config.TRAIN.ACCUMULATION_STEPS)
     step_time = window.seconds / max(window.steps, 1)
-    eta = (window.epoch_seconds / max(window.epoch_steps, 1)) * (steps_per_epoch - step)
+    epoch_step_time = window.epoch_seconds / max(window.epoch_steps, 1)
+    eta = epoch_step_time * (steps_per_epoch - step)
     lr = optimizer.param_groups[0]['lr']
     wd = max(group['weight_decay'] for group in optimizer.param_groups)
     images_per_step = config.DATA.BATCH_SIZE * config.TRAIN.ACCUMULATION_STEPS * config.WORLD_SIZE
     images_per_sec = images_per_step / step_time if step_time > 0 else 0.0
-    scale_text = f"\tloss_scale {scaler.get_scale():.1f}\tskipped {window.skipped}" if scaler is not None else ''
+    scale_text = ''
+    if scaler is not None:
+        scale, scale_avg = (scale_meter or _ScaleMeter()).read(scaler)
+        scale_text = f"\tloss_scale {format_meter(scale, scale_avg)}"
+    skipped_text = f"\tskipped {window.skipped}" if scaler is not None else ''
     runtime.logger.info(
         f"Train: [{state.epoch}/{config.TRAIN.EPOCHS}][{step}/{steps_per_epoch}]\t"
         f"eta {format_eta(eta)} lr {lr:.6f}\t wd {wd:.4f}\t"
-        f"time {step_time:.4f}\tloss {window.loss:.4f}\tgrad_norm {window.grad_norm:.4f}{scale_text}\t"
-        f"mem {memory_mb(runtime.device):.0f}MB\t{images_per_sec:.1f} img/s")
+        f"time {format_meter(step_time, epoch_step_time)}\tloss {format_meter(window.loss, window.epoch_loss)}\t"
+        f"grad_norm {format_meter(window.grad_norm, window.epoch_grad_norm)}{scale_text}\t"
+        f"mem {memory_mb(runtime.device):.0f}MB\t{images_per_sec:.1f} img/s{skipped_text}")
     if runtime.writer is not None:
         scalars = {'train/loss': window.loss, 'train/lr': lr, 'train/grad_norm': window.grad_norm,
                    'train/images_per_sec': images_per_sec}
@@ -257,18 +284,23 @@ def topk_correct(output: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]
 
 @torch.no_grad()
 def validate(config: CfgNode, data_loader: Iterable, model: torch.nn.Module, device: torch.device,
-             precision: Precision, logger: logging.Logger, header: str = 'Test',
+             precision: Precision, logger: logging.Logger, label: str = '',
              class_counts: ClassCounts | None = None) -> tuple[float, float, float]:
     """Exact top-1/top-5 and loss: counts are summed over ranks, each image counted once.
 
-    Returns (acc1, acc5, loss) in percent / mean cross-entropy. ``class_counts`` (evaluation.ClassCounts), when
-    given, also gets every batch and is summed over ranks: per-class accuracy and the confusion matrix.
+    Logs the official ``Test: [i/N]`` lines every PRINT_FREQ batches (``v (avg)``: the batches since the previous
+    line and all so far, on this rank) and `` * Acc@1 x Acc@5 y`` over all ranks; ``label`` (e.g. 'EMA') marks
+    the lines of another model: ``Test (EMA): [i/N]``, `` * EMA Acc@1``. Returns (acc1, acc5, loss) in percent /
+    mean cross-entropy. ``class_counts`` (evaluation.ClassCounts), when given, also gets every batch and is
+    summed over ranks: per-class accuracy and the confusion matrix.
     """
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
+    header = f"Test ({label})" if label else 'Test'
     # [correct@1, correct@5, loss sum, images]
     totals = torch.zeros(4, dtype=torch.float64, device=device)
-    start = time.time()
+    logged, logged_batches = [0.0] * 4, 0
+    start = logged_time = time.time()
     for idx, batch in enumerate(data_loader):
         images, target = to_device(batch, device)
         with precision.autocast():
@@ -280,10 +312,16 @@ def validate(config: CfgNode, data_loader: Iterable, model: torch.nn.Module, dev
         totals[:3] += torch.stack([correct1.double(), correct5.double(), criterion(output, target).double()])
         totals[3] += target.shape[0]  # a scalar kernel argument: no host-to-device copy, no sync
         if (idx + 1) % config.PRINT_FREQ == 0:
-            c1, c5, loss_sum, seen = totals.tolist()
-            logger.info(f"{header}: [{idx + 1}/{len(data_loader)}]\tloss {loss_sum / seen:.4f}\t"
-                        f"Acc@1 {100 * c1 / seen:.3f}\tAcc@5 {100 * c5 / seen:.3f}\t"
-                        f"mem {memory_mb(device):.0f}MB")
+            now, current = time.time(), totals.tolist()
+            window = [a - b for a, b in zip(current, logged)]
+            batch_time = (now - logged_time) / (idx + 1 - logged_batches)
+            logger.info(f"{header}: [{idx + 1}/{len(data_loader)}]\t"
+                        f"Time {format_meter(batch_time, (now - start) / (idx + 1), 3)}\t"
+                        f"Loss {format_meter(window[2] / window[3], current[2] / current[3])}\t"
+                        f"Acc@1 {format_meter(100 * window[0] / window[3], 100 * current[0] / current[3], 3)}\t"
+                        f"Acc@5 {format_meter(100 * window[1] / window[3], 100 * current[1] / current[3], 3)}\t"
+                        f"Mem {memory_mb(device):.0f}MB")
+            logged, logged_batches, logged_time = current, idx + 1, now
     all_reduce_sum(totals)
     if class_counts is not None:
         class_counts.all_reduce()
@@ -292,7 +330,7 @@ def validate(config: CfgNode, data_loader: Iterable, model: torch.nn.Module, dev
         raise TrainingError("validation saw no images: the val split is empty on every rank")
     acc1, acc5, loss = 100.0 * c1 / seen, 100.0 * c5 / seen, loss_sum / seen
     logger.info(f"{header}: {int(seen)} images in {time.time() - start:.1f}s")
-    logger.info(format_accuracy(acc1, acc5))
+    logger.info(format_accuracy(acc1, acc5, label))
     return acc1, acc5, loss
 
 
@@ -311,7 +349,7 @@ def throughput(images: torch.Tensor, model: torch.nn.Module, precision: Precisio
         for _ in range(warmup):
             model(images)
         synchronize()
-        logger.info(f"throughput averaged with {iterations} times ({precision}, {images.device})")
+        logger.info(f"throughput averaged with {iterations} times\tprecision {precision} on {images.device}")
         tic = time.perf_counter()
         for _ in range(iterations):
             model(images)
@@ -319,4 +357,7 @@ def throughput(images: torch.Tensor, model: torch.nn.Module, precision: Precisio
     elapsed = time.perf_counter() - tic
     value = iterations * batch_size / elapsed
     logger.info(format_throughput(batch_size, value))
+    if precision.enabled:
+        logger.info(f"measured with {precision} autocast; the official figures are float32: add --disable_amp "
+                    f"to compare")
     return value

@@ -19,10 +19,15 @@ _COLOR_FORMAT = ('\033[32m[%(asctime)s %(name)s]\033[0m\033[33m(%(filename)s %(l
 _DATE_FORMAT = '%Y-%m-%d %H:%M:%S'
 
 
+# the project's library loggers (swin.data, swin.config, swin.models) live under this name
+LIBRARY_LOGGER = 'swin'
+
+
 def create_logger(output_dir: str, dist_rank: int = 0, name: str = 'swin') -> logging.Logger:
     """The run's logger: rank 0 also prints to stdout; every rank appends to output_dir/log_rank{rank}.txt.
 
-    Calling it again (same name) replaces the handlers it added before instead of adding more.
+    The same handlers serve the library loggers under ``swin.`` (data, config, models), so their messages reach
+    the console and log_rank*.txt too. Calling it again replaces the handlers it added before.
     """
     log_file = os.path.join(output_dir, f'log_rank{dist_rank}.txt')
     try:
@@ -30,13 +35,6 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = 'swin') -> lo
         file_handler = logging.FileHandler(log_file, mode='a')  # opens the file: the real write check
     except OSError as e:
         raise _not_writable(output_dir, e) from None
-
-    logger = logging.getLogger(name)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    for handler in [h for h in logger.handlers if getattr(h, '_swin_train', False)]:
-        logger.removeHandler(handler)
-        handler.close()
 
     file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(logging.Formatter(_FORMAT, datefmt=_DATE_FORMAT))
@@ -49,8 +47,19 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = 'swin') -> lo
         handlers.append(console)
     for handler in handlers:
         handler._swin_train = True  # marks the handlers a later call replaces
-        logger.addHandler(handler)
-    return logger
+
+    for logger_name in dict.fromkeys((name, LIBRARY_LOGGER)):
+        target = logging.getLogger(logger_name)
+        target.setLevel(logging.DEBUG)
+        if logger_name == name:
+            target.propagate = False  # the run's lines are printed here only (library records may propagate)
+        for handler in [h for h in target.handlers if getattr(h, '_swin_train', False)]:
+            target.removeHandler(handler)
+            if handler not in handlers:
+                handler.close()
+        for handler in handlers:
+            target.addHandler(handler)
+    return logging.getLogger(name)
 
 
 def save_config(config: CfgNode, output_dir: str) -> str:
@@ -97,20 +106,28 @@ class MetricWriter:
 # -----------------------------------------------------------------------------
 # The official log lines
 # -----------------------------------------------------------------------------
-def format_accuracy(acc1: float, acc5: float) -> str:
-    return f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}'
+def format_accuracy(acc1: float, acc5: float, label: str = '') -> str:
+    """`` * Acc@1 x Acc@5 y``; with a label (another model, e.g. 'EMA'): `` * EMA Acc@1 x Acc@5 y``."""
+    return f" * {label + ' ' if label else ''}Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}"
 
 
-def format_network_accuracy(num_images: int, acc1: float) -> str:
-    return f"Accuracy of the network on the {num_images} test images: {acc1:.1f}%"
+def format_network_accuracy(num_images: int, acc1: float, label: str = '') -> str:
+    network = f"{label} network" if label else 'network'
+    return f"Accuracy of the {network} on the {num_images} test images: {acc1:.1f}%"
 
 
-def format_max_accuracy(max_accuracy: float) -> str:
-    return f'Max accuracy: {max_accuracy:.2f}%'
+def format_max_accuracy(max_accuracy: float, label: str = '') -> str:
+    return f"Max {label + ' ' if label else ''}accuracy: {max_accuracy:.2f}%"
+
+
+def format_meter(value: float, average: float, digits: int = 4) -> str:
+    """An official ``v (avg)`` pair: the latest value and the running average."""
+    return f"{value:.{digits}f} ({average:.{digits}f})"
 
 
 def format_throughput(batch_size: int, throughput: float) -> str:
-    """``throughput`` in images per second (the official measure: 30 batches / their time)."""
+    """``throughput`` in images per second (the official measure: 30 batches / their time). Nothing follows the
+    number: scripts read it as the line's last word."""
     return f"batch_size {batch_size} throughput {throughput}"
 
 

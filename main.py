@@ -11,6 +11,7 @@ The story of a run, in order: config -> processes -> logging -> model -> data ->
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import sys
 import time
@@ -28,7 +29,7 @@ import checkpoint
 import process_group
 import utils
 from config import build_parser, get_config
-from data import build_loader, check_bad_images, to_device
+from data import build_loader, check_bad_images, dataset_num_classes, to_device
 from engine import throughput, train_one_epoch, validate
 from errors import SwinTrainError
 from evaluation import ClassCounts, write_eval_results
@@ -42,6 +43,7 @@ from run_state import RunState, Runtime, TrainingObjects
 def main(config: CfgNode) -> int:
     device = utils.init_distributed(config)
     logger = create_logger(config.OUTPUT_DIR, config.RANK, name=config.MODEL.NAME)
+    config = classes_from_dataset(config, logger)
     if utils.is_main_process():
         save_config(config, config.OUTPUT_DIR)
     runtime = Runtime(device, utils.resolve_precision(config, device), logger)
@@ -66,6 +68,19 @@ def main(config: CfgNode) -> int:
         return run_eval(config, model, loader_val, runtime)
 
     return run_training(config, model, loader_train, loader_val, mixup_fn, runtime)
+
+
+def classes_from_dataset(config: CfgNode, logger: logging.Logger) -> CfgNode:
+    """MODEL.NUM_CLASSES from the dataset when the user did not set it (and there is a dataset to ask)."""
+    if not config.MODEL.NUM_CLASSES_FROM_DATA or (config.THROUGHPUT_MODE and not config.DATA.DATA_PATH):
+        return config
+    num_classes, source = dataset_num_classes(config)
+    logger.info(f"MODEL.NUM_CLASSES {num_classes}: not set in the config, taken from the dataset ({source})")
+    config = config.clone()  # the run's config: a new frozen copy, as official build_loader sets it
+    config.defrost()
+    config.MODEL.NUM_CLASSES = num_classes
+    config.freeze()
+    return config
 
 
 def run_throughput(config: CfgNode, model: torch.nn.Module, runtime: Runtime) -> int:
@@ -93,15 +108,22 @@ def run_eval(config: CfgNode, model: torch.nn.Module, loader_val: DataLoader, ru
             raise SwinTrainError("--eval needs weights: give --resume PATH or --pretrained PATH")
         checkpoint.load_model_weights(model, path, logger, model_type=config.MODEL.TYPE)
     counts = ClassCounts(config.MODEL.NUM_CLASSES, runtime.device)
-    acc1, acc5, loss = validate(config, loader_val, model, runtime.device, runtime.precision, logger,
-                                class_counts=counts)
-    logger.info(format_network_accuracy(len(loader_val.dataset), acc1))
+    acc1, acc5, loss = validate_and_report(config, loader_val, model, runtime, class_counts=counts)
     if utils.is_main_process():
         summary = {'checkpoint': os.path.abspath(path), 'images': int(counts.images.sum()), 'acc1': acc1,
                    'acc5': acc5, 'loss': loss}
         for written in write_eval_results(config, summary, counts, loader_val.dataset.classes):
             logger.info(f"wrote {written}")
     return 0
+
+
+def validate_and_report(config: CfgNode, loader_val: DataLoader, model: torch.nn.Module, runtime: Runtime,
+                        label: str = '', class_counts: ClassCounts | None = None) -> tuple[float, float, float]:
+    """Validate, then the official summary line: ``Accuracy of the network on the N test images: x%``."""
+    acc1, acc5, loss = validate(config, loader_val, model, runtime.device, runtime.precision, runtime.logger, label,
+                                class_counts)
+    runtime.logger.info(format_network_accuracy(len(loader_val.dataset), acc1, label))
+    return acc1, acc5, loss
 
 
 def build_criterion(config: CfgNode, mixup_fn: Mixup | None) -> torch.nn.Module:
@@ -148,13 +170,16 @@ def wrap_model(config, model, device, logger):
 
 
 def resume_or_start(config, objects, steps_per_epoch, logger):
-    """Where training starts: explicit --resume > auto-resume (rank 0 picks, broadcast) > --pretrained > scratch."""
+    """Where training starts: explicit --resume > auto-resume (rank 0 picks, broadcast) > --pretrained > scratch
+    (at TRAIN.START_EPOCH). Returns the RunState and whether weights were loaded (resume or pretrained)."""
     resume_path = config.MODEL.RESUME
     if not resume_path and config.TRAIN.AUTO_RESUME:
         # rank 0 decides, so ranks with their own local output folders cannot resume from different files
         found = checkpoint.find_resume_checkpoint(config.OUTPUT_DIR, logger) if utils.is_main_process() else None
         resume_path = utils.broadcast_object(found)
-    state = RunState()
+    # a fresh run starts at TRAIN.START_EPOCH, its schedule at that epoch's step (as the official loop)
+    start_epoch = config.TRAIN.START_EPOCH
+    state = RunState(epoch=start_epoch, global_step=start_epoch * steps_per_epoch)
     if resume_path:
         ckpt = checkpoint.load_training_state(resume_path, config, logger)
         state = checkpoint.restore_training_state(ckpt, objects, logger, rank=config.RANK,
@@ -164,7 +189,7 @@ def resume_or_start(config, objects, steps_per_epoch, logger):
                     f"max accuracy {state.max_accuracy:.2f}%")
     elif config.MODEL.PRETRAINED:
         checkpoint.load_pretrained(config, objects.model, logger)
-    return state
+    return state, bool(resume_path or config.MODEL.PRETRAINED)
 
 
 def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoader, loader_val: DataLoader,
@@ -178,7 +203,9 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
                 f"{config.TRAIN.EFFECTIVE_LR:.3g} (warmup from {config.TRAIN.EFFECTIVE_WARMUP_LR:.3g}, "
                 f"min {config.TRAIN.EFFECTIVE_MIN_LR:.3g}); {steps_per_epoch} steps per epoch")
 
-    state = resume_or_start(config, objects, steps_per_epoch, logger)
+    state, loaded = resume_or_start(config, objects, steps_per_epoch, logger)
+    if loaded:  # as the official loop: the loaded weights are validated before training goes on
+        validate_and_report(config, loader_val, model, runtime)
     objects.lr_scheduler.step_update(state.global_step)
     objects.model, eval_model = wrap_model(config, model, runtime.device, logger)
     checkpoints = checkpoint.Checkpointer(config, objects, list(loader_train.dataset.classes), logger)
@@ -202,12 +229,12 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
                             f"checkpoint {path or 'written by rank 0'}; run the same command to resume")
                 return stop.exit_code
 
-            acc1, acc5, val_loss = validate(config, loader_val, eval_model, runtime.device, runtime.precision, logger)
+            acc1, acc5, val_loss = validate_and_report(config, loader_val, eval_model, runtime)
             writer.add_scalars({'val/acc1': acc1, 'val/acc5': acc5, 'val/loss': val_loss,
                                 'train/epoch_loss': result.loss}, epoch)
             if objects.model_ema is not None:
-                ema_acc1, ema_acc5, _ = validate(config, loader_val, objects.model_ema.module, runtime.device,
-                                                 runtime.precision, logger, header='EMA')
+                ema_acc1, ema_acc5, _ = validate_and_report(config, loader_val, objects.model_ema.module, runtime,
+                                                            label='EMA')
                 writer.add_scalars({'val/ema_acc1': ema_acc1, 'val/ema_acc5': ema_acc5}, epoch)
             is_best = state.finish_epoch(acc1)
             logger.info(format_max_accuracy(state.max_accuracy))
@@ -220,6 +247,7 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
 
     logger.info(f"weights checksum {utils.weights_checksum(model):.12e}")
     total = format_eta(time.time() - start_time)
+    logger.info(f"Training time {total}")
     final = f"final Acc@1 {acc1:.2f}%, " if acc1 is not None else ''
     logger.info(f"Training done in {total}: {final}best Acc@1 {state.max_accuracy:.2f}%. "
                 f"Outputs in {config.OUTPUT_DIR} (best.pth, last.pth, log_rank0.txt, config.yaml, TensorBoard)")

@@ -12,6 +12,8 @@ from errors import DataError
 
 from .datasets import FolderDataset, ImageDataset, ZipDataset
 from .digits import ensure_digits
+from .imagenet22k import NUM_CLASSES as IMAGENET22K_CLASSES
+from .imagenet22k import ImageNet22KDataset
 from .loader import ImageLoader
 from .samplers import DistributedEpochSampler, ShardSampler, ValSampler
 from .transforms import build_transform
@@ -80,9 +82,10 @@ def _decoding(config, uint8, dataset_train):
 def data_root(config: CfgNode) -> str:
     """The dataset root folder; for digits, written on first use. (DATA.DATASET is validated by config.)"""
     path = config.DATA.DATA_PATH
+    if config.DATA.DATASET != 'imagenet' and config.DATA.ZIP_MODE:
+        layout = 'a folder tree' if config.DATA.DATASET == 'digits' else 'map files of image files'
+        raise DataError(f"DATA.ZIP_MODE does not apply to DATA.DATASET {config.DATA.DATASET} ({layout})")
     if config.DATA.DATASET == 'digits':
-        if config.DATA.ZIP_MODE:
-            raise DataError("DATA.ZIP_MODE does not apply to DATA.DATASET digits (a folder tree)")
         return ensure_digits(path)
     if not path:
         raise DataError(f"DATA.DATA_PATH is not set (--data-path): {config.DATA.DATASET} needs a dataset folder")
@@ -93,15 +96,34 @@ def data_root(config: CfgNode) -> str:
 
 def build_dataset(is_train: bool, config: CfgNode, root: str, uint8: bool = False) -> ImageDataset:
     """The train or val split under ``root``: ``<split>/<class>/<image>``, or ``<split>.zip`` +
-    ``<split>_map.txt`` with DATA.ZIP_MODE. (build_loader checks its classes against MODEL.NUM_CLASSES.)"""
+    ``<split>_map.txt`` with DATA.ZIP_MODE, or the official ImageNet-22K map files (DATA.DATASET imagenet22K).
+    (build_loader checks its classes against MODEL.NUM_CLASSES.)"""
     transform = build_transform(is_train, config, uint8)
     split = 'train' if is_train else 'val'
+    if config.DATA.DATASET == 'imagenet22K':
+        return ImageNet22KDataset(root, split, transform)
     if config.DATA.ZIP_MODE:
         return ZipDataset(root, split, config.MODEL.NUM_CLASSES, transform)
+    return FolderDataset(_split_folder(root, split), transform)
+
+
+def _split_folder(root, split):
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise DataError(f"split folder {folder} not found (DATA.DATA_PATH must hold train/ and val/ class folders)")
-    return FolderDataset(folder, transform)
+    return folder
+
+
+def dataset_num_classes(config: CfgNode) -> tuple[int, str]:
+    """The number of classes the dataset defines, and where it comes from (for the log): the class folders
+    of the train split (val in eval mode), 1000 for the official ImageNet zip layout (as the official code),
+    21841 for ImageNet-22K. Reads only folder names."""
+    if config.DATA.DATASET == 'imagenet22K':
+        return IMAGENET22K_CLASSES, 'ImageNet-22K'
+    if config.DATA.ZIP_MODE:
+        return 1000, 'the ImageNet zip layout'
+    folder = _split_folder(data_root(config), 'val' if config.EVAL_MODE else 'train')
+    return len(FolderDataset.find_classes(folder)), f"class folders in {folder}"
 
 
 def build_val_transform(config: CfgNode) -> Callable:

@@ -112,10 +112,8 @@ class FolderDataset(ImageDataset):
     """torchvision ImageFolder layout, file list and class order: ``root/<class>/**/<image>``."""
 
     def __init__(self, root, transform=None):
-        try:
-            classes, class_to_idx = find_classes(root)
-        except FileNotFoundError:
-            raise DataError(f"no class folders in {root} (expected {root}/<class>/<image>)") from None
+        classes = self.find_classes(root)
+        class_to_idx = {name: i for i, name in enumerate(classes)}
         samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
         found = {target for _, target in samples}
         empty = [name for name in classes if class_to_idx[name] not in found]
@@ -124,6 +122,14 @@ class FolderDataset(ImageDataset):
             raise DataError(f"class folder {os.path.join(root, empty[0])} has no images{more}; "
                             f"image extensions: {' '.join(IMG_EXTENSIONS)}")
         super().__init__(samples, classes, transform, root)
+
+    @staticmethod
+    def find_classes(root):
+        """The sorted class folder names under ``root`` (torchvision's rule); DataError when there are none."""
+        try:
+            return find_classes(root)[0]
+        except FileNotFoundError:
+            raise DataError(f"no class folders in {root} (expected {root}/<class>/<image>)") from None
 
     def read_bytes(self, index):
         try:

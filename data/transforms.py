@@ -1,10 +1,11 @@
 """Decoding and the train/val transforms: timm's ImageNet recipe, plus ways to do less work per image.
 
-* Fast crops (train by default, DATA.FAST_CROP; validation only behind DATA.VAL_FAST_RESIZE, because pixels
-  change): the resize runs on torch's uint8 antialiased kernels (SIMD; ~4x faster than PIL's resample at
-  ImageNet sizes; PIL's filters, rounded differently: nearly all pixels within one level of PIL's), and a JPEG
-  is decoded at 1/2..1/8 scale (PIL ``draft``: libjpeg scales in the DCT domain) when the output still keeps
-  at least IMG_SIZE pixels per side.
+* Fast crops (opt-in, because pixels change; by default train crops are timm's transform exactly and validation
+  is PIL's Resize + CenterCrop): DATA.FAST_CROP resizes train crops with torch's uint8 antialiased kernels (SIMD;
+  ~2.5x faster than PIL's resample at ImageNet sizes; PIL's filters rounded differently: most values within one
+  level of PIL's, bicubic overshoot on high-contrast content more), DATA.FAST_DECODE decodes a JPEG at 1/2..1/8
+  scale (PIL ``draft``: libjpeg scales in the DCT domain) when the crop still keeps at least IMG_SIZE pixels per
+  side, DATA.VAL_FAST_RESIZE does both for validation.
 * uint8 output: with ``uint8=True`` a transform ends in a :class:`DeferredImage` (HWC uint8 pixels and the
   random-erasing boxes) instead of a normalized float tensor; ``data.to_device`` converts, normalizes and
   erases on the device. The same values as the float path (erasing noise aside), less host work and 4x
@@ -103,17 +104,16 @@ class Decode:
 
 
 class DecodeRandomResizedCrop(RandomResizedCropAndInterpolation):
-    """timm's RandomResizedCropAndInterpolation on a lazily opened image (same random draws).
+    """timm's RandomResizedCropAndInterpolation on a lazily opened image (same random draws, same region).
 
-    With ``fast``, a JPEG crop that keeps at least the output size per side at 1/2..1/8 scale is decoded at
-    that scale and resampled by PIL from the reduced image; any other crop is resized by torch's uint8 kernels
-    (bilinear/bicubic; nearly all pixels within a level of PIL's). The same region either way. Without
-    ``fast``: exactly timm's.
+    By default exactly timm's pixels. ``fast_decode``: a JPEG crop that keeps at least the output size per side
+    at 1/2..1/8 scale is decoded at that scale and resampled by PIL from the reduced image. ``fast_resize``: other
+    crops are resized by torch's uint8 kernels (bilinear/bicubic; most values within a level of PIL's).
     """
 
-    def __init__(self, size, scale, ratio, interpolation, fast=True):
+    def __init__(self, size, scale, ratio, interpolation, fast_resize=False, fast_decode=False):
         super().__init__(size, scale=scale, ratio=ratio, interpolation=interpolation)
-        self.fast = fast
+        self.fast_resize, self.fast_decode = fast_resize, fast_decode
 
     def __call__(self, img):
         i, j, h, w = self.get_params(img, self.scale, self.ratio)  # needs only the header's size
@@ -121,14 +121,15 @@ class DecodeRandomResizedCrop(RandomResizedCropAndInterpolation):
             interpolation = random.choice(self.interpolation)
         else:
             interpolation = self.interpolation
-        mode = _TORCH_MODES.get(interpolation)
-        if not self.fast or mode is None:
-            return resized_crop(load_rgb(img), i, j, h, w, self.size, interpolation)  # exactly timm's
         out_h, out_w = self.size
-        img, factor = _decode_scaled(img, _draft_factor(w, h, out_w, out_h))
+        factor = _draft_factor(w, h, out_w, out_h) if self.fast_decode else 1
+        img, factor = _decode_scaled(img, factor)
         if factor > 1:  # the reduced image is small: PIL resamples the crop's exact (sub-pixel) box from it
             box = (j / factor, i / factor, (j + w) / factor, (i + h) / factor)
             return img.resize((out_w, out_h), pil_modes_mapping[interpolation], box=box)
+        mode = _TORCH_MODES.get(interpolation)
+        if not self.fast_resize or mode is None:
+            return resized_crop(img, i, j, h, w, self.size, interpolation)  # exactly timm's
         crop = _to_nchw(img.crop((j, i, j + w, i + h)))
         return _to_pil(_resize_uint8(crop, self.size, mode))
 
@@ -262,8 +263,9 @@ def build_transform(is_train: bool, config: CfgNode, uint8: bool = False) -> tra
         )
         crop = primary.transforms[0]
         if size > 32:
-            primary.transforms[0] = DecodeRandomResizedCrop(crop.size, crop.scale, crop.ratio,
-                                                            config.DATA.INTERPOLATION, config.DATA.FAST_CROP)
+            primary.transforms[0] = DecodeRandomResizedCrop(
+                crop.size, crop.scale, crop.ratio, config.DATA.INTERPOLATION,
+                fast_resize=config.DATA.FAST_CROP, fast_decode=config.DATA.FAST_DECODE)
         else:  # tiny inputs (CIFAR-like): the official code replaces the random resized crop
             primary.transforms[0:1] = [Decode(), transforms.RandomCrop(size, padding=4, pad_if_needed=True)]
         for step in secondary.transforms:

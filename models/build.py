@@ -1,4 +1,8 @@
 """Build the model named by MODEL.TYPE from the config (one family per model file, as the official code)."""
+import logging
+
+from torch import nn
+
 from errors import ConfigError
 
 from .swin_mlp import SwinMLP
@@ -6,6 +10,23 @@ from .swin_transformer import SwinTransformer
 from .swin_transformer_v2 import SwinTransformerV2
 
 MODEL_TYPES = ('swin', 'swinv2', 'swin_mlp')
+
+_logger = logging.getLogger('swin.models')
+
+
+def layer_norm_class(fused: bool) -> type[nn.Module]:
+    """nn.LayerNorm, or apex's FusedLayerNorm (same parameters, same state_dict keys) when FUSED_LAYERNORM
+    (--fused_layernorm) asks for it and apex is importable; says which it uses."""
+    if not fused:
+        return nn.LayerNorm
+    try:
+        from apex.normalization import FusedLayerNorm
+    except ImportError:
+        _logger.warning("FUSED_LAYERNORM: apex is not importable, so torch's nn.LayerNorm is used "
+                        "(install NVIDIA apex for its fused kernel)")
+        return nn.LayerNorm
+    _logger.info("FUSED_LAYERNORM: using apex.normalization.FusedLayerNorm")
+    return FusedLayerNorm
 
 
 def build_model(config, is_pretrain=False):
@@ -25,6 +46,7 @@ def build_model(config, is_pretrain=False):
     if model_type == 'swin':
         swin = config.MODEL.SWIN
         return SwinTransformer(**_stage_args(swin), **common, qkv_bias=swin.QKV_BIAS, qk_scale=swin.QK_SCALE,
+                               norm_layer=layer_norm_class(config.FUSED_LAYERNORM),
                                fused_window_process=config.FUSED_WINDOW_PROCESS, fused_attn=swin.FUSED_ATTN)
     if model_type == 'swinv2':
         swinv2 = config.MODEL.SWINV2

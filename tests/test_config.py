@@ -2,10 +2,12 @@ import logging
 import os
 
 import pytest
+import torch
 from yacs.config import CfgNode
 
 from config import build_parser, config_from_yaml_text, get_config, load_config, not_implemented_settings
 from errors import ConfigError
+from utils import resolve_precision
 
 # The official release's configs/swin/swin_tiny_patch4_window7_224.yaml, verbatim
 OFFICIAL_TINY = """MODEL:
@@ -90,6 +92,60 @@ def test_opts_and_flags_override_yaml(tmp_path):
     assert config.OUTPUT_DIR == os.path.join(str(tmp_path / 'out'), 'swin_tiny_patch4_window7_224', 'exp1')
 
 
+def test_flags_win_over_opts_as_officially(tmp_path):
+    cfg = write(tmp_path / 'tiny.yaml', OFFICIAL_TINY)
+    config = get_config(parse('--cfg', cfg, '--batch-size', '16', '--tag', 'flag',
+                              '--opts', 'DATA.BATCH_SIZE', '32', 'TAG', 'opts', 'TRAIN.EPOCHS', '7'))
+    assert (config.DATA.BATCH_SIZE, config.TAG, config.TRAIN.EPOCHS) == (16, 'flag', 7)
+
+
+def test_amp_opt_level_o0_disables_amp_and_disable_amp_measures_float32(tmp_path):
+    cfg = write(tmp_path / 'tiny.yaml', OFFICIAL_TINY)
+    cpu = torch.device('cpu')
+    bf16 = ('--opts', 'AMP_DTYPE', 'bfloat16')  # on a CPU, AMP runs only with bfloat16 asked for
+    assert str(resolve_precision(get_config(parse('--cfg', cfg, *bf16)), cpu)) == 'bfloat16'
+    for flags in (['--amp-opt-level', 'O0'], ['--disable_amp']):
+        config = get_config(parse('--cfg', cfg, *flags, *bf16))
+        assert not config.AMP_ENABLE and not resolve_precision(config, cpu).enabled, flags
+    assert get_config(parse('--cfg', cfg, '--amp-opt-level', 'O1')).AMP_ENABLE
+    with pytest.raises(SystemExit):
+        parse('--cfg', cfg, '--amp-opt-level', 'O3')
+
+
+@pytest.mark.parametrize('key, value, allowed', [
+    ('TRAIN.OPTIMIZER.NAME', 'adamW2', 'adamw, sgd'),
+    ('TRAIN.LR_SCHEDULER.NAME', 'cosin', 'cosine, linear, step, multistep'),
+    ('DATA.INTERPOLATION', 'bicubik', 'bicubic, bilinear, random'),
+    ('AUG.REMODE', 'noise', 'const, rand, pixel'),
+    ('AUG.MIXUP_MODE', 'batches', 'batch, pair, elem'),
+    ('DATA.DATASET', 'imagenet1k', 'imagenet, imagenet22K, digits'),
+    ('MODEL.TYPE', 'swin3', 'swin'),
+])
+def test_every_choice_key_names_its_allowed_values(key, value, allowed):
+    with pytest.raises(ConfigError, match=f"^{key} '{value}' is not supported \\(choose one of: {allowed}") as info:
+        load_config(None, [key, value], environ={})
+    assert '\n' not in str(info.value)
+
+
+def test_official_spellings_of_choice_keys_are_accepted():
+    config = load_config(None, ['TRAIN.OPTIMIZER.NAME', 'AdamW', 'TRAIN.LR_SCHEDULER.NAME', 'Cosine',
+                                'AUG.REMODE', 'Pixel', 'DATA.INTERPOLATION', 'random'], environ={})
+    assert config.TRAIN.OPTIMIZER.NAME == 'AdamW'
+
+
+def test_num_classes_left_to_the_dataset_only_when_nobody_set_it(tmp_path):
+    (tmp_path / 'sub').mkdir()
+    unset = write(tmp_path / 'unset.yaml', OFFICIAL_TINY)
+    assert load_config(unset, environ={}).MODEL.NUM_CLASSES_FROM_DATA
+    assert get_config(parse('--cfg', unset)).MODEL.NUM_CLASSES_FROM_DATA
+    write(tmp_path / 'base.yaml', OFFICIAL_TINY + "  NUM_CLASSES: 1000\n")   # even the default value
+    child = write(tmp_path / 'sub' / 'child.yaml', "BASE: ['../base.yaml']\nTRAIN:\n  EPOCHS: 3\n")
+    assert not load_config(child, environ={}).MODEL.NUM_CLASSES_FROM_DATA          # set in the BASE chain
+    assert not get_config(parse('--cfg', unset, '--opts', 'MODEL.NUM_CLASSES', '10')).MODEL.NUM_CLASSES_FROM_DATA
+    with pytest.raises(ConfigError, match='MODEL.NUM_CLASSES_FROM_DATA in --opts is derived'):
+        load_config(unset, ['MODEL.NUM_CLASSES_FROM_DATA', 'True'], environ={})
+
+
 def test_flags_with_official_names(tmp_path):
     cfg = write(tmp_path / 'tiny.yaml', OFFICIAL_TINY)
     config = get_config(parse('--cfg', cfg, '--zip', '--cache-mode', 'full', '--accumulation-steps', '2',
@@ -169,11 +225,11 @@ def _config_warnings(build):
 
 
 def test_accepted_but_unimplemented_keys_load_and_warn_once(tmp_path):
-    official_keys = "FUSED_LAYERNORM: True\nTRAIN:\n  MOE:\n    SAVE_MASTER: True\n"
+    official_keys = "AMP_OPT_LEVEL: O1\nTRAIN:\n  MOE:\n    SAVE_MASTER: True\n"
     cfg = write(tmp_path / 'fused.yaml', OFFICIAL_TINY + official_keys)
     config, warnings = _config_warnings(lambda: get_config(parse('--cfg', cfg, '--fused_window_process')))
     assert len(warnings) == 1 and '\n' not in warnings[0] and 'not implemented' in warnings[0]
-    for setting in ('FUSED_LAYERNORM True', 'TRAIN.MOE.SAVE_MASTER True', 'FUSED_WINDOW_PROCESS True'):
+    for setting in ("AMP_OPT_LEVEL 'O1'", 'TRAIN.MOE.SAVE_MASTER True', 'FUSED_WINDOW_PROCESS True'):
         assert setting in warnings[0]
     assert len(not_implemented_settings(config)) == 3
     # other ranks stay silent; at their defaults (an official file that does not set them) nothing is said

@@ -4,6 +4,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,8 +18,19 @@ import torch
 from PIL import Image
 
 import data.transforms as transforms_module
+import main
+from config import load_config
 from conftest import ROOT, make_tiny_config
-from data import Batch, build_loader, build_mixup, build_val_transform, check_bad_images, ensure_digits, to_device
+from data import (
+    Batch,
+    build_loader,
+    build_mixup,
+    build_val_transform,
+    check_bad_images,
+    dataset_num_classes,
+    ensure_digits,
+    to_device,
+)
 from data.datasets import BadImageReport
 from data.digits import MARKER
 from data.samplers import DistributedEpochSampler, ShardSampler, ValSampler
@@ -355,8 +367,9 @@ def test_fast_crops_stay_within_a_level_of_the_reference(tmp_path, monkeypatch):
         with open(_save(str(tmp_path / f'{name}.jpg'), size=size, seed=7, quality=95), 'rb') as f:
             images[name] = f.read()
     plain = ('AUG.REPROB', 0.0, 'AUG.AUTO_AUGMENT', 'none', 'AUG.COLOR_JITTER', 0.0)  # crop + flip only
-    fast = build_transform(True, config_for(tmp_path, *plain), uint8=True)
-    exact = build_transform(True, config_for(tmp_path, *plain, 'DATA.FAST_CROP', False), uint8=True)
+    fast = build_transform(True, config_for(tmp_path, *plain, 'DATA.FAST_CROP', True, 'DATA.FAST_DECODE', True),
+                           uint8=True)
+    exact = build_transform(True, config_for(tmp_path, *plain), uint8=True)
     reduced = 0
     for seed in range(6):
         # 90x80: no crop can be decoded at reduced size, so only the resampler differs: torch's uint8
@@ -379,8 +392,8 @@ def test_fast_crops_stay_within_a_level_of_the_reference(tmp_path, monkeypatch):
 
     # interpolations torch has no uint8 kernel for take timm's own path: identical pixels
     nearest = ('DATA.INTERPOLATION', 'nearest') + plain
-    fast = build_transform(True, config_for(tmp_path, *nearest), uint8=True)
-    exact = build_transform(True, config_for(tmp_path, *nearest, 'DATA.FAST_CROP', False), uint8=True)
+    fast = build_transform(True, config_for(tmp_path, *nearest, 'DATA.FAST_CROP', True), uint8=True)
+    exact = build_transform(True, config_for(tmp_path, *nearest), uint8=True)
     assert torch.equal(_pixels(fast, images['big'], 3), _pixels(exact, images['big'], 3))
 
 
@@ -501,3 +514,24 @@ def test_bad_paths_and_settings_give_one_line_data_errors(tmp_path):
     # 12 train images on one rank cannot fill one optimizer step of 4 x 4 micro-batches
     message = _error(config_for(make_tree(tmp_path / 'ds2'), 'TRAIN.ACCUMULATION_STEPS', 4))
     assert '12 images' in message and 'TRAIN.ACCUMULATION_STEPS 4' in message
+
+
+def test_dataset_num_classes_when_the_user_left_it(tmp_path):
+    """What MODEL.NUM_CLASSES becomes when no YAML file or flag sets it (main.classes_from_dataset)."""
+    root = make_tree(tmp_path / 'ds')
+    unset = ['DATA.DATA_PATH', str(root), 'DATA.IMG_SIZE', 48, 'DATA.BATCH_SIZE', 4, 'DATA.NUM_WORKERS', 0]
+    config = load_config(None, unset, environ={})
+    assert config.MODEL.NUM_CLASSES_FROM_DATA and config.MODEL.NUM_CLASSES == 1000
+    assert dataset_num_classes(config) == (3, f"class folders in {os.path.join(root, 'train')}")
+    resolved = main.classes_from_dataset(config, logging.getLogger('test_data'))
+    assert resolved.MODEL.NUM_CLASSES == 3 and config.MODEL.NUM_CLASSES == 1000   # a new frozen config
+    dataset_train, _, _, _, mixup_fn = build_loader(resolved)
+    assert len(dataset_train.classes) == 3 and mixup_fn.num_classes == 3
+    with pytest.raises(AttributeError):
+        resolved.MODEL.NUM_CLASSES = 4
+    # eval mode reads val/, the official zip layout means ImageNet-1K, as in the official code
+    os.makedirs(tmp_path / 'ds' / 'val' / 'extra')
+    assert dataset_num_classes(load_config(None, unset + ['EVAL_MODE', True], environ={}))[0] == 4
+    assert dataset_num_classes(load_config(None, unset + ['DATA.ZIP_MODE', True], environ={}))[0] == 1000
+    with pytest.raises(DataError, match=re.escape(f"split folder {os.path.join(tmp_path, 'train')} not found")):
+        dataset_num_classes(load_config(None, ['DATA.DATA_PATH', str(tmp_path)], environ={}))

@@ -2,6 +2,7 @@
 import collections
 import logging
 import math
+import re
 import warnings
 
 import pytest
@@ -10,13 +11,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from data import Batch
-from engine import topk_correct, train_one_epoch, validate
+from engine import throughput, topk_correct, train_one_epoch, validate
 from errors import TrainingError
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
 from run_state import RunState, Runtime, TrainingObjects
-from utils import resolve_precision
+from utils import Precision, resolve_precision
 
 LOGGER = logging.getLogger('test_engine')
 
@@ -170,3 +171,69 @@ def test_validation_on_cuda_adds_no_synchronizing_call_per_batch(tiny_config):
                 torch.cuda.set_sync_debug_mode('default')
         syncs[count] = sum('synchroniz' in str(w.message) for w in caught)
     assert syncs[4] == syncs[1], syncs
+
+
+# the official line formats (microsoft/Swin-Transformer main.py); ours may add columns after them
+NUMBER = r'(\d+\.\d{4})'
+TRAIN_LINE = (r'^Train: \[0/1\]\[(\d+)/4\]\teta \d+:\d\d:\d\d lr \d+\.\d{6}\t wd \d+\.\d{4}\t'
+              rf'time {NUMBER} \({NUMBER}\)\tloss {NUMBER} \({NUMBER}\)\tgrad_norm {NUMBER} \({NUMBER}\)'
+              rf'(?:\tloss_scale {NUMBER} \({NUMBER}\))?\tmem \d+MB')
+TEST_LINE = (r'^{header}: \[(\d+)/4\]\tTime \d+\.\d{{3}} \(\d+\.\d{{3}}\)\tLoss (\d+\.\d{{4}}) \((\d+\.\d{{4}})\)\t'
+             r'Acc@1 (\d+\.\d{{3}}) \((\d+\.\d{{3}})\)\tAcc@5 \d+\.\d{{3}} \(\d+\.\d{{3}}\)\tMem \d+MB$')
+
+
+def messages(caplog):
+    return [record.getMessage() for record in caplog.records]
+
+
+@pytest.mark.parametrize('with_scaler', [False, True])
+def test_train_lines_have_the_official_format(tiny_config, caplog, with_scaler):
+    caplog.set_level(logging.INFO, logger=LOGGER.name)
+    config = tiny_config('DATA.BATCH_SIZE', 4, 'AUG.MIXUP', 0.0, 'AUG.CUTMIX', 0.0, 'PRINT_FREQ', 2,
+                         'TRAIN.EPOCHS', 1)
+    scaler = torch.amp.GradScaler('cpu', init_scale=1024.0) if with_scaler else None
+    _, _, result = one_epoch(config, fixed_batches(4), scaler=scaler)   # 4 steps: lines at steps 2 and 4
+    lines = [m for m in messages(caplog) if m.startswith('Train:')]
+    matches = [re.match(TRAIN_LINE, line) for line in lines]
+    assert len(lines) == 2 and all(matches), lines
+    first, last = (m.groups() for m in matches)
+    assert [m.group(1) for m in matches] == ['2', '4']
+    assert first[3] == first[4]                      # after the first window, window and epoch means agree
+    assert float(last[4]) == pytest.approx(result.loss, abs=1e-4)   # (avg): the epoch's mean loss
+    assert (last[7] is not None) == with_scaler      # loss_scale only with a GradScaler
+    if with_scaler:
+        assert float(last[7]) == 1024.0 and 'img/s' in lines[0]
+    assert any(m.startswith('EPOCH 0 training takes 0:00:') for m in messages(caplog))
+
+
+@pytest.mark.parametrize('label, header', [('', 'Test'), ('EMA', r'Test \(EMA\)')])
+def test_validation_lines_have_the_official_format(tiny_config, caplog, label, header):
+    caplog.set_level(logging.INFO, logger=LOGGER.name)
+    config = tiny_config('PRINT_FREQ', 2)
+    torch.manual_seed(0)
+    model = build_model(config)
+    device = torch.device('cpu')
+    acc1, acc5, loss = validate(config, fixed_batches(4), model, device, Precision('cpu'), LOGGER, label)
+    lines = [m for m in messages(caplog) if m.startswith('Test')]
+    matches = [re.match(TEST_LINE.format(header=header), line) for line in lines[:2]]
+    assert all(matches), lines
+    assert [m.group(1) for m in matches] == ['2', '4']
+    assert float(matches[1].group(3)) == pytest.approx(loss, abs=1e-4)     # (avg) over all batches
+    assert float(matches[1].group(5)) == pytest.approx(acc1, abs=1e-3)
+    summary = f" * {'EMA ' if label else ''}Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}"
+    assert summary in messages(caplog)
+
+
+def test_throughput_states_its_precision(tiny_config, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER.name)
+    config = tiny_config()
+    model = build_model(config)
+    images = torch.randn(2, 3, 32, 32)
+    throughput(images, model, Precision('cpu', torch.bfloat16), LOGGER, warmup=1, iterations=2)
+    throughput(images, model, Precision('cpu'), LOGGER, warmup=1, iterations=2)
+    stated = [m for m in messages(caplog) if m.startswith('throughput averaged with 2 times\tprecision ')]
+    assert stated == ['throughput averaged with 2 times\tprecision bfloat16 on cpu',
+                      'throughput averaged with 2 times\tprecision float32 (AMP off) on cpu']
+    lines = [m for m in messages(caplog) if m.startswith('batch_size 2 throughput ')]
+    assert len(lines) == 2 and all(float(line.split()[-1]) > 0 for line in lines)   # the official line, unchanged
+    assert sum('the official figures are float32: add --disable_amp' in m for m in messages(caplog)) == 1

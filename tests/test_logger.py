@@ -8,6 +8,7 @@ import pytest
 from config import load_config
 from errors import ConfigError
 from logger import (
+    LIBRARY_LOGGER,
     MetricWriter,
     create_logger,
     format_accuracy,
@@ -26,10 +27,10 @@ def logger_name():
     """A logger name of its own per test; its handlers are closed afterwards."""
     name = f'test_logger_{next(_names)}'
     yield name
-    logger = logging.getLogger(name)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+    for logger in (logging.getLogger(name), logging.getLogger(LIBRARY_LOGGER)):
+        for handler in [h for h in logger.handlers if getattr(h, '_swin_train', False) or logger.name == name]:
+            logger.removeHandler(handler)
+            handler.close()
 
 
 def read(path):
@@ -59,6 +60,20 @@ def test_other_ranks_only_write_their_file(tmp_path, capfd, logger_name):
     text = read(tmp_path / 'log_rank3.txt')
     assert 'hello from rank 3' in text and 'WARNING careful' in text
     assert not (tmp_path / 'log_rank0.txt').exists()
+
+
+def test_library_loggers_reach_the_rank_file_and_console(tmp_path, capsys, logger_name):
+    """data/, config and models log under 'swin.': their lines land in log_rank*.txt like the run's own."""
+    create_logger(str(tmp_path), 0, logger_name)
+    logging.getLogger('swin.data').info('train: 12 batches per epoch')
+    logging.getLogger('swin.data').warning('skipped unreadable image x.jpg')
+    text = read(tmp_path / 'log_rank0.txt')
+    assert 'swin.data' in text and 'train: 12 batches per epoch' in text and 'skipped unreadable image' in text
+    assert 'train: 12 batches per epoch' in capsys.readouterr().out
+    create_logger(str(tmp_path / 'again'), 1, logger_name)  # a second call replaces, never duplicates
+    logging.getLogger('swin.data').info('once')
+    assert read(tmp_path / 'again' / 'log_rank1.txt').count('once') == 1
+    assert 'once' not in read(tmp_path / 'log_rank0.txt')
 
 
 def test_second_call_does_not_duplicate(tmp_path, capsys, logger_name):
@@ -134,5 +149,10 @@ def test_official_line_formats():
     assert format_network_accuracy(50000, 81.234) == 'Accuracy of the network on the 50000 test images: 81.2%'
     assert format_max_accuracy(81.236) == 'Max accuracy: 81.24%'
     assert format_throughput(64, 1234.5) == 'batch_size 64 throughput 1234.5'
+    # another model's lines are labelled, so parsers of the official lines never mistake them for the model's
+    assert format_accuracy(81.23456, 95.5, 'EMA') == ' * EMA Acc@1 81.235 Acc@5 95.500'
+    assert format_network_accuracy(50000, 81.234, 'EMA') == ('Accuracy of the EMA network on the 50000 test images: '
+                                                             '81.2%')
+    assert format_max_accuracy(81.236, 'EMA') == 'Max EMA accuracy: 81.24%'
     assert format_eta(3725.9) == '1:02:05'
     assert format_eta(90000) == '1 day, 1:00:00'

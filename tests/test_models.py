@@ -1,6 +1,8 @@
 """Swin Transformer: equivalence with timm, official keys and counts, attention paths, checkpointing, errors."""
 import logging
 import os
+import sys
+import types
 
 import pytest
 import timm
@@ -404,3 +406,28 @@ def test_forward_intermediates_are_the_stride_4_to_32_maps():
         model.forward_intermediates(torch.randn(1, 3, 224, 224), output_fmt='NHWC')
     with pytest.raises(ValueError, match='0..3'):
         model.forward_intermediates(torch.randn(1, 3, 224, 224), indices=[4])
+
+
+def test_fused_layernorm_uses_apex_when_importable_and_says_so_when_not(tiny_config, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger='swin.models')
+    config = tiny_config('FUSED_LAYERNORM', True)
+    monkeypatch.setitem(sys.modules, 'apex', None)          # apex absent (None makes the import fail)
+    monkeypatch.setitem(sys.modules, 'apex.normalization', None)
+    model = build_model(config)
+    assert {type(m) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {torch.nn.LayerNorm}
+    assert 'FUSED_LAYERNORM: apex is not importable' in caplog.text
+
+    class FusedLayerNorm(torch.nn.LayerNorm):                # apex's class is a LayerNorm with a CUDA kernel
+        pass
+    apex = types.ModuleType('apex')
+    apex.normalization = types.ModuleType('apex.normalization')
+    apex.normalization.FusedLayerNorm = FusedLayerNorm
+    monkeypatch.setitem(sys.modules, 'apex', apex)
+    monkeypatch.setitem(sys.modules, 'apex.normalization', apex.normalization)
+    fused = build_model(config)
+    norms = [m for m in fused.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(type(m) is FusedLayerNorm for m in norms)
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    assert 'using apex.normalization.FusedLayerNorm' in caplog.text
+    assert all(type(m) is torch.nn.LayerNorm for m in build_model(tiny_config()).modules()
+               if isinstance(m, torch.nn.LayerNorm))

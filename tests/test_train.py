@@ -1,6 +1,7 @@
 """The training engine as users run it: main.py in real processes on a tiny dataset."""
 import glob
 import os
+import re
 import signal
 import subprocess
 
@@ -60,9 +61,16 @@ def reference_run(tmp_path_factory, train_config):
 def test_training_run_writes_logs_checkpoints_and_events(reference_run):
     run_dir, result = reference_run
     log = read(os.path.join(run_dir, 'log_rank0.txt'))
-    assert ' * Acc@1 ' in log and 'Max accuracy: ' in log
     assert log.count('Test: 21 images') == 2            # every val image counted once
-    assert log.count('EMA: 21 images') == 2             # the EMA weights are evaluated alongside
+    assert log.count('Test (EMA): 21 images') == 2      # the EMA weights are evaluated alongside, labelled
+    # the official summary lines, in the official order, after every validation
+    for epoch in range(2):
+        assert re.search(rf"EPOCH {epoch} training takes \d+:\d\d:\d\d\n(.*\n)*?.* \* Acc@1 [\d.]+ Acc@5 [\d.]+\n"
+                         r".*Accuracy of the network on the 21 test images: [\d.]+%\n(.*\n)*?.*Max accuracy: [\d.]+%",
+                         log), epoch
+    assert log.count(' * EMA Acc@1 ') == log.count('Accuracy of the EMA network on the 21 test images') == 2
+    assert re.search(r'Training time \d+:\d\d:\d\d', log)
+    assert 'swin.data' in log and '12 batches per epoch' in log   # data/ messages reach the rank's file
     assert len(logged_losses(log)) == 2 * 12            # 48 images / batch 4, PRINT_FREQ 1, 2 epochs
     assert 'Training done in' in result.stdout and 'best Acc@1' in result.stdout
     for name in ('config.yaml', 'last.pth', 'best.pth', 'ckpt_epoch_0.pth', 'ckpt_epoch_1.pth'):
@@ -95,6 +103,9 @@ def test_kill_9_then_rerun_resumes_exactly(tmp_path, train_config, reference_run
     assert result.returncode == 0, result.stderr
     log = read(run_dir / 'log_rank0.txt')
     assert 'resumed from' in log
+    # as official: the resumed weights are validated before training goes on
+    resumed = log[log.index('resumed from'):]
+    assert resumed.index('Accuracy of the network on the 21 test images') < resumed.index('Train: [1/2]')
     reference_dir = reference_run[0]
     for key in ('model', 'model_ema'):
         assert_same_weights(load_weights(run_dir / 'last.pth', key),
@@ -150,6 +161,23 @@ def test_step_means_optimizer_step_with_accumulation(tmp_path, dataset):
     assert [event.step for event in events.Scalars('train/loss')] == list(range(1, step + 1))
 
 
+@pytest.mark.slow
+def test_pretrained_run_validates_first_and_starts_at_train_start_epoch(tmp_path, train_config, reference_run):
+    """--pretrained weights are validated before training; TRAIN.START_EPOCH 1 trains epoch 1 only, on the
+    schedule's epoch-1 learning rates (those of the reference run)."""
+    weights = os.path.join(reference_run[0], 'last.pth')
+    result = run_main('--cfg', train_config, '--pretrained', weights, '--output', str(tmp_path),
+                      '--opts', 'TRAIN.START_EPOCH', '1')
+    assert result.returncode == 0, result.stderr
+    log = read(tmp_path / 'tiny' / 'default' / 'log_rank0.txt')
+    assert log.index('Accuracy of the network on the 21 test images') < log.index('Train: [')
+    assert 'Train: [0/2]' not in log and 'Train: [1/2][12/12]' in log
+    lrs = re.findall(r'Train: \[1/2\]\[(\d+)/12\].* lr ([\d.]+)', log)
+    reference_lrs = re.findall(r'Train: \[1/2\]\[(\d+)/12\].* lr ([\d.]+)',
+                               read(os.path.join(reference_run[0], 'log_rank0.txt')))
+    assert lrs == reference_lrs and len(lrs) == 12
+
+
 def test_eval_reports_accuracy_and_never_changes_weights(tmp_path, train_config, reference_run):
     checkpoint = os.path.join(reference_run[0], 'last.pth')
     before = open(checkpoint, 'rb').read()
@@ -159,6 +187,22 @@ def test_eval_reports_accuracy_and_never_changes_weights(tmp_path, train_config,
     assert ' * Acc@1 ' in result.stdout and 'Accuracy of the network on the 21 test images' in result.stdout
     assert open(checkpoint, 'rb').read() == before
     assert not glob.glob(str(output / '**' / '*.pth'), recursive=True)
+
+
+@pytest.mark.slow
+def test_num_classes_left_unset_comes_from_the_dataset_and_the_log_says_so(tmp_path, dataset):
+    config = tiny_yaml(tmp_path / 'tiny.yaml', dataset)
+    with open(config) as f:
+        text = f.read()
+    with open(config, 'w') as f:
+        f.write(text.replace('  NUM_CLASSES: 3\n', ''))   # the user leaves it to the dataset (3 class folders)
+    result = run_main('--cfg', config, '--throughput', '--output', str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (f"MODEL.NUM_CLASSES 3: not set in the config, taken from the dataset (class folders in "
+            f"{os.path.join(dataset, 'train')})") in result.stdout
+    assert 'NUM_CLASSES: 3\n' in read(tmp_path / 'tiny' / 'default' / 'config.yaml')
+    set_wrong = run_main('--cfg', config, '--eval', '--output', str(tmp_path), '--opts', 'MODEL.NUM_CLASSES', '5')
+    assert set_wrong.returncode == 2 and 'has 3 class folders but MODEL.NUM_CLASSES is 5' in set_wrong.stderr
 
 
 def test_throughput_prints_the_official_line_without_a_dataset(tmp_path, dataset):
