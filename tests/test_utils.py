@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import process_group
 from errors import ConfigError
 from helpers import free_port
 from utils import cleanup_distributed, init_distributed, resolve_precision
@@ -40,9 +41,13 @@ def test_tf32_key_sets_the_cuda_matmul_and_cudnn_flags(tiny_config, monkeypatch,
 
 
 def test_process_group_timeout_comes_from_dist_timeout(tiny_config, monkeypatch):
-    # torchrun's environment for a one-process group; the config believes in two processes, so it forms one
+    # torchrun's environment for a one-process group; init_distributed forms groups for WORLD_SIZE > 1 only, so
+    # the test lets process_group see one process where the config says two
     for key, value in dict(MASTER_ADDR='127.0.0.1', MASTER_PORT=free_port(), RANK=0, WORLD_SIZE=1).items():
         monkeypatch.setenv(key, str(value))
+    form = process_group.form_process_group
+    monkeypatch.setattr(process_group, 'form_process_group',
+                        lambda backend, rank, world_size, *args, **kwargs: form(backend, rank, 1, *args, **kwargs))
     config = tiny_config('DEVICE', 'cpu', 'DIST.TIMEOUT', 123)
     config.defrost()
     config.WORLD_SIZE = 2
