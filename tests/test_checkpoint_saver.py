@@ -101,8 +101,9 @@ def test_periodic_checkpoint_then_sigkill_resumes_exactly(tmp_path, config_path,
 
     result = run_main(*args, timeout=900)
     assert result.returncode == 0, result.stderr
-    resumed = re.search(r"resumed from (\S+): epoch (\d+), micro-batch (\d+)", read(run_dir / 'log_rank0.txt'))
-    assert resumed and STEP_FILE.match(os.path.basename(resumed.group(1))) and int(resumed.group(3)) > 0
+    # a mid-epoch state (last.pth may be the name found: it is a hard link to the newest file)
+    resumed = re.search(r"resumed from \S+: epoch \d+, micro-batch (\d+)", read(run_dir / 'log_rank0.txt'))
+    assert resumed and int(resumed.group(1)) > 0
     assert_same_weights(load_weights(run_dir / 'last.pth'), load_weights(reference / 'last.pth'))
     # retention: mid-epoch files older than the last save are gone; the newest file is the one last.pth names
     names = os.listdir(run_dir)
