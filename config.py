@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from yacs.config import CfgNode as CN
 
+from config_checks import check_auto_augment
 from config_merge import build_parser, merge_dict, merge_file, merge_flags, merge_opts
 from errors import ConfigError
 
@@ -409,6 +410,8 @@ def _validate(config):
         require(len(swin.PRETRAINED_WINDOW_SIZES) >= len(swin.DEPTHS),
                 f"MODEL.SWINV2.PRETRAINED_WINDOW_SIZES {list(swin.PRETRAINED_WINDOW_SIZES)} needs an entry for "
                 f"each of the {len(swin.DEPTHS)} stages of MODEL.SWINV2.DEPTHS")
+    check_auto_augment(config.AUG.AUTO_AUGMENT, config.DATA.IMG_SIZE)
+
 
 
 # -----------------------------------------------------------------------------

@@ -96,10 +96,11 @@ def grad_norm_and_clip(parameters, max_norm):
     return torch.nn.utils.clip_grad_norm_(parameters, float('inf'))  # an infinite bound only measures
 
 
-def memory_mb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return 0.0
+def memory_field(device, name='mem'):
+    """The official ``\tmem NMB`` field (peak CUDA memory); empty on other devices, which do not measure it."""
+    if device.type != 'cuda':
+        return ''
+    return f"\t{name} {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f}MB"
 
 
 def raise_if_nonfinite(first_bad_step, lr):
@@ -201,7 +202,10 @@ def log_train_window(config: CfgNode, objects: TrainingObjects, state: RunState,
     optimizer, scaler = objects.optimizer, objects.scaler
     step = state.steps_in_epoch(config.TRAIN.ACCUMULATION_STEPS)
     step_time = window.seconds / max(window.steps, 1)
-    eta = (window.epoch_seconds / max(window.epoch_steps, 1)) * (steps_per_epoch - step)
+    seconds_per_step = window.epoch_seconds / max(window.epoch_steps, 1)
+    eta = seconds_per_step * (steps_per_epoch - step)
+    # the whole run at this epoch's pace (validation not included)
+    eta_run = eta + seconds_per_step * steps_per_epoch * (config.TRAIN.EPOCHS - state.epoch - 1)
     lr = optimizer.param_groups[0]['lr']
     wd = max(group['weight_decay'] for group in optimizer.param_groups)
     images_per_step = config.DATA.BATCH_SIZE * config.TRAIN.ACCUMULATION_STEPS * config.WORLD_SIZE
@@ -210,8 +214,8 @@ def log_train_window(config: CfgNode, objects: TrainingObjects, state: RunState,
     runtime.logger.info(
         f"Train: [{state.epoch}/{config.TRAIN.EPOCHS}][{step}/{steps_per_epoch}]\t"
         f"eta {format_eta(eta)} lr {lr:.6f}\t wd {wd:.4f}\t"
-        f"time {step_time:.4f}\tloss {window.loss:.4f}\tgrad_norm {window.grad_norm:.4f}{scale_text}\t"
-        f"mem {memory_mb(runtime.device):.0f}MB\t{images_per_sec:.1f} img/s")
+        f"time {step_time:.4f}\tloss {window.loss:.4f}\tgrad_norm {window.grad_norm:.4f}{scale_text}"
+        f"{memory_field(runtime.device)}\t{images_per_sec:.1f} img/s\teta_run {format_eta(eta_run)}")
     if runtime.writer is not None:
         runtime.writer.add_scalars({'train/loss': window.loss, 'train/lr': lr, 'train/grad_norm': window.grad_norm,
                                     'train/images_per_sec': images_per_sec}, state.global_step)
@@ -253,8 +257,7 @@ def validate(config: CfgNode, data_loader: Iterable, model: torch.nn.Module, dev
         if (idx + 1) % config.PRINT_FREQ == 0:
             c1, c5, loss_sum, seen = totals.tolist()
             logger.info(f"{header}: [{idx + 1}/{len(data_loader)}]\tloss {loss_sum / seen:.4f}\t"
-                        f"Acc@1 {100 * c1 / seen:.3f}\tAcc@5 {100 * c5 / seen:.3f}\t"
-                        f"mem {memory_mb(device):.0f}MB")
+                        f"Acc@1 {100 * c1 / seen:.3f}\tAcc@5 {100 * c5 / seen:.3f}{memory_field(device)}")
     all_reduce_sum(totals)
     if class_counts is not None:
         class_counts.all_reduce()
@@ -270,7 +273,8 @@ def validate(config: CfgNode, data_loader: Iterable, model: torch.nn.Module, dev
 @torch.no_grad()
 def throughput(images: torch.Tensor, model: torch.nn.Module, precision: Precision, logger: logging.Logger,
                warmup: int = 50, iterations: int = 30) -> float:
-    """The official protocol: ``warmup`` forward passes, then ``iterations`` timed ones on one batch."""
+    """The official protocol: ``warmup`` forward passes, then ``iterations`` timed ones on one batch. Progress
+    (with an ETA) is logged every ``_PROGRESS_SECONDS``; the result ends in the official line."""
     model.eval()
     batch_size = images.shape[0]
 
@@ -278,16 +282,42 @@ def throughput(images: torch.Tensor, model: torch.nn.Module, precision: Precisio
         if images.device.type == 'cuda':
             torch.cuda.synchronize(images.device)
 
+    logger.info(f"throughput: {warmup} warm-up + {iterations} timed forward passes of batch {batch_size} "
+                f"({precision}, {images.device})")
+    progress = _PassProgress(warmup + iterations, logger)
     with precision.autocast():
-        for _ in range(warmup):
+        for i in range(warmup):
             model(images)
-        synchronize()
+            progress.tick(i + 1, 'warm-up', synchronize)
         logger.info(f"throughput averaged with {iterations} times ({precision}, {images.device})")
         tic = time.perf_counter()
-        for _ in range(iterations):
+        for i in range(iterations):
             model(images)
+            progress.tick(warmup + i + 1, 'timed', synchronize)
         synchronize()
     elapsed = time.perf_counter() - tic
     value = iterations * batch_size / elapsed
     logger.info(format_throughput(batch_size, value))
+    logger.info(f"throughput: {value:.2f} images/s (batch {batch_size}, {precision}, {images.device}; "
+                f"{iterations} passes in {elapsed:.1f}s)")
     return value
+
+
+_PROGRESS_SECONDS = 10.0
+
+
+class _PassProgress:
+    """Logs 'pass i/N ... ETA' at most every _PROGRESS_SECONDS (and after the first pass, which sets the pace)."""
+
+    def __init__(self, total, logger):
+        self.total, self.logger = total, logger
+        self.start = self.last = time.perf_counter()
+
+    def tick(self, passes, phase, synchronize):
+        if passes != 1 and time.perf_counter() - self.last < _PROGRESS_SECONDS:
+            return
+        synchronize()  # (CUDA) the passes counted have run, so the pace is real
+        self.last = time.perf_counter()
+        per_pass = (self.last - self.start) / passes
+        self.logger.info(f"throughput: {phase} pass {passes}/{self.total}, {per_pass:.2f}s per pass, "
+                         f"eta {format_eta(per_pass * (self.total - passes))}")

@@ -53,11 +53,20 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = 'swin') -> lo
     return logger
 
 
-def save_config(config: CfgNode, output_dir: str) -> str:
-    """Write the full resolved config to output_dir/config.yaml (atomically; call on rank 0). Returns the path."""
+def log_to_files(name: str, line: str) -> None:
+    """Append a line (a final error, already printed to stderr) to the log files of logger ``name`` only."""
+    logger = logging.getLogger(name)
+    for handler in logger.handlers:
+        if getattr(handler, '_swin_train', False) and isinstance(handler, logging.FileHandler):
+            handler.handle(logger.makeRecord(name, logging.ERROR, '', 0, line, None, None))
+
+
+def save_config(config: CfgNode, output_dir: str, name: str = 'config.yaml') -> str:
+    """Write the full resolved config to output_dir/name (atomically; call on rank 0). Returns the path.
+    Training runs write config.yaml once their checks passed; --eval writes eval_config.yaml."""
     try:
         os.makedirs(output_dir, exist_ok=True)
-        return write_text_atomically(os.path.join(output_dir, 'config.yaml'), config.dump())
+        return write_text_atomically(os.path.join(output_dir, name), config.dump())
     except OSError as e:
         raise _not_writable(output_dir, e) from None
 
@@ -110,8 +119,8 @@ def format_max_accuracy(max_accuracy: float) -> str:
 
 
 def format_throughput(batch_size: int, throughput: float) -> str:
-    """``throughput`` in images per second (the official measure: 30 batches / their time)."""
-    return f"batch_size {batch_size} throughput {throughput}"
+    """``throughput`` in images per second (the official measure: 30 batches / their time), to 2 decimals."""
+    return f"batch_size {batch_size} throughput {throughput:.2f}"
 
 
 def format_eta(seconds: float) -> str:

@@ -7,8 +7,16 @@ import pytest
 
 from config import load_config
 from errors import ConfigError
-from logger import (MetricWriter, create_logger, format_accuracy, format_eta, format_max_accuracy,
-                    format_network_accuracy, format_throughput, save_config)
+from logger import (
+    MetricWriter,
+    create_logger,
+    format_accuracy,
+    format_eta,
+    format_max_accuracy,
+    format_network_accuracy,
+    format_throughput,
+    save_config,
+)
 
 _names = itertools.count()
 
@@ -125,6 +133,7 @@ def test_official_line_formats():
     assert format_accuracy(81.23456, 95.5) == ' * Acc@1 81.235 Acc@5 95.500'
     assert format_network_accuracy(50000, 81.234) == 'Accuracy of the network on the 50000 test images: 81.2%'
     assert format_max_accuracy(81.236) == 'Max accuracy: 81.24%'
-    assert format_throughput(64, 1234.5) == 'batch_size 64 throughput 1234.5'
+    assert format_throughput(64, 1234.5) == 'batch_size 64 throughput 1234.50'
+    assert format_throughput(64, 5.50852767491846) == 'batch_size 64 throughput 5.51'
     assert format_eta(3725.9) == '1:02:05'
     assert format_eta(90000) == '1 day, 1:00:00'
