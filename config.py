@@ -310,6 +310,8 @@ _CHOICES = {
     'DATA.DATASET': ('imagenet', 'imagenet22K', 'digits'),
     'DATA.CACHE_MODE': ('no', 'full', 'part'),
     'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
+    'DATA.INTERPOLATION': ('bicubic', 'bilinear', 'random', 'nearest', 'box', 'hamming', 'lanczos'),
+    'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
 }
 # Official keys accepted so that official YAML files and flags work unchanged, though nothing here implements
 # them; one warning names those set to a value other than the default (key: what it switches on officially)
