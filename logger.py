@@ -58,7 +58,7 @@ def log_to_files(name: str, line: str) -> None:
     logger = logging.getLogger(name)
     for handler in logger.handlers:
         if getattr(handler, '_swin_train', False) and isinstance(handler, logging.FileHandler):
-            handler.handle(logger.makeRecord(name, logging.ERROR, '', 0, line, None, None))
+            handler.handle(logger.makeRecord(name, logging.ERROR, 'main.py', 0, line, None, None))
 
 
 def save_config(config: CfgNode, output_dir: str, name: str = 'config.yaml') -> str:
