@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 from yacs.config import CfgNode as CN
 
+from config_checks import get_value, validate
 from config_merge import build_parser, merge_dict, merge_file, merge_flags, merge_opts
-from errors import ConfigError
 
 __all__ = ['build_parser', 'config_from_yaml_text', 'finalize', 'get_config', 'get_defaults', 'load_config',
            'not_implemented_settings']
@@ -319,20 +319,6 @@ _C.TRAIN.EFFECTIVE_MIN_LR = 0.0
 _C.MODEL.NUM_CLASSES_FROM_DATA = False  # True when no YAML file or --opts pair set MODEL.NUM_CLASSES
 _DERIVED_KEYS = ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'OUTPUT_DIR', 'MODEL.NUM_CLASSES_FROM_DATA',
                  'TRAIN.GLOBAL_BATCH_SIZE', 'TRAIN.EFFECTIVE_LR', 'TRAIN.EFFECTIVE_WARMUP_LR', 'TRAIN.EFFECTIVE_MIN_LR')
-# Keys with a fixed set of values, and numeric keys with their smallest value, checked when the config is built
-_CHOICES = {
-    'MODEL.TYPE': ('swin', 'swinv2', 'swin_mlp'),  # parameters in MODEL.<TYPE upper-cased>
-    'DATA.DATASET': ('imagenet', 'imagenet22K', 'digits'),
-    'DATA.CACHE_MODE': ('no', 'full', 'part'), 'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
-    'DATA.INTERPOLATION': ('bicubic', 'bilinear', 'random', 'nearest', 'box', 'hamming', 'lanczos'),
-    'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'), 'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'),
-    'AUG.REMODE': ('const', 'rand', 'pixel'), 'AUG.MIXUP_MODE': ('batch', 'pair', 'elem', 'half'),
-    'SAVE_FAILURE': ('stop', 'continue'),
-}
-_ANY_CASE = ('TRAIN.OPTIMIZER.NAME', 'TRAIN.LR_SCHEDULER.NAME', 'AUG.REMODE')  # read lower-cased, as officially
-_MINIMUMS = {'DATA.BATCH_SIZE': 1, 'DATA.NUM_WORKERS': 0, 'DATA.IMG_SIZE': 1, 'TRAIN.ACCUMULATION_STEPS': 1,
-             'TRAIN.EPOCHS': 0, 'SAVE_FREQ': 1, 'SAVE_EVERY_MINUTES': 0, 'PRINT_FREQ': 1, 'MODEL.NUM_CLASSES': 1,
-             'DIST.TIMEOUT': 1, 'DIST.PEER_TIMEOUT': 1}
 # Official keys accepted so that official YAML files and flags work unchanged, though nothing here implements
 # them; one warning names those set to a value other than the default (key: what it switches on officially)
 _NOT_IMPLEMENTED = {
@@ -352,16 +338,10 @@ def get_defaults() -> CN:
     return _C.clone()
 
 
-def _get(config, key):
-    for part in key.split('.'):
-        config = config[part]
-    return config
-
-
 def not_implemented_settings(config: CN) -> list[str]:
     """``KEY value (purpose)`` for each accepted-but-not-implemented key set away from its default."""
-    return [f"{key} {_get(config, key)!r} ({purpose})" for key, purpose in _NOT_IMPLEMENTED.items()
-            if _get(config, key) != _get(_C, key)]
+    return [f"{key} {get_value(config, key)!r} ({purpose})" for key, purpose in _NOT_IMPLEMENTED.items()
+            if get_value(config, key) != get_value(_C, key)]
 
 
 # -----------------------------------------------------------------------------
@@ -378,7 +358,7 @@ def finalize(config: CN, environ: Mapping[str, str] | None = None) -> CN:
     config.OUTPUT_DIR = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
     if config.ENABLE_AMP:  # the deprecated spelling turns AMP on, as in the official code
         config.AMP_ENABLE = True
-    _validate(config)
+    validate(config)
     config.TRAIN.GLOBAL_BATCH_SIZE = config.DATA.BATCH_SIZE * config.WORLD_SIZE * config.TRAIN.ACCUMULATION_STEPS
     scale = config.TRAIN.GLOBAL_BATCH_SIZE / 512.0 if config.TRAIN.LINEAR_SCALE_LR else 1.0
     config.TRAIN.EFFECTIVE_LR = config.TRAIN.BASE_LR * scale
@@ -390,41 +370,6 @@ def finalize(config: CN, environ: Mapping[str, str] | None = None) -> CN:
         _logger.warning(f"config keys accepted for compatibility but not implemented, so without effect: "
                         f"{'; '.join(ignored)}")
     return config
-
-
-def _validate(config):
-    def require(ok, message):
-        if not ok:
-            raise ConfigError(message)
-
-    for key, allowed in _CHOICES.items():
-        value = _get(config, key)
-        require((value.lower() if key in _ANY_CASE else value) in allowed, f"{key} {value!r} is not supported "
-                f"(choose one of: {', '.join(allowed)})")
-    for key, minimum in _MINIMUMS.items():
-        require(_get(config, key) >= minimum, f"{key} must be at least {minimum}, got {_get(config, key)}")
-    require(0.0 <= config.MODEL.LABEL_SMOOTHING < 1.0,
-            f"MODEL.LABEL_SMOOTHING must be in [0, 1), got {config.MODEL.LABEL_SMOOTHING}")
-    mixup_on = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
-    require(not (mixup_on and config.AUG.MIXUP_MODE in ('batch', 'pair') and config.DATA.BATCH_SIZE % 2),
-            f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} must be even for AUG.MIXUP_MODE "
-            f"{config.AUG.MIXUP_MODE!r} (Mixup/CutMix pair samples)")
-    name = f"MODEL.{config.MODEL.TYPE.upper()}"  # the family's parameters: MODEL.SWIN, MODEL.SWINV2, ...
-    swin = config.MODEL[config.MODEL.TYPE.upper()]
-    require(len(swin.DEPTHS) == len(swin.NUM_HEADS),
-            f"{name}.DEPTHS {list(swin.DEPTHS)} and {name}.NUM_HEADS {list(swin.NUM_HEADS)} "
-            f"must have the same length")
-    for i, heads in enumerate(swin.NUM_HEADS):
-        dim = swin.EMBED_DIM * 2 ** i
-        require(heads >= 1 and dim % heads == 0,
-                f"{name}.EMBED_DIM {swin.EMBED_DIM} gives {dim} channels in stage {i}, "
-                f"not divisible by {name}.NUM_HEADS[{i}] = {heads}")
-    require(config.DATA.IMG_SIZE % swin.PATCH_SIZE == 0,
-            f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} is not divisible by {name}.PATCH_SIZE {swin.PATCH_SIZE}")
-    if config.MODEL.TYPE == 'swinv2':
-        require(len(swin.PRETRAINED_WINDOW_SIZES) >= len(swin.DEPTHS),
-                f"MODEL.SWINV2.PRETRAINED_WINDOW_SIZES {list(swin.PRETRAINED_WINDOW_SIZES)} needs an entry for "
-                f"each of the {len(swin.DEPTHS)} stages of MODEL.SWINV2.DEPTHS")
 
 
 # -----------------------------------------------------------------------------

@@ -128,10 +128,11 @@ def grad_norm_and_clip(parameters, max_norm):
     return torch.nn.utils.clip_grad_norm_(parameters, float('inf'))  # an infinite bound only measures
 
 
-def memory_mb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return 0.0
+def memory_field(device, name='mem'):
+    """The official ``\tmem NMB`` field (peak CUDA memory); empty on other devices, which do not measure it."""
+    if device.type != 'cuda':
+        return ''
+    return f"\t{name} {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f}MB"
 
 
 def raise_if_nonfinite(step, lr):
@@ -251,6 +252,8 @@ def log_train_window(config: CfgNode, objects: TrainingObjects, state: RunState,
     step_time = window.seconds / max(window.steps, 1)
     epoch_step_time = window.epoch_seconds / max(window.epoch_steps, 1)
     eta = epoch_step_time * (steps_per_epoch - step)
+    # the whole run at this epoch's pace (validation not included)
+    eta_run = eta + epoch_step_time * steps_per_epoch * (config.TRAIN.EPOCHS - state.epoch - 1)
     lr = optimizer.param_groups[0]['lr']
     wd = max(group['weight_decay'] for group in optimizer.param_groups)
     images_per_step = config.DATA.BATCH_SIZE * config.TRAIN.ACCUMULATION_STEPS * config.WORLD_SIZE
@@ -264,8 +267,8 @@ def log_train_window(config: CfgNode, objects: TrainingObjects, state: RunState,
         f"Train: [{state.epoch}/{config.TRAIN.EPOCHS}][{step}/{steps_per_epoch}]\t"
         f"eta {format_eta(eta)} lr {lr:.6f}\t wd {wd:.4f}\t"
         f"time {format_meter(step_time, epoch_step_time)}\tloss {format_meter(window.loss, window.epoch_loss)}\t"
-        f"grad_norm {format_meter(window.grad_norm, window.epoch_grad_norm)}{scale_text}\t"
-        f"mem {memory_mb(runtime.device):.0f}MB\t{images_per_sec:.1f} img/s{skipped_text}")
+        f"grad_norm {format_meter(window.grad_norm, window.epoch_grad_norm)}{scale_text}"
+        f"{memory_field(runtime.device)}\t{images_per_sec:.1f} img/s\teta_run {format_eta(eta_run)}{skipped_text}")
     if runtime.writer is not None:
         scalars = {'train/loss': window.loss, 'train/lr': lr, 'train/grad_norm': window.grad_norm,
                    'train/images_per_sec': images_per_sec}
@@ -319,8 +322,8 @@ def validate(config: CfgNode, data_loader: Iterable, model: torch.nn.Module, dev
                         f"Time {format_meter(batch_time, (now - start) / (idx + 1), 3)}\t"
                         f"Loss {format_meter(window[2] / window[3], current[2] / current[3])}\t"
                         f"Acc@1 {format_meter(100 * window[0] / window[3], 100 * current[0] / current[3], 3)}\t"
-                        f"Acc@5 {format_meter(100 * window[1] / window[3], 100 * current[1] / current[3], 3)}\t"
-                        f"Mem {memory_mb(device):.0f}MB")
+                        f"Acc@5 {format_meter(100 * window[1] / window[3], 100 * current[1] / current[3], 3)}"
+                        f"{memory_field(device, 'Mem')}")
             logged, logged_batches, logged_time = current, idx + 1, now
     all_reduce_sum(totals)
     if class_counts is not None:
@@ -337,7 +340,8 @@ def validate(config: CfgNode, data_loader: Iterable, model: torch.nn.Module, dev
 @torch.no_grad()
 def throughput(images: torch.Tensor, model: torch.nn.Module, precision: Precision, logger: logging.Logger,
                warmup: int = 50, iterations: int = 30) -> float:
-    """The official protocol: ``warmup`` forward passes, then ``iterations`` timed ones on one batch."""
+    """The official protocol: ``warmup`` forward passes, then ``iterations`` timed ones on one batch. Progress
+    (with an ETA) is logged every ``_PROGRESS_SECONDS``; the result ends in the official line."""
     model.eval()
     batch_size = images.shape[0]
 
@@ -345,14 +349,19 @@ def throughput(images: torch.Tensor, model: torch.nn.Module, precision: Precisio
         if images.device.type == 'cuda':
             torch.cuda.synchronize(images.device)
 
+    logger.info(f"throughput: {warmup} warm-up + {iterations} timed forward passes of batch {batch_size} "
+                f"({precision}, {images.device})")
+    progress = _PassProgress(warmup + iterations, logger)
     with precision.autocast():
-        for _ in range(warmup):
+        for i in range(warmup):
             model(images)
+            progress.tick(i + 1, 'warm-up', synchronize)
         synchronize()
         logger.info(f"throughput averaged with {iterations} times\tprecision {precision} on {images.device}")
         tic = time.perf_counter()
-        for _ in range(iterations):
+        for i in range(iterations):
             model(images)
+            progress.tick(warmup + i + 1, 'timed', synchronize)
         synchronize()
     elapsed = time.perf_counter() - tic
     value = iterations * batch_size / elapsed
@@ -360,4 +369,26 @@ def throughput(images: torch.Tensor, model: torch.nn.Module, precision: Precisio
     if precision.enabled:
         logger.info(f"measured with {precision} autocast; the official figures are float32: add --disable_amp "
                     f"to compare")
+    logger.info(f"throughput: {value:.2f} images/s (batch {batch_size}, {precision}, {images.device}; "
+                f"{iterations} passes in {elapsed:.1f}s)")
     return value
+
+
+_PROGRESS_SECONDS = 10.0
+
+
+class _PassProgress:
+    """Logs 'pass i/N ... ETA' at most every _PROGRESS_SECONDS (and after the first pass, which sets the pace)."""
+
+    def __init__(self, total, logger):
+        self.total, self.logger = total, logger
+        self.start = self.last = time.perf_counter()
+
+    def tick(self, passes, phase, synchronize):
+        if passes != 1 and time.perf_counter() - self.last < _PROGRESS_SECONDS:
+            return
+        synchronize()  # (CUDA) the passes counted have run, so the pace is real
+        self.last = time.perf_counter()
+        per_pass = (self.last - self.start) / passes
+        self.logger.info(f"throughput: {phase} pass {passes}/{self.total}, {per_pass:.2f}s per pass, "
+                         f"eta {format_eta(per_pass * (self.total - passes))}")

@@ -62,11 +62,20 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = 'swin') -> lo
     return logging.getLogger(name)
 
 
-def save_config(config: CfgNode, output_dir: str) -> str:
-    """Write the full resolved config to output_dir/config.yaml (atomically; call on rank 0). Returns the path."""
+def log_to_files(name: str, line: str) -> None:
+    """Append a line (a final error, already printed to stderr) to the log files of logger ``name`` only."""
+    logger = logging.getLogger(name)
+    for handler in logger.handlers:
+        if getattr(handler, '_swin_train', False) and isinstance(handler, logging.FileHandler):
+            handler.handle(logger.makeRecord(name, logging.ERROR, 'main.py', 0, line, None, None))
+
+
+def save_config(config: CfgNode, output_dir: str, name: str = 'config.yaml') -> str:
+    """Write the full resolved config to output_dir/name (atomically; call on rank 0). Returns the path.
+    Training runs write config.yaml once their checks passed; --eval writes eval_config.yaml."""
     try:
         os.makedirs(output_dir, exist_ok=True)
-        return write_text_atomically(os.path.join(output_dir, 'config.yaml'), config.dump())
+        return write_text_atomically(os.path.join(output_dir, name), config.dump())
     except OSError as e:
         raise _not_writable(output_dir, e) from None
 

@@ -100,3 +100,19 @@ class _MultiStepLRScheduler(MultiStepLRScheduler):
     def get_curr_decay_steps(self, t):
         # timm applies milestone m one step early (at t == m - 1), kept there for compatibility
         return bisect.bisect_right(self.decay_t, t)
+
+
+def schedule_warnings(config: CfgNode) -> list[str]:
+    """One line per learning-rate setting that would leave a run barely training: warmup that fills the run,
+    or linear scaling that shrinks the LR more than 10x (a small global batch); each names the keys to change."""
+    train, warnings = config.TRAIN, []
+    if train.EPOCHS > 0 and train.WARMUP_EPOCHS >= train.EPOCHS:
+        warnings.append(f"TRAIN.WARMUP_EPOCHS {train.WARMUP_EPOCHS} >= TRAIN.EPOCHS {train.EPOCHS}: the LR never "
+                        f"reaches its peak {train.EFFECTIVE_LR:.3g}; lower TRAIN.WARMUP_EPOCHS (e.g. "
+                        f"{train.EPOCHS // 10}) or raise TRAIN.EPOCHS")
+    if train.LINEAR_SCALE_LR and train.GLOBAL_BATCH_SIZE * 10 < 512:
+        warnings.append(f"linear LR scaling at global batch {train.GLOBAL_BATCH_SIZE}: lr {train.BASE_LR:.3g} per "
+                        f"512 images becomes {train.EFFECTIVE_LR:.3g} ({512 / train.GLOBAL_BATCH_SIZE:.0f}x smaller); "
+                        f"set TRAIN.LINEAR_SCALE_LR False and TRAIN.BASE_LR to the LR you want (e.g. 1e-4 to "
+                        f"fine-tune, 1e-3 from scratch), or raise the batch")
+    return warnings

@@ -33,23 +33,30 @@ from data import build_loader, check_bad_images, dataset_num_classes, to_device
 from engine import throughput, train_one_epoch, validate
 from errors import SwinTrainError
 from evaluation import ClassCounts, write_eval_results
-from logger import MetricWriter, create_logger, format_eta, format_max_accuracy, format_network_accuracy, save_config
-from lr_scheduler import build_scheduler
+from logger import (
+    MetricWriter,
+    create_logger,
+    format_eta,
+    format_max_accuracy,
+    format_network_accuracy,
+    log_to_files,
+    save_config,
+)
+from lr_scheduler import build_scheduler, schedule_warnings
 from models import build_model
 from optimizer import build_optimizer
 from run_state import RunState, Runtime, TrainingObjects
 
 
 def main(config: CfgNode) -> int:
+    check_paths(config)
     device = utils.init_distributed(config)
     logger = create_logger(config.OUTPUT_DIR, config.RANK, name=config.MODEL.NAME)
     config = classes_from_dataset(config, logger)
-    if utils.is_main_process():
-        save_config(config, config.OUTPUT_DIR)
     runtime = Runtime(device, utils.resolve_precision(config, device), logger)
     tf32 = f" (TF32 {'on' if config.TF32 else 'off'} for float32 matmuls)" if device.type == 'cuda' else ''
     logger.info(f"rank {config.RANK}/{config.WORLD_SIZE} (pid {os.getpid()}) on {device}, precision "
-                f"{runtime.precision}{tf32}; full config: {config.OUTPUT_DIR}/config.yaml")
+                f"{runtime.precision}{tf32}; output folder {config.OUTPUT_DIR}")
     if process_group.peer_watch() is not None:
         process_group.peer_watch().logger = logger
         logger.info(f"process group formed: collectives time out after DIST.TIMEOUT {config.DIST.TIMEOUT:g}s, "
@@ -83,6 +90,14 @@ def classes_from_dataset(config: CfgNode, logger: logging.Logger) -> CfgNode:
     return config
 
 
+def check_paths(config: CfgNode) -> None:
+    """Files the user named must exist before anything runs (a typo in --pretrained is never ignored)."""
+    for key, path in (('MODEL.PRETRAINED', config.MODEL.PRETRAINED), ('MODEL.RESUME', config.MODEL.RESUME)):
+        if path and not os.path.isfile(path):
+            flag = '--pretrained' if key == 'MODEL.PRETRAINED' else '--resume'
+            raise SwinTrainError(f"{key} (the {flag} file) {path} does not exist")
+
+
 def run_throughput(config: CfgNode, model: torch.nn.Module, runtime: Runtime) -> int:
     """Images/s of the forward pass; a real val batch when a dataset is given, random input otherwise."""
     device = runtime.device
@@ -107,6 +122,8 @@ def run_eval(config: CfgNode, model: torch.nn.Module, loader_val: DataLoader, ru
         if not path:
             raise SwinTrainError("--eval needs weights: give --resume PATH or --pretrained PATH")
         checkpoint.load_model_weights(model, path, logger, model_type=config.MODEL.TYPE)
+    if utils.is_main_process():  # the training run's config.yaml stays as it was
+        save_config(config, config.OUTPUT_DIR, 'eval_config.yaml')
     counts = ClassCounts(config.MODEL.NUM_CLASSES, runtime.device)
     acc1, acc5, loss = validate_and_report(config, loader_val, model, runtime, class_counts=counts)
     if utils.is_main_process():
@@ -182,6 +199,8 @@ def resume_or_start(config, objects, steps_per_epoch, logger):
     state = RunState(epoch=start_epoch, global_step=start_epoch * steps_per_epoch)
     if resume_path:
         ckpt = checkpoint.load_training_state(resume_path, config, logger)
+        if not config.MODEL.RESUME:
+            check_auto_resume_origin(config, RunState.from_dict(ckpt).pretrained_from, resume_path)
         state = checkpoint.restore_training_state(ckpt, objects, logger, rank=config.RANK,
                                                   steps_per_epoch=steps_per_epoch)
         logger.info(f"resumed from {resume_path}: epoch {state.epoch}, micro-batch {state.micro_batch} "
@@ -189,7 +208,20 @@ def resume_or_start(config, objects, steps_per_epoch, logger):
                     f"max accuracy {state.max_accuracy:.2f}%")
     elif config.MODEL.PRETRAINED:
         checkpoint.load_pretrained(config, objects.model, logger)
+        state.pretrained_from = os.path.realpath(config.MODEL.PRETRAINED)
     return state, bool(resume_path or config.MODEL.PRETRAINED)
+
+
+def check_auto_resume_origin(config: CfgNode, pretrained_from: str, resume_path: str) -> None:
+    """--pretrained with a checkpoint in the output folder: auto-resume would silently win, so this is an error
+    unless that checkpoint's run itself started from the same pretrained file."""
+    wanted = config.MODEL.PRETRAINED
+    if not wanted or os.path.realpath(wanted) == pretrained_from:
+        return
+    origin = f"started from {pretrained_from}" if pretrained_from else "not started from these weights"
+    raise SwinTrainError(f"--pretrained {wanted} would be ignored: {config.OUTPUT_DIR} holds {resume_path} "
+                         f"({origin}), which auto-resume continues instead; give --output another folder to "
+                         f"fine-tune from {wanted}, or add --opts TRAIN.AUTO_RESUME False to start over in this one")
 
 
 def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoader, loader_val: DataLoader,
@@ -202,8 +234,12 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
                 f"{config.WORLD_SIZE} processes x {accumulation} accumulation -> lr "
                 f"{config.TRAIN.EFFECTIVE_LR:.3g} (warmup from {config.TRAIN.EFFECTIVE_WARMUP_LR:.3g}, "
                 f"min {config.TRAIN.EFFECTIVE_MIN_LR:.3g}); {steps_per_epoch} steps per epoch")
+    for warning in schedule_warnings(config):
+        logger.warning(warning)
 
     state, loaded = resume_or_start(config, objects, steps_per_epoch, logger)
+    if utils.is_main_process():  # only now: config, data and resume checks have passed
+        logger.info(f"full config: {save_config(config, config.OUTPUT_DIR)}")
     if loaded:  # as the official loop: the loaded weights are validated before training goes on
         validate_and_report(config, loader_val, model, runtime)
     objects.lr_scheduler.step_update(state.global_step)
@@ -222,6 +258,8 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
             result = train_one_epoch(config, objects, loader_train, state, steps_per_epoch, runtime)
             check_bad_images(loader_train, logger)
             if result.stopped:
+                logger.info(f"{stop.signal_name} received: saving a checkpoint at epoch {epoch} step "
+                            f"{state.steps_in_epoch(accumulation)}/{steps_per_epoch}, then exit")
                 path = checkpoints.save(state)
                 checkpoints.finish()
                 logger.info(f"{stop.signal_name} received: stopped at epoch {epoch} step "
@@ -255,21 +293,26 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Command-line entry: user mistakes end with one line (and exit 2), not a traceback."""
+    """Command-line entry: user mistakes end with one line (and exit 2), not a traceback; the line also goes
+    to the run's log_rank*.txt when the run got that far."""
     args = build_parser().parse_args(argv)
     reason = 'finished'
+    config = None
     try:
-        return main(get_config(args))
+        config = get_config(args)
+        return main(config)
     except SwinTrainError as e:
         reason = f"failed: {type(e).__name__}"
         process_group.record_failure(e)
         if args.debug:
             traceback.print_exc()
         rank = utils.get_rank()
-        print(f"error{f' (rank {rank})' if utils.is_distributed() else ''}: {e}", file=sys.stderr)
+        report(config, f"error{f' (rank {rank})' if utils.is_distributed() else ''}: {e}")
         return getattr(e, 'exit_code', 2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        folder = f" in {config.OUTPUT_DIR}" if config is not None else ''
+        report(config, f"interrupted: stopped at once, without a new checkpoint; the last complete checkpoint"
+                       f"{folder} is kept")
         return 130
     except Exception as e:
         reason = f"failed: {type(e).__name__}"
@@ -283,6 +326,13 @@ def run(argv: list[str] | None = None) -> int:
         return 1
     finally:
         utils.cleanup_distributed(reason)
+
+
+def report(config: CfgNode | None, line: str) -> None:
+    """A final line: to stderr, and to this rank's log file once the logger exists."""
+    print(line, file=sys.stderr)
+    if config is not None:
+        log_to_files(config.MODEL.NAME, line)
 
 
 if __name__ == '__main__':

@@ -30,6 +30,7 @@ class RunState:
     micro_batch: int = 0         # micro-batches of `epoch` already done (0: the epoch has not started)
     global_step: int = 0         # optimizer steps since training began: the LR schedule's and TensorBoard's x
     max_accuracy: float = 0.0    # best validation Acc@1 so far, in percent
+    pretrained_from: str = ''    # real path of the MODEL.PRETRAINED file the run started from ('' : none)
 
     def steps_in_epoch(self, accumulation: int) -> int:
         """Optimizer steps of ``epoch`` already done."""
@@ -47,21 +48,24 @@ class RunState:
         ``micro_batch`` 0 marks a finished epoch (training goes on at epoch + 1), k > 0 a mid-epoch state."""
         finished = self.micro_batch == 0
         return {'epoch': self.epoch - 1 if finished else self.epoch, 'micro_batch': self.micro_batch,
-                'global_step': self.global_step, 'max_accuracy': self.max_accuracy}
+                'global_step': self.global_step, 'max_accuracy': self.max_accuracy,
+                'pretrained_from': self.pretrained_from}
 
     @classmethod
     def from_dict(cls, ckpt: dict[str, Any], steps_per_epoch: int | None = None) -> RunState:
         """Inverse of to_dict; also reads format-1 files (``step_in_epoch``: their name for micro_batch) and
         official ones (no micro_batch, no global_step: then epochs x ``steps_per_epoch``, 0 without it).
-        Without an ``epoch`` (bare weights) training starts at the beginning."""
+        Without an ``epoch`` (bare weights) training starts at the beginning. Files without
+        ``pretrained_from`` (older ones, official ones) count as not started from pretrained weights."""
+        pretrained_from = str(ckpt.get('pretrained_from') or '')
         if ckpt.get('epoch') is None:
-            return cls(max_accuracy=float(ckpt.get('max_accuracy') or 0.0))
+            return cls(max_accuracy=float(ckpt.get('max_accuracy') or 0.0), pretrained_from=pretrained_from)
         micro_batch = int(ckpt.get('micro_batch', ckpt.get('step_in_epoch')) or 0)
         epoch = int(ckpt['epoch']) if micro_batch else int(ckpt['epoch']) + 1
         global_step = ckpt.get('global_step')
         if global_step is None:
             global_step = epoch * steps_per_epoch if steps_per_epoch else 0
-        return cls(epoch, micro_batch, int(global_step), float(ckpt.get('max_accuracy') or 0.0))
+        return cls(epoch, micro_batch, int(global_step), float(ckpt.get('max_accuracy') or 0.0), pretrained_from)
 
     @property
     def position(self) -> tuple[int, int]:

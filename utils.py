@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
 from collections.abc import Callable
@@ -228,6 +229,11 @@ class StopRequest:
     def _handle(self, signum, frame):
         if self._received and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C means "now"
+        if not self._received and get_rank() == 0:
+            # at once, before the step ends; os.write: a signal handler must not re-enter a buffered stream
+            again = ' (Ctrl-C again: exit now, keeping the last complete checkpoint)' if signum == signal.SIGINT else ''
+            os.write(2, f"{signal.Signals(signum).name} received: finishing the current step, saving a checkpoint, "
+                        f"then exit{again}\n".encode())
         self._received = signum
 
     def should_stop(self, nonfinite_step: int = -1) -> bool:

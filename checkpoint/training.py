@@ -2,7 +2,7 @@
 
 Format 2, a plain dict (tensors and built-in types only, so it loads with weights_only):
     model, optimizer, lr_scheduler, scaler (or None), model_ema (or None), the RunState fields (epoch,
-    micro_batch, global_step, max_accuracy; see RunState.to_dict), rng_states (one entry per rank),
+    micro_batch, global_step, max_accuracy, pretrained_from; see RunState.to_dict), rng_states (one per rank),
     class_names, config (YAML text), format_version.
 Format 1 named micro_batch ``step_in_epoch`` (it counted micro-batches); such files still resume.
 """

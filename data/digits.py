@@ -32,8 +32,10 @@ def ensure_digits(root: str = '') -> str:
     if os.path.isfile(os.path.join(root, MARKER)):
         return root
     if os.path.isdir(root) and os.listdir(root):
-        raise DataError(f"DATA.DATA_PATH {root} is not empty but holds no complete digits set (no {MARKER}); "
-                        f"remove it or point DATA.DATA_PATH to a new folder")
+        raise DataError(f"DATA.DATA_PATH {root} is not a digits demo set (DATA.DATASET digits, e.g. from "
+                        f"configs/demo.yaml): for your own train/ and val/ class folders add --opts DATA.DATASET "
+                        f"imagenet (or use --cfg configs/finetune_own_data.yaml); for the demo, give a new or empty "
+                        f"--data-path")
     parent, name = os.path.split(root)
     os.makedirs(parent, exist_ok=True)
     prefix = f".{name}.tmp-{socket.gethostname()}-"

@@ -6,6 +6,7 @@ this process), ``collate`` gathers them into the batch, and ImageLoader logs and
 process, which alone decides when there are too many.
 """
 import logging
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -81,6 +82,8 @@ class ImageLoader(DataLoader):
     Train loaders are ordered by ``sampler.set_epoch`` (see samplers.EpochSampler.set_epoch)."""
 
     def __init__(self, dataset, max_bad_fraction: float, **kwargs):
+        if kwargs.get('num_workers'):
+            kwargs.setdefault('worker_init_fn', _leave_stop_signals_to_main)
         super().__init__(dataset, collate_fn=collate, **kwargs)
         self.max_bad_fraction = max_bad_fraction
         self.bad_images = 0
@@ -100,6 +103,14 @@ class ImageLoader(DataLoader):
             if self.bad_images > allowance:
                 raise DataError(_too_many_message(self, len(self.sampler)))
             yield batch
+
+
+def _leave_stop_signals_to_main(worker_id):
+    """A terminal's Ctrl-C and a cluster's SIGTERM reach the whole process group: workers ignore them, and the
+    main process finishes its step (which may need more batches), saves, then shuts the workers down. A worker
+    ended by the signal would instead end the run with a DataLoader error and no checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _too_many_message(loader, total):

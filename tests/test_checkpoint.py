@@ -70,7 +70,8 @@ class Run(TrainingObjects):
                                          [checkpoint.capture_rng_state()])
 
     def restore(self, state, **kwargs):
-        return astuple(checkpoint.restore_training_state(state, self, LOG, **kwargs))
+        """(epoch, micro_batch, global_step, max_accuracy) where training goes on."""
+        return astuple(checkpoint.restore_training_state(state, self, LOG, **kwargs))[:4]
 
 
 def assert_same_tensors(a, b):

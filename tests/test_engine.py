@@ -177,9 +177,9 @@ def test_validation_on_cuda_adds_no_synchronizing_call_per_batch(tiny_config):
 NUMBER = r'(\d+\.\d{4})'
 TRAIN_LINE = (r'^Train: \[0/1\]\[(\d+)/4\]\teta \d+:\d\d:\d\d lr \d+\.\d{6}\t wd \d+\.\d{4}\t'
               rf'time {NUMBER} \({NUMBER}\)\tloss {NUMBER} \({NUMBER}\)\tgrad_norm {NUMBER} \({NUMBER}\)'
-              rf'(?:\tloss_scale {NUMBER} \({NUMBER}\))?\tmem \d+MB')
+              rf'(?:\tloss_scale {NUMBER} \({NUMBER}\))?(?:\tmem \d+MB)?\t')  # mem: CUDA only
 TEST_LINE = (r'^{header}: \[(\d+)/4\]\tTime \d+\.\d{{3}} \(\d+\.\d{{3}}\)\tLoss (\d+\.\d{{4}}) \((\d+\.\d{{4}})\)\t'
-             r'Acc@1 (\d+\.\d{{3}}) \((\d+\.\d{{3}})\)\tAcc@5 \d+\.\d{{3}} \(\d+\.\d{{3}}\)\tMem \d+MB$')
+             r'Acc@1 (\d+\.\d{{3}}) \((\d+\.\d{{3}})\)\tAcc@5 \d+\.\d{{3}} \(\d+\.\d{{3}}\)(?:\tMem \d+MB)?$')
 
 
 def messages(caplog):

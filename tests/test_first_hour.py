@@ -1,0 +1,281 @@
+"""A new user's first hour, as real main.py processes: own-data recipe warnings, --pretrained next to an old
+checkpoint, the demo config on a photo folder, when config.yaml is written, errors in the log file, Ctrl-C
+feedback, the ETA and throughput lines."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from config import load_config
+from errors import ConfigError
+from helpers import ROOT, child_env, main_command, make_image_folder, read, run_main, tiny_yaml, wait_for
+from lr_scheduler import schedule_warnings
+
+ONE_EPOCH = "TRAIN:\n  EPOCHS: 1\n  WARMUP_EPOCHS: 0\n  LINEAR_SCALE_LR: False\n"
+
+
+# -----------------------------------------------------------------------------
+# Config: the augmentation policy and the LR warnings (no process needed)
+# -----------------------------------------------------------------------------
+@pytest.mark.parametrize('policy', ['rand-m9-mstd0.5-inc1', 'rand-m9-n3-mstd0.5-tweights', 'original', 'v0',
+                                    'original-mstd0.5', 'augmix-m5-w3', 'none', ''])
+def test_timm_augmentation_policies_are_accepted(policy):
+    assert load_config(None, ['AUG.AUTO_AUGMENT', policy]).AUG.AUTO_AUGMENT == policy
+
+
+@pytest.mark.parametrize('policy', ['rand-m9-mstd0.5-icn1', 'orignal', 'augmix-q3', 'randaugment'])
+def test_misspelled_augmentation_policy_is_one_line(policy):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ['AUG.AUTO_AUGMENT', policy])
+    message = str(error.value)
+    assert '\n' not in message and f"AUG.AUTO_AUGMENT {policy!r}" in message and 'rand-m9-mstd0.5-inc1' in message
+
+
+@pytest.mark.parametrize('key, value', [('DATA.INTERPOLATION', 'bicubc'), ('AUG.MIXUP_MODE', 'bach')])
+def test_misspelled_choice_is_one_line(key, value):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [key, value])
+    assert f"{key} {value!r}" in str(error.value) and '\n' not in str(error.value)
+
+
+def test_schedule_warnings_name_the_numbers_and_keys():
+    # the issue's case: an official config for 2 epochs at batch 8 peaks at 7.8e-6
+    config = load_config(os.path.join(ROOT, 'configs', 'swin_tiny.yaml'),
+                         ['DATA.BATCH_SIZE', 8, 'TRAIN.EPOCHS', 2])
+    warmup, scaling = schedule_warnings(config)
+    assert 'TRAIN.WARMUP_EPOCHS 20 >= TRAIN.EPOCHS 2' in warmup and '7.81e-06' in warmup
+    assert 'global batch 8' in scaling and '64x smaller' in scaling and 'TRAIN.LINEAR_SCALE_LR False' in scaling
+    # the own-data recipe at its batch, and a 10x shrink exactly at the limit, do not warn
+    assert schedule_warnings(load_config(os.path.join(ROOT, 'configs', 'finetune_own_data.yaml'))) == []
+    assert schedule_warnings(load_config(None, ['DATA.BATCH_SIZE', 52, 'TRAIN.WARMUP_EPOCHS', 5])) == []
+
+
+def test_sample_photo_set_has_ten_class_folders(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    try:
+        from make_sample_photos import make_sample_photos
+    finally:
+        sys.path.pop(0)
+    root = make_sample_photos(str(tmp_path), train_per_class=2, val_per_class=1, size=48)
+    for split, count in (('train', 2), ('val', 1)):
+        classes = sorted(os.listdir(os.path.join(root, split)))
+        assert len(classes) == 10
+        assert all(len(os.listdir(os.path.join(root, split, name))) == count for name in classes)
+
+
+# -----------------------------------------------------------------------------
+# Real runs
+# -----------------------------------------------------------------------------
+pytest_slow = pytest.mark.slow
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('images'), train_per_class=4, val_per_class=2)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, images):
+    """A finished 1-epoch run from scratch: (config file, output root, run folder)."""
+    config = tiny_yaml(tmp_path_factory.mktemp('cfg') / 'tiny.yaml', images, extra=ONE_EPOCH)
+    output = tmp_path_factory.mktemp('out')
+    result = run_main('--cfg', config, '--output', str(output))
+    assert result.returncode == 0, result.stderr
+    return config, str(output), os.path.join(output, 'tiny', 'default')
+
+
+def one_error_line(result):
+    assert 'Traceback' not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error')]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def snapshot(path):
+    with open(path, 'rb') as f:
+        return f.read(), os.stat(path).st_mtime_ns
+
+
+@pytest_slow
+def test_missing_pretrained_file_is_an_error_before_anything_runs(tmp_path, images):
+    config = tiny_yaml(tmp_path / 'tiny.yaml', images, extra=ONE_EPOCH)
+    result = run_main('--cfg', config, '--output', str(tmp_path / 'out'), '--pretrained', str(tmp_path / 'no.pth'))
+    assert result.returncode == 2
+    assert f"{tmp_path / 'no.pth'} does not exist" in one_error_line(result)
+    assert not os.path.exists(tmp_path / 'out')  # nothing ran: not even the output folder was made
+
+
+@pytest_slow
+def test_pretrained_next_to_a_checkpoint_is_refused_unless_it_started_the_run(tmp_path, trained):
+    config, output, run_dir = trained
+    weights = tmp_path / 'pretrained.pth'
+    torch.save({'model': torch.load(os.path.join(run_dir, 'last.pth'), weights_only=True)['model']}, weights)
+    before = snapshot(os.path.join(run_dir, 'config.yaml'))
+
+    refused = run_main('--cfg', config, '--output', output, '--pretrained', str(weights))
+    assert refused.returncode == 2
+    line = one_error_line(refused)
+    assert f"--pretrained {weights} would be ignored" in line
+    assert '--output' in line and 'TRAIN.AUTO_RESUME False' in line
+    assert snapshot(os.path.join(run_dir, 'config.yaml')) == before  # a rejected run writes no config.yaml
+    assert line in read(os.path.join(run_dir, 'log_rank0.txt'))       # and its error reaches the log file
+
+    # elsewhere, the fine-tuning run starts from the weights, and records them: its own rerun resumes
+    finetune = str(tmp_path / 'finetune')
+    first = run_main('--cfg', config, '--output', finetune, '--pretrained', str(weights))
+    assert first.returncode == 0, first.stderr
+    assert f'loaded pretrained weights {weights}' in first.stdout
+    saved = torch.load(os.path.join(finetune, 'tiny', 'default', 'last.pth'), weights_only=True)
+    assert saved['pretrained_from'] == os.path.realpath(weights)
+    again = run_main('--cfg', config, '--output', finetune, '--pretrained', str(weights))
+    assert again.returncode == 0, again.stderr
+    assert 'resumed from' in again.stdout and 'loaded pretrained weights' not in again.stdout
+
+    # the way out that keeps the folder: no auto-resume, so the pretrained weights are loaded
+    restart = run_main('--cfg', config, '--output', output, '--pretrained', str(weights),
+                       '--opts', 'TRAIN.AUTO_RESUME', 'False')
+    assert restart.returncode == 0, restart.stderr
+    assert f'loaded pretrained weights {weights}' in restart.stdout
+
+
+@pytest_slow
+def test_demo_config_on_a_photo_folder_points_to_the_dataset_kind(images):
+    before = sorted(glob.glob(os.path.join(images, '**'), recursive=True))
+    result = run_main('--cfg', os.path.join(ROOT, 'configs', 'demo.yaml'), '--data-path', images,
+                      '--output', os.path.join(images, '..', 'demo_out'))
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert 'DATA.DATASET imagenet' in line and 'remove' not in line.lower() and 'delete' not in line.lower()
+    assert sorted(glob.glob(os.path.join(images, '**'), recursive=True)) == before
+
+
+@pytest_slow
+@pytest.mark.parametrize('args, message', [
+    (['--opts', 'MODEL.SWIN.EMBED_DIM', '48'], 'MODEL.SWIN.EMBED_DIM'),   # architecture drift on resume
+    (['--opts', 'MODEL.NUM_CLASSES', '5'], '5'),                          # class-count error (data)
+    (['--opts', 'AUG.AUTO_AUGMENT', 'rand-m9-mstd0.5-icn1'], 'AUG.AUTO_AUGMENT'),  # bad value (config)
+])
+def test_rejected_rerun_keeps_config_yaml_and_logs_its_error(trained, args, message):
+    config, output, run_dir = trained
+    before = snapshot(os.path.join(run_dir, 'config.yaml'))
+    result = run_main('--cfg', config, '--output', output, *args)
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert message in line
+    assert snapshot(os.path.join(run_dir, 'config.yaml')) == before
+    if 'AUTO_AUGMENT' not in message:  # a config error comes before the logger exists: nothing to log to
+        assert line in read(os.path.join(run_dir, 'log_rank0.txt'))
+
+
+@pytest_slow
+def test_eval_and_throughput_never_write_config_yaml(trained):
+    config, output, run_dir = trained
+    before = snapshot(os.path.join(run_dir, 'config.yaml'))
+    evaluated = run_main('--cfg', config, '--output', output, '--eval', '--opts', 'DATA.BATCH_SIZE', '2')
+    assert evaluated.returncode == 0, evaluated.stderr
+    measured = run_main('--cfg', config, '--output', output, '--throughput')
+    assert measured.returncode == 0, measured.stderr
+    assert snapshot(os.path.join(run_dir, 'config.yaml')) == before
+    assert load_config(os.path.join(run_dir, 'eval_config.yaml')).DATA.BATCH_SIZE == 2
+
+
+@pytest_slow
+def test_unreadable_images_stop_reaches_the_log_file(tmp_path):
+    root = make_image_folder(tmp_path / 'images', train_per_class=4, val_per_class=2)
+    for path in glob.glob(os.path.join(root, 'train', '*', '00[01].png')):
+        with open(path, 'wb') as f:
+            f.write(b'not an image')
+    config = tiny_yaml(tmp_path / 'tiny.yaml', root, extra=ONE_EPOCH)
+    result = run_main('--cfg', config, '--output', str(tmp_path / 'out'))
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert line in read(tmp_path / 'out' / 'tiny' / 'default' / 'log_rank0.txt')
+
+
+@pytest_slow
+def test_train_lines_end_with_the_run_eta_and_leave_out_mem_on_cpu(trained):
+    config, output, run_dir = trained
+    lines = [line for line in read(os.path.join(run_dir, 'log_rank0.txt')).splitlines() if 'Train: [' in line]
+    assert lines and all('\teta_run ' in line and line.rsplit('\t', 1)[1].startswith('eta_run ') for line in lines)
+    assert not any('\tmem ' in line for line in lines)
+
+
+@pytest_slow
+def test_throughput_shows_progress_and_a_rounded_result(tmp_path):
+    config = tiny_yaml(tmp_path / 'tiny.yaml', '')
+    result = run_main('--cfg', config, '--throughput', '--output', str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert 'throughput: warm-up pass 1/80' in result.stdout and ' eta ' in result.stdout
+    official = [line for line in result.stdout.splitlines() if 'batch_size 4 throughput ' in line]
+    value = official[0].rsplit(' ', 1)[1]
+    assert float(value) > 0 and len(value.split('.')[1]) == 2
+    assert f'throughput: {value} images/s (batch 4, float32' in result.stdout
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C: a real SIGINT to a real run
+# -----------------------------------------------------------------------------
+def start(config, output, *args):
+    """main.py in its own process group, so that ctrl_c reaches it and its loader workers, as a terminal's does."""
+    return subprocess.Popen(main_command('--cfg', config, '--output', str(output), *args), cwd=ROOT,
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def ctrl_c(process):
+    """SIGINT to the process group, as a terminal sends it."""
+    os.killpg(process.pid, signal.SIGINT)
+
+
+@pytest_slow
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+def test_first_stop_signal_says_at_once_what_will_happen(tmp_path, images, signum):
+    """Sent to the whole process group, as a terminal's Ctrl-C or a cluster's SIGTERM: loader workers leave it
+    to the main process, whose step in progress (2 micro-batches) still gets its batches."""
+    config = tiny_yaml(tmp_path / 'tiny.yaml', images, extra="TRAIN:\n  EPOCHS: 3\n  ACCUMULATION_STEPS: 2\n",
+                       num_workers=2)
+    process = start(config, tmp_path / 'out', '--batch-size', '2')
+    run_dir = tmp_path / 'out' / 'tiny' / 'default'
+    log = run_dir / 'log_rank0.txt'
+    wait_for(lambda: log.exists() and 'Train: [0/3][1/' in read(log), 240, 'the first training line')
+    os.killpg(process.pid, signum)
+    first = process.stderr.readline()  # the first thing on stderr, before the step ends
+    name = signal.Signals(signum).name
+    assert f'{name} received: finishing the current step, saving a checkpoint, then exit' in first
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, err
+    assert 'Traceback' not in err
+    assert out.index(f'{name} received: saving a checkpoint at epoch') < out.index('saved checkpoint')
+    assert glob.glob(str(run_dir / 'ckpt_epoch_*_step_*.pth'))
+
+
+@pytest_slow
+def test_second_ctrl_c_during_a_save_exits_130_and_keeps_the_last_checkpoint(tmp_path, images):
+    # a wide model: its checkpoint (~200 MB with the AdamW state) takes long enough to write that the second
+    # SIGINT, sent when the log announces the save, arrives while the file is being written
+    config = tiny_yaml(tmp_path / 'tiny.yaml', images, extra="TRAIN:\n  EPOCHS: 2\n  WARMUP_EPOCHS: 0\n",
+                       num_workers=2)
+    wide = ('--opts', 'MODEL.SWIN.EMBED_DIM', '384', 'MODEL.SWIN.NUM_HEADS', '[6, 12]')
+    output = tmp_path / 'out'
+    run_dir = output / 'tiny' / 'default'
+    process = start(config, output, *wide)
+    log = run_dir / 'log_rank0.txt'
+    wait_for(lambda: log.exists() and 'Train: [1/2][1/' in read(log), 600, 'a training line of epoch 1')
+    ctrl_c(process)
+    wait_for(lambda: 'saving a checkpoint at epoch 1' in read(log), 120, 'the save to start')
+    ctrl_c(process)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert 'Traceback' not in err and 'interrupted: stopped at once' in err
+    assert 'interrupted: stopped at once' in read(log)
+    last = torch.load(run_dir / 'last.pth', weights_only=True, map_location='cpu')
+    assert (last['epoch'], last['micro_batch']) == (0, 0)  # the end of epoch 0: the last complete checkpoint
+    assert not glob.glob(str(run_dir / 'ckpt_epoch_1_step_*.pth'))
+
+    resumed = run_main('--cfg', config, '--output', str(output), *wide)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f'resumed from {run_dir / "ckpt_epoch_0.pth"}' in resumed.stdout or 'auto-resume' in resumed.stdout
