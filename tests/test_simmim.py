@@ -1,0 +1,320 @@
+"""SimMIM: the model (official keys, loss), the mask generator, the pre-training transform, the picture script."""
+import importlib
+import math
+import os
+import runpy
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, make_tiny_config
+from helpers import make_image_folder
+from PIL import Image
+
+from data.datasets import FolderDataset
+from data.samplers import sample_seed
+from data.simmim import MaskGenerator, SimMIMTransform
+from errors import ConfigError
+from models import build_model
+from models.simmim import norm_targets
+from models.swin_transformer import SwinTransformer
+
+OFFICIAL_REPO = '/work/.mirror/microsoft+Swin-Transformer/repo'
+# tiny SimMIM: 32 px, patch 2, two stages -> encoder stride 4; mask patches of 8 px (4x4 = 16 of them)
+SIMMIM_OPTS = ('DATA.MASK_PATCH_SIZE', 8, 'DATA.MASK_RATIO', 0.6, 'MODEL.DROP_PATH_RATE', 0.0)
+
+
+def simmim_config(*opts):
+    return make_tiny_config(None, *SIMMIM_OPTS, *opts)
+
+
+def random_mask(config, batch, seed=0):
+    generator = MaskGenerator(config.DATA.IMG_SIZE, config.DATA.MASK_PATCH_SIZE, config.MODEL.SWIN.PATCH_SIZE,
+                              config.DATA.MASK_RATIO)
+    np.random.seed(seed)
+    return torch.stack([generator() for _ in range(batch)])
+
+
+def randomized(model, seed=0):
+    """Every parameter random (a zero decoder bias or mask token would hide mistakes)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# The model
+# -----------------------------------------------------------------------------
+def test_state_dict_has_the_official_keys():
+    model = build_model(simmim_config(), is_pretrain=True)
+    keys = model.state_dict().keys()
+    assert 'encoder.mask_token' in keys and 'decoder.0.weight' in keys and 'decoder.0.bias' in keys
+    assert 'encoder.patch_embed.proj.weight' in keys and 'encoder.norm.weight' in keys
+    assert not any(key.startswith('encoder.head') for key in keys)
+    assert model.decoder[0].out_channels == 4 ** 2 * 3 and model.encoder_stride == 4  # patch 2 x one merging
+    plain = SwinTransformer(img_size=32, patch_size=2, embed_dim=24, depths=[2, 2], num_heads=[3, 6],
+                            window_size=4, num_classes=0)
+    assert {'encoder.' + k for k in plain.state_dict()} | {'encoder.mask_token', 'decoder.0.weight',
+                                                           'decoder.0.bias'} == set(keys)
+    assert model.no_weight_decay() == {'encoder.absolute_pos_embed', 'encoder.mask_token'}
+    assert model.no_weight_decay_keywords() == {'encoder.relative_position_bias_table'}
+
+
+def _independent_loss(model, images, mask):
+    """The SimMIM loss written out from the plain Swin network and explicit tensor ops."""
+    config = simmim_config()
+    encoder = SwinTransformer(img_size=32, patch_size=2, embed_dim=24, depths=[2, 2], num_heads=[3, 6],
+                              window_size=4, num_classes=0, drop_path_rate=0.0).eval()
+    weights = {k[len('encoder.'):]: v for k, v in model.state_dict().items() if k.startswith('encoder.')}
+    mask_token = weights.pop('mask_token').view(-1)
+    encoder.load_state_dict(weights, strict=True)
+    tokens = encoder.patch_embed(images)                       # B, 256, C
+    tokens[mask.flatten(1).bool()] = mask_token                 # masked tokens become the mask token
+    for layer in encoder.layers:
+        tokens = layer(tokens)
+    features = encoder.norm(tokens)                            # B, 8 * 8, 48
+    B, r, C = images.shape[0], 4, 3
+    pixels = features @ model.decoder[0].weight.view(r * r * C, -1).t() + model.decoder[0].bias  # B, 64, 48
+    # pixel-shuffle by hand: output channel c * r * r + i * r + j of position (y, x) is pixel (y * r + i, x * r + j)
+    recon = pixels.view(B, 8, 8, C, r, r).permute(0, 3, 1, 4, 2, 5).reshape(B, C, 32, 32)
+    target = images if not model.norm_target_window else norm_targets(images, model.norm_target_window)
+    errors = []
+    p = config.MODEL.SWIN.PATCH_SIZE
+    for b, y, x in mask.nonzero().tolist():                   # every masked patch, every channel and pixel
+        patch = (slice(None), slice(y * p, (y + 1) * p), slice(x * p, (x + 1) * p))
+        errors.append((recon[b][patch] - target[b][patch]).abs().flatten())
+    return torch.cat(errors).mean()
+
+
+def test_loss_equals_an_independent_computation():
+    model = randomized(build_model(simmim_config(), is_pretrain=True))
+    images = torch.randn(2, 3, 32, 32)
+    mask = random_mask(simmim_config(), 2)
+    assert 0 < mask.sum() < mask.numel()
+    with torch.no_grad():
+        loss = model(images, mask)
+        expected = _independent_loss(model, images, mask)
+        assert torch.allclose(loss, expected, rtol=1e-5), (loss, expected)
+
+
+def _local_stats_by_loop(image, window):
+    """Mean and unbiased std of each pixel's window (clipped at the border), one pixel at a time."""
+    C, H, W = image.shape
+    half = window // 2
+    mean, std = torch.empty_like(image), torch.empty_like(image)
+    for y in range(H):
+        for x in range(W):
+            region = image[:, max(0, y - half):y + half + 1, max(0, x - half):x + half + 1].flatten(1)
+            mean[:, y, x] = region.mean(1)
+            std[:, y, x] = (region.var(1, unbiased=True) + 1e-6).sqrt()
+    return mean, std
+
+
+def test_norm_target_matches_a_per_pixel_computation():
+    image = torch.rand(1, 3, 9, 11)
+    mean, std = _local_stats_by_loop(image[0], 5)
+    assert torch.allclose(norm_targets(image, 5)[0], (image[0] - mean) / std, atol=1e-5)
+    model = randomized(build_model(simmim_config('MODEL.SIMMIM.NORM_TARGET.ENABLE', True,
+                                                 'MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE', 7), is_pretrain=True))
+    images, mask = torch.randn(2, 3, 32, 32), random_mask(simmim_config(), 2, seed=1)
+    with torch.no_grad():
+        assert model.norm_target_window == 7
+        assert torch.allclose(model(images, mask), _independent_loss(model, images, mask), rtol=1e-5)
+
+
+def test_even_norm_target_window_is_a_config_error():
+    with pytest.raises(ConfigError, match='MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE must be odd'):
+        build_model(simmim_config('MODEL.SIMMIM.NORM_TARGET.ENABLE', True,
+                                  'MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE', 8), is_pretrain=True)
+
+
+def test_pretraining_model_trains():
+    """A few AdamW steps on one batch lower the loss; every parameter (mask token, decoder) gets a gradient."""
+    torch.manual_seed(0)
+    model = build_model(simmim_config(), is_pretrain=True).train()
+    images, mask = torch.randn(2, 3, 32, 32), random_mask(simmim_config(), 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        loss = model(images, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        optimizer.step()
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# Against the official code (the bare mirror of microsoft/Swin-Transformer)
+# -----------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def official_models(tmp_path_factory):
+    """The official models package (simmim.py and the Swin files it imports), written from the mirror."""
+    if not os.path.isdir(OFFICIAL_REPO):
+        pytest.skip(f'the official repository mirror {OFFICIAL_REPO} is not on this machine')
+    root = tmp_path_factory.mktemp('official')
+    package = root / 'official_swin_models'
+    package.mkdir()
+    (package / '__init__.py').write_text('')
+    for name in ('simmim.py', 'swin_transformer.py', 'swin_transformer_v2.py'):
+        source = subprocess.run(['git', '-C', OFFICIAL_REPO, 'show', f'HEAD:models/{name}'], check=True,
+                                capture_output=True, text=True).stdout
+        (package / name).write_text(source)
+    sys.path.insert(0, str(root))
+    try:
+        with warnings.catch_warnings():  # the official files import timm.models.layers (deprecated) and print a note
+            warnings.simplefilter('ignore')
+            yield importlib.import_module('official_swin_models.simmim')
+    finally:
+        sys.path.remove(str(root))
+
+
+@pytest.mark.parametrize('norm_target', [False, True])
+def test_official_simmim_weights_load_strictly_and_give_the_same_loss(official_models, tmp_path, norm_target):
+    config = simmim_config('MODEL.SIMMIM.NORM_TARGET.ENABLE', norm_target,
+                           'MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE', 5)
+    torch.manual_seed(0)
+    encoder = official_models.SwinTransformerForSimMIM(
+        img_size=32, patch_size=2, in_chans=3, num_classes=0, embed_dim=24, depths=[2, 2], num_heads=[3, 6],
+        window_size=4, drop_path_rate=0.0)
+    official = randomized(official_models.SimMIM(config=config.MODEL.SIMMIM, encoder=encoder, encoder_stride=4,
+                                                 in_chans=3, patch_size=2))
+    ours = build_model(config, is_pretrain=True).eval()
+    ours.load_state_dict(official.state_dict(), strict=True)
+    # and the way the picture script and fine-tuning read files: {'model': state_dict} through checkpoint.py
+    import logging
+
+    from checkpoint import load_model_weights
+    torch.save({'model': official.state_dict()}, tmp_path / 'official_simmim.pth')
+    reloaded = build_model(config, is_pretrain=True).eval()
+    load_model_weights(reloaded, str(tmp_path / 'official_simmim.pth'), logging.getLogger('test'))
+    images, mask = torch.randn(2, 3, 32, 32), random_mask(config, 2)
+    with torch.no_grad():
+        expected = official(images, mask)
+        assert torch.allclose(ours(images, mask), expected, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(reloaded(images, mask), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_official_mask_generator_draws_the_same_masks(official_models):
+    """Same numpy draws as the official MaskGenerator (data/data_simmim_pt.py), so same masks per seed."""
+    source = subprocess.run(['git', '-C', OFFICIAL_REPO, 'show', 'HEAD:data/data_simmim_pt.py'], check=True,
+                            capture_output=True, text=True).stdout
+    namespace = {}
+    exec(compile(source.split('class SimMIMTransform')[0], 'data_simmim_pt.py', 'exec'), namespace)
+    official = namespace['MaskGenerator'](input_size=192, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6)
+    ours = MaskGenerator(192, 32, 4, 0.6)
+    for seed in range(3):
+        np.random.seed(seed)
+        expected = official()
+        np.random.seed(seed)
+        assert np.array_equal(ours().numpy(), expected)
+
+
+# -----------------------------------------------------------------------------
+# Mask generator and transform
+# -----------------------------------------------------------------------------
+@pytest.mark.parametrize('size, mask_patch, model_patch, ratio', [(192, 32, 4, 0.6), (32, 8, 2, 0.6),
+                                                                  (32, 4, 4, 0.75), (224, 32, 4, 0.5)])
+def test_mask_has_the_requested_ratio_and_patch_structure(size, mask_patch, model_patch, ratio):
+    generator = MaskGenerator(size, mask_patch, model_patch, ratio)
+    grid, scale = size // mask_patch, mask_patch // model_patch
+    masks = [generator() for _ in range(20)]
+    for mask in masks:
+        assert mask.shape == (size // model_patch, size // model_patch) and set(mask.unique().tolist()) <= {0, 1}
+        blocks = mask.view(grid, scale, grid, scale)
+        assert (blocks == blocks[:, :1, :, :1]).all()           # constant over each mask patch
+        assert blocks[:, 0, :, 0].sum() == math.ceil(grid * grid * ratio)
+    assert len({tuple(mask.flatten().tolist()) for mask in masks}) > 1  # random positions
+
+
+@pytest.mark.parametrize('args, message', [((192, 28, 4, 0.6), 'DATA.MASK_PATCH_SIZE 28 must divide'),
+                                           ((192, 32, 3, 0.6), "multiple of the model's patch size 3"),
+                                           ((192, 32, 4, 0.0), 'DATA.MASK_RATIO must be in')])
+def test_mask_generator_rejects_impossible_settings(args, message):
+    with pytest.raises(ConfigError, match=message):
+        MaskGenerator(*args)
+
+
+def test_pretraining_transform_is_deterministic_per_seed(tmp_path):
+    config = simmim_config('DATA.IMG_SIZE', 64, 'MODEL.SWIN.PATCH_SIZE', 4)
+    root = make_image_folder(tmp_path, train_per_class=2, val_per_class=1, size=80)
+    dataset = FolderDataset(os.path.join(root, 'train'), SimMIMTransform(config))
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    draws = {}
+    for seed in (sample_seed(0, 0, 1), sample_seed(0, 1, 1), sample_seed(1, 0, 1)):
+        (image, mask), _ = dataset[(1, seed)]
+        (again, mask_again), _ = dataset[(1, seed)]
+        assert torch.equal(image, again) and torch.equal(mask, mask_again)
+        assert image.shape == (3, 64, 64) and mask.shape == (16, 16)
+        assert mask.view(8, 2, 8, 2)[:, 0, :, 0].sum() == math.ceil(64 * 0.6)
+        draws[seed] = (image, mask)
+    images = [image for image, _ in draws.values()]
+    assert not torch.equal(images[0], images[1]) and not torch.equal(images[0], images[2])
+    assert torch.equal(torch.rand(3), expected_next)  # the training loop's global RNG is left as it was
+
+
+def test_pretraining_transform_crops_like_the_official_recipe():
+    config = simmim_config('DATA.IMG_SIZE', 64, 'MODEL.SWIN.PATCH_SIZE', 4)
+    crop = SimMIMTransform(config).transform_img.transforms[0]
+    assert crop.scale == (0.67, 1.) and crop.ratio == (3. / 4., 4. / 3.) and crop.size == (64, 64)
+
+
+# -----------------------------------------------------------------------------
+# The picture
+# -----------------------------------------------------------------------------
+def test_visualize_script_writes_a_grid_png(tmp_path):
+    data = make_image_folder(tmp_path / 'images', train_per_class=2, val_per_class=1)
+    config_path = tmp_path / 'simmim.yaml'
+    config_path.write_text("""DATA:
+  IMG_SIZE: 32
+  MASK_PATCH_SIZE: 8
+MODEL:
+  NAME: simmim_pretrain
+  SWIN:
+    PATCH_SIZE: 2
+    WINDOW_SIZE: 4
+    EMBED_DIM: 24
+    DEPTHS: [2, 2]
+    NUM_HEADS: [3, 6]
+""")
+    config = simmim_config()
+    torch.save({'model': build_model(config, is_pretrain=True).state_dict()}, tmp_path / 'ckpt.pth')
+    output = tmp_path / 'grid.png'
+    visualize = runpy.run_path(os.path.join(ROOT, 'scripts', 'simmim_visualize.py'))
+    assert visualize['main']([str(tmp_path / 'ckpt.pth'), '--cfg', str(config_path), '--data-path', data,
+                              '--output', str(output), '--num-images', '3', '--cell-size', '64']) == 0
+    with Image.open(output) as grid:
+        assert grid.format == 'PNG' and grid.size == (3 * 64, 3 * 64)
+        pixels = torch.from_numpy(np.array(grid.convert('L'))).float()
+    masked_column = pixels[:, 64:128]
+    assert masked_column.std() > 0 and not torch.equal(pixels[:, :64], masked_column)
+    assert F.mse_loss(pixels[:, :64], pixels[:, 128:]) > 0  # the reconstruction is the model's, not a copy
+
+
+# -----------------------------------------------------------------------------
+# The official config files
+# -----------------------------------------------------------------------------
+SIMMIM_CONFIGS = ('simmim_finetune__swin_base__img224_window7__800ep.yaml',
+                  'simmim_finetune__swinv2_base__img224_window14__800ep.yaml',
+                  'simmim_pretrain__swin_base__img192_window6__800ep.yaml',
+                  'simmim_pretrain__swinv2_base__img192_window12__800ep.yaml')
+
+
+def test_configs_are_the_official_files_byte_for_byte():
+    assert sorted(os.listdir(os.path.join(ROOT, 'configs', 'simmim'))) == sorted(SIMMIM_CONFIGS)
+    if not os.path.isdir(OFFICIAL_REPO):
+        pytest.skip(f'the official repository mirror {OFFICIAL_REPO} is not on this machine')
+    for name in SIMMIM_CONFIGS:
+        official = subprocess.run(['git', '-C', OFFICIAL_REPO, 'show', f'HEAD:configs/simmim/{name}'], check=True,
+                                  capture_output=True).stdout
+        with open(os.path.join(ROOT, 'configs', 'simmim', name), 'rb') as f:
+            assert f.read() == official, name
