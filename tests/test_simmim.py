@@ -22,10 +22,19 @@ from errors import ConfigError
 from models import build_model
 from models.simmim import norm_targets
 from models.swin_transformer import SwinTransformer
+from optimizer import swin_layer_id
 
 OFFICIAL_REPO = '/work/.mirror/microsoft+Swin-Transformer/repo'
 # tiny SimMIM: 32 px, patch 2, two stages -> encoder stride 4; mask patches of 8 px (4x4 = 16 of them)
 SIMMIM_OPTS = ('DATA.MASK_PATCH_SIZE', 8, 'DATA.MASK_RATIO', 0.6, 'MODEL.DROP_PATH_RATE', 0.0)
+
+
+def official_file(path, binary=False):
+    """A file of the official release from the bare mirror (the test is skipped on machines without it)."""
+    if not os.path.isdir(OFFICIAL_REPO):
+        pytest.skip(f'the official repository mirror {OFFICIAL_REPO} is not on this machine')
+    return subprocess.run(['git', '-C', OFFICIAL_REPO, 'show', f'HEAD:{path}'], check=True, capture_output=True,
+                          text=not binary).stdout
 
 
 def simmim_config(*opts):
@@ -157,16 +166,12 @@ def test_pretraining_model_trains():
 @pytest.fixture(scope='module')
 def official_models(tmp_path_factory):
     """The official models package (simmim.py and the Swin files it imports), written from the mirror."""
-    if not os.path.isdir(OFFICIAL_REPO):
-        pytest.skip(f'the official repository mirror {OFFICIAL_REPO} is not on this machine')
     root = tmp_path_factory.mktemp('official')
     package = root / 'official_swin_models'
     package.mkdir()
     (package / '__init__.py').write_text('')
     for name in ('simmim.py', 'swin_transformer.py', 'swin_transformer_v2.py'):
-        source = subprocess.run(['git', '-C', OFFICIAL_REPO, 'show', f'HEAD:models/{name}'], check=True,
-                                capture_output=True, text=True).stdout
-        (package / name).write_text(source)
+        (package / name).write_text(official_file(f'models/{name}'))
     sys.path.insert(0, str(root))
     try:
         with warnings.catch_warnings():  # the official files import timm.models.layers (deprecated) and print a note
@@ -202,10 +207,9 @@ def test_official_simmim_weights_load_strictly_and_give_the_same_loss(official_m
         assert torch.allclose(reloaded(images, mask), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_official_mask_generator_draws_the_same_masks(official_models):
+def test_official_mask_generator_draws_the_same_masks():
     """Same numpy draws as the official MaskGenerator (data/data_simmim_pt.py), so same masks per seed."""
-    source = subprocess.run(['git', '-C', OFFICIAL_REPO, 'show', 'HEAD:data/data_simmim_pt.py'], check=True,
-                            capture_output=True, text=True).stdout
+    source = official_file('data/data_simmim_pt.py')
     namespace = {}
     exec(compile(source.split('class SimMIMTransform')[0], 'data_simmim_pt.py', 'exec'), namespace)
     official = namespace['MaskGenerator'](input_size=192, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6)
@@ -215,6 +219,20 @@ def test_official_mask_generator_draws_the_same_masks(official_models):
         expected = official()
         np.random.seed(seed)
         assert np.array_equal(ours().numpy(), expected)
+
+
+def test_layer_decay_ids_are_the_official_finetune_ids():
+    """TRAIN.LAYER_DECAY groups parameters like the official SimMIM fine-tune (get_swin_layer)."""
+    source = official_file('optimizer.py')
+    namespace = {}
+    exec(source[source.index('def get_swin_layer'):source.index('def get_finetune_param_groups')], namespace)
+    depths = [2, 2]
+    model = SwinTransformer(img_size=32, patch_size=2, embed_dim=24, depths=depths, num_heads=[3, 6],
+                            window_size=4, ape=True, num_classes=10)
+    names = [name for name, _ in model.named_parameters()] + ['mask_token']
+    for name in names:
+        assert swin_layer_id(name, depths) == namespace['get_swin_layer'](name, sum(depths) + 2, depths), name
+    assert swin_layer_id('absolute_pos_embed', depths) == sum(depths) + 1
 
 
 # -----------------------------------------------------------------------------
@@ -311,10 +329,7 @@ SIMMIM_CONFIGS = ('simmim_finetune__swin_base__img224_window7__800ep.yaml',
 
 def test_configs_are_the_official_files_byte_for_byte():
     assert sorted(os.listdir(os.path.join(ROOT, 'configs', 'simmim'))) == sorted(SIMMIM_CONFIGS)
-    if not os.path.isdir(OFFICIAL_REPO):
-        pytest.skip(f'the official repository mirror {OFFICIAL_REPO} is not on this machine')
     for name in SIMMIM_CONFIGS:
-        official = subprocess.run(['git', '-C', OFFICIAL_REPO, 'show', f'HEAD:configs/simmim/{name}'], check=True,
-                                  capture_output=True).stdout
+        official = official_file(f'configs/simmim/{name}', binary=True)
         with open(os.path.join(ROOT, 'configs', 'simmim', name), 'rb') as f:
             assert f.read() == official, name
