@@ -157,3 +157,21 @@ def build_simmim(config, encoder_class, encoder_kwargs):
     simmim = config.MODEL.SIMMIM.NORM_TARGET
     return SimMIM(encoder, encoder.stride, encoder_kwargs.get('in_chans', 3), encoder.patch_embed.patch_size[0],
                   norm_target_window=simmim.PATCH_SIZE if simmim.ENABLE else None)
+
+
+def is_simmim_state_dict(state_dict):
+    """True for the weights of a SimMIM model (ours or official): every key under ``encoder.`` or ``decoder.``."""
+    return bool(state_dict) and all(key.startswith(('encoder.', 'decoder.')) for key in state_dict) \
+        and any(key.startswith('encoder.') for key in state_dict)
+
+
+def encoder_state_dict(state_dict):
+    """The classification network's weights inside a SimMIM state_dict: ``encoder.`` stripped, the mask token
+    and the decoder left out. Returns (weights, names of the left-out tensors)."""
+    weights, dropped = {}, []
+    for key, value in state_dict.items():
+        if key.startswith('encoder.') and key != 'encoder.mask_token':
+            weights[key[len('encoder.'):]] = value
+        else:
+            dropped.append(key)
+    return weights, dropped
