@@ -47,7 +47,8 @@ _C.DATA.CACHE_MODE = 'part'
 _C.DATA.PIN_MEMORY = True
 # Number of data loading workers per process
 _C.DATA.NUM_WORKERS = 8
-# [SimMIM] mask patch size and ratio (kept so official SimMIM YAML files load)
+# SimMIM pre-training: side of the square mask patches in pixels (a multiple of the model's patch size that
+# divides IMG_SIZE), and the fraction of them masked in each image
 _C.DATA.MASK_PATCH_SIZE = 32
 _C.DATA.MASK_RATIO = 0.6
 # Largest fraction of unreadable images tolerated in one epoch before the run stops
@@ -72,6 +73,10 @@ _C.MODEL = CN()
 _C.MODEL.TYPE = 'swin'
 # Model name: names the output sub-folder
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
+# What the run trains: classification | simmim (SimMIM masked image modelling: pre-training on the images of
+# DATA_PATH/train, labels unused, no validation) | auto: simmim when MODEL.NAME starts with 'simmim_pretrain' (as in
+# the official configs/simmim pre-training files), else classification. The saved config holds the resolved value.
+_C.MODEL.TASK = 'auto'
 # Pretrained weights for fine-tuning (official or timm format); optimizer state is not restored
 _C.MODEL.PRETRAINED = ''
 # Checkpoint to resume training from (wins over TRAIN.AUTO_RESUME)
@@ -139,6 +144,8 @@ _C.MODEL.SWIN_MLP.WINDOW_SIZE = 7
 _C.MODEL.SWIN_MLP.MLP_RATIO = 4.
 _C.MODEL.SWIN_MLP.APE = False
 _C.MODEL.SWIN_MLP.PATCH_NORM = True
+# SimMIM pre-training (MODEL.TASK simmim): reconstruct each pixel normalized by the mean / std of its
+# PATCH_SIZE x PATCH_SIZE neighbourhood (odd) instead of the raw pixel
 _C.MODEL.SIMMIM = CN()
 _C.MODEL.SIMMIM.NORM_TARGET = CN()
 _C.MODEL.SIMMIM.NORM_TARGET.ENABLE = False
@@ -306,6 +313,7 @@ _DERIVED_KEYS = ('LOCAL_RANK', 'RANK', 'WORLD_SIZE', 'OUTPUT_DIR', 'TRAIN.GLOBAL
 # Keys with a fixed set of values, checked when the config is built
 _CHOICES = {
     'MODEL.TYPE': ('swin', 'swinv2', 'swin_mlp'),  # parameters in MODEL.<TYPE upper-cased>
+    'MODEL.TASK': ('auto', 'classification', 'simmim'),
     'DATA.DATASET': ('imagenet', 'imagenet22K', 'digits'),
     'DATA.CACHE_MODE': ('no', 'full', 'part'),
     'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
@@ -317,10 +325,6 @@ _NOT_IMPLEMENTED = {
     'FUSED_LAYERNORM': "apex's fused LayerNorm",
     'AMP_OPT_LEVEL': 'apex AMP; torch.amp is used instead',
     'TRAIN.MOE.SAVE_MASTER': 'Swin-MoE',
-    'DATA.MASK_PATCH_SIZE': 'SimMIM masking',
-    'DATA.MASK_RATIO': 'SimMIM masking',
-    'MODEL.SIMMIM.NORM_TARGET.ENABLE': 'SimMIM target normalization',
-    'MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE': 'SimMIM target normalization',
 }
 _logger = logging.getLogger('swin.config')
 
@@ -356,6 +360,8 @@ def finalize(config: CN, environ: Mapping[str, str] | None = None) -> CN:
     config.OUTPUT_DIR = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
     if config.ENABLE_AMP:  # the deprecated spelling turns AMP on, as in the official code
         config.AMP_ENABLE = True
+    if config.MODEL.TASK == 'auto':
+        config.MODEL.TASK = 'simmim' if config.MODEL.NAME.startswith('simmim_pretrain') else 'classification'
     _validate(config)
     config.TRAIN.GLOBAL_BATCH_SIZE = config.DATA.BATCH_SIZE * config.WORLD_SIZE * config.TRAIN.ACCUMULATION_STEPS
     scale = config.TRAIN.GLOBAL_BATCH_SIZE / 512.0 if config.TRAIN.LINEAR_SCALE_LR else 1.0
@@ -378,6 +384,9 @@ def _validate(config):
     for key, allowed in _CHOICES.items():
         require(_get(config, key) in allowed,
                 f"{key} {_get(config, key)!r} is not supported (choose one of: {', '.join(allowed)})")
+    require(config.MODEL.TASK != 'simmim' or not (config.EVAL_MODE or config.THROUGHPUT_MODE),
+            "--eval and --throughput apply to classifiers, not to MODEL.TASK simmim (pre-training); "
+            "use the fine-tuning config")
     require(config.DATA.BATCH_SIZE >= 1, f"DATA.BATCH_SIZE must be at least 1, got {config.DATA.BATCH_SIZE}")
     require(config.DATA.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS must be >= 0, got {config.DATA.NUM_WORKERS}")
     require(config.DATA.IMG_SIZE >= 1, f"DATA.IMG_SIZE must be positive, got {config.DATA.IMG_SIZE}")

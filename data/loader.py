@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, default_collate
 from errors import DataError
 
 from .datasets import BadImageReport, Sample
+from .simmim import MaskedImage
 from .transforms import DeferredImage, ErasePlan
 
 _logger = logging.getLogger('swin.data')
@@ -31,6 +32,7 @@ class Batch:
         ``to_device`` converts, normalizes and random-erases on the device.
     targets: int64 class indices.
     erase: random-erasing plans of a uint8 batch, ``(position in batch, ErasePlan)``.
+    masks: SimMIM pre-training batches only: the patch masks, (N, H / patch, W / patch) int64, 1 = masked.
     bad_images: the unreadable files skipped (each replaced by the next readable sample) to fill this batch.
     error: set when a sample found no readable image (images and targets are then empty); the loader
         raises it as DataError in the main process.
@@ -40,13 +42,15 @@ class Batch:
     erase: tuple[tuple[int, ErasePlan], ...] = ()
     bad_images: tuple[BadImageReport, ...] = ()
     error: str = ''
+    masks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def pin_memory(self) -> 'Batch':
         """Called by the DataLoader's pin-memory thread (DATA.PIN_MEMORY on CUDA)."""
-        return replace(self, images=self.images.pin_memory(), targets=self.targets.pin_memory())
+        masks = self.masks.pin_memory() if self.masks is not None else None
+        return replace(self, images=self.images.pin_memory(), targets=self.targets.pin_memory(), masks=masks)
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
@@ -60,12 +64,16 @@ def collate(samples: Sequence[Sample]) -> Batch:
                            f"(last: {last.reason})")
     images = [sample.image for sample in samples]
     targets = torch.tensor([sample.target for sample in samples], dtype=torch.long)
+    masks = None
+    if isinstance(images[0], MaskedImage):
+        masks = torch.stack([image.mask for image in images])
+        images = [image.image for image in images]
     if not isinstance(images[0], DeferredImage):
-        return Batch(default_collate(images), targets, bad_images=bad_images)
+        return Batch(default_collate(images), targets, bad_images=bad_images, masks=masks)
     erase = tuple((i, image.erase) for i, image in enumerate(images) if image.erase is not None)
     # stacked HWC (one plain copy per image), viewed as NCHW; to_device makes it contiguous
     pixels = default_collate([image.pixels for image in images]).permute(0, 3, 1, 2)
-    return Batch(pixels, targets, erase=erase, bad_images=bad_images)
+    return Batch(pixels, targets, erase=erase, bad_images=bad_images, masks=masks)
 
 
 class ImageLoader(DataLoader):

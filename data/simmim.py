@@ -1,11 +1,13 @@
 """SimMIM pre-training input: the random patch mask and the official pre-training transform.
 
-The transform maps an image to ``(image tensor, mask)`` like the official ``SimMIMTransform``. Its randomness
+The transform maps an image to a ``MaskedImage`` (image, mask) like the official ``SimMIMTransform``; the
+loader's collate stacks the masks into ``Batch.masks``. Its randomness
 (crop, flip, mask) comes from python ``random``, torch and numpy, which the dataset seeds per sample from
 ``samplers.sample_seed(SEED, epoch, index)``: a sample's crop and mask depend only on that seed, so a resumed
 pre-training run sees exactly the inputs of an uninterrupted one.
 """
 import math
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -14,11 +16,17 @@ from torchvision import transforms
 
 from errors import ConfigError
 
-from .transforms import DecodeRandomResizedCrop
+from .transforms import DecodeRandomResizedCrop, ToDeferredImage
 
 # the official SimMIM pre-training crop
 CROP_SCALE = (0.67, 1.)
 CROP_RATIO = (3. / 4., 4. / 3.)
+
+
+class MaskedImage(NamedTuple):
+    """One pre-training sample: the image (normalized tensor, or a transforms.DeferredImage) and its mask."""
+    image: Any
+    mask: torch.Tensor
 
 
 class MaskGenerator:
@@ -64,21 +72,25 @@ def build_mask_generator(config):
 
 
 class SimMIMTransform:
-    """image -> (normalized image tensor, mask): random resized crop (scale 0.67-1, ratio 3/4-4/3, bilinear),
-    horizontal flip (AUG.HFLIP, 0.5 as officially), ImageNet normalization; and a fresh MaskGenerator draw.
-    The crop takes the decode-aware fast path of the classification pipeline unless DATA.FAST_CROP is False."""
+    """image -> MaskedImage: random resized crop (scale 0.67-1, ratio 3/4-4/3, bilinear), horizontal flip
+    (AUG.HFLIP, 0.5 as officially), ImageNet normalization; and a fresh MaskGenerator draw. The crop takes the
+    decode-aware fast path of the classification pipeline unless DATA.FAST_CROP is False. ``uint8``: the image
+    stays uint8 (a DeferredImage) for ``data.to_device`` to normalize on the GPU."""
 
-    def __init__(self, config):
+    def __init__(self, config, uint8=False):
         size = config.DATA.IMG_SIZE
         steps = [DecodeRandomResizedCrop((size, size), CROP_SCALE, CROP_RATIO, 'bilinear', config.DATA.FAST_CROP)]
         if config.AUG.HFLIP > 0:
             steps.append(transforms.RandomHorizontalFlip(config.AUG.HFLIP))
-        steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+        if uint8:
+            steps.append(ToDeferredImage())
+        else:
+            steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
         self.transform_img = transforms.Compose(steps)
         self.mask_generator = build_mask_generator(config)
 
     def __call__(self, img):
-        return self.transform_img(img), self.mask_generator()
+        return MaskedImage(self.transform_img(img), self.mask_generator())
 
     def __repr__(self):
         return f"{self.__class__.__name__}({self.transform_img}, mask {self.mask_generator.__dict__})"
