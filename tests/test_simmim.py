@@ -1,8 +1,11 @@
-"""SimMIM: the model (official keys, loss), the mask generator, the pre-training transform, the picture script."""
+"""SimMIM: the model (official keys, loss), mask generator and transform, the picture script, task selection,
+fine-tuning loads, and pre-training through main.py (resumable exactly)."""
 import importlib
+import logging
 import math
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import warnings
@@ -11,14 +14,27 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, make_tiny_config
-from helpers import make_image_folder
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from checkpoint import load_pretrained
+from config import load_config
+from conftest import ROOT, make_tiny_config
+from data import build_loader
 from data.datasets import FolderDataset
 from data.samplers import sample_seed
-from data.simmim import MaskGenerator, SimMIMTransform
+from data.simmim import MaskGenerator, SimMIMTransform, build_mask_generator
 from errors import ConfigError
+from helpers import (
+    assert_same_weights,
+    load_weights,
+    logged_losses,
+    make_image_folder,
+    read,
+    run_main,
+    sigterm_after,
+    tiny_yaml,
+)
 from models import build_model
 from models.simmim import norm_targets
 from models.swin_transformer import SwinTransformer
@@ -333,3 +349,120 @@ def test_configs_are_the_official_files_byte_for_byte():
         official = official_file(f'configs/simmim/{name}', binary=True)
         with open(os.path.join(ROOT, 'configs', 'simmim', name), 'rb') as f:
             assert f.read() == official, name
+
+
+# -----------------------------------------------------------------------------
+# Selecting the task
+# -----------------------------------------------------------------------------
+def test_official_pretrain_config_selects_simmim_and_builds_the_official_model():
+    config = load_config(os.path.join(ROOT, 'configs', 'simmim', SIMMIM_CONFIGS[2]))
+    assert config.MODEL.TASK == 'simmim'
+    model = build_model(config, is_pretrain=True)
+    assert model.encoder_stride == 32 and model.decoder[0].out_channels == 32 ** 2 * 3  # official decoder
+    mask = build_mask_generator(config)()
+    assert mask.shape == (48, 48) and mask.view(6, 8, 6, 8)[:, 0, :, 0].sum() == math.ceil(36 * 0.6)
+
+
+def test_task_is_chosen_by_model_name_or_by_the_key(tmp_path):
+    finetune = load_config(os.path.join(ROOT, 'configs', 'simmim', SIMMIM_CONFIGS[0]))
+    assert finetune.MODEL.TASK == 'classification'
+    assert load_config(os.path.join(ROOT, 'configs', 'demo.yaml'), ['MODEL.TASK', 'simmim']).MODEL.TASK == 'simmim'
+    assert simmim_config('MODEL.NAME', 'simmim_pretrain_x', 'MODEL.TASK', 'classification').MODEL.TASK \
+        == 'classification'
+    with pytest.raises(ConfigError, match="MODEL.TASK 'mim' is unknown"):
+        simmim_config('MODEL.TASK', 'mim')
+    with pytest.raises(ConfigError, match='--eval and --throughput apply to classifiers'):
+        simmim_config('MODEL.TASK', 'simmim', 'EVAL_MODE', True)
+
+
+def test_pretraining_loader_reads_unlabeled_images(tmp_path):
+    """train/ without class folders and no val/: ((images, masks), targets) batches, masks of the config."""
+    folder = tmp_path / 'data' / 'train' / 'nested'
+    folder.mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(np.full((40, 48, 3), 20 * i, np.uint8)).save(folder / f'{i}.png')
+    config = simmim_config('MODEL.TASK', 'simmim', 'DATA.DATA_PATH', str(tmp_path / 'data'), 'DATA.BATCH_SIZE', 4)
+    dataset, dataset_val, loader, loader_val, mixup_fn = build_loader(config)
+    assert dataset_val is None and loader_val is None and mixup_fn is None and len(dataset) == 6
+    loader.sampler.set_epoch(0)
+    (images, masks), targets = next(iter(loader))
+    assert images.shape == (4, 3, 32, 32) and masks.shape == (4, 16, 16) and masks.dtype == torch.int64
+    assert (masks.view(4, 4, 4, 4, 4)[:, :, 0, :, 0].sum(dim=(1, 2)) == math.ceil(16 * 0.6)).all()
+
+
+# -----------------------------------------------------------------------------
+# Fine-tuning from SimMIM weights
+# -----------------------------------------------------------------------------
+def test_finetuning_loads_the_encoder_and_reports_only_the_head_missing(tmp_path, caplog):
+    pretrained = randomized(build_model(simmim_config(), is_pretrain=True))
+    torch.save({'model': pretrained.state_dict()}, tmp_path / 'simmim.pth')
+    # window 4 -> 8: the relative position bias tables are interpolated (stage maps 16x16 and 8x8)
+    config = make_tiny_config(tmp_path, 'MODEL.PRETRAINED', str(tmp_path / 'simmim.pth'), 'MODEL.SWIN.WINDOW_SIZE', 8)
+    model = build_model(config)
+    with caplog.at_level(logging.INFO, logger='test_simmim'):
+        load_pretrained(config, model, logging.getLogger('test_simmim'))
+    messages = [record.getMessage() for record in caplog.records]
+    assert 'not in the pretrained weights (initialized here): head.weight, head.bias' in messages
+    assert any('left out: encoder.mask_token, decoder.0.weight, decoder.0.bias' in m for m in messages)
+    assert any('resized by bicubic interpolation: layers.0.blocks.0.attn.relative_position_bias_table' in m
+               for m in messages)
+    weights = pretrained.state_dict()
+    assert torch.equal(model.patch_embed.proj.weight, weights['encoder.patch_embed.proj.weight'])
+    assert torch.equal(model.layers[1].blocks[1].mlp.fc2.weight, weights['encoder.layers.1.blocks.1.mlp.fc2.weight'])
+    assert model.layers[0].blocks[0].attn.relative_position_bias_table.shape == (15 * 15, 3)
+    assert not model.head.weight.any() and not model.head.bias.any()  # re-initialized
+
+
+# -----------------------------------------------------------------------------
+# Pre-training with main.py: the one training loop, resumable exactly
+# -----------------------------------------------------------------------------
+PRETRAIN_RECIPE = """TRAIN:
+  EPOCHS: 2
+  WARMUP_EPOCHS: 1
+  BASE_LR: 2e-3
+  MIN_LR: 1e-5
+  WARMUP_LR: 1e-6
+"""
+
+
+@pytest.fixture(scope='module')
+def pretrain_setup(tmp_path_factory):
+    """train/ only (no val/), real loader workers; the run's MODEL.NAME selects pre-training as officially."""
+    data = make_image_folder(tmp_path_factory.mktemp('images'))
+    shutil.rmtree(os.path.join(data, 'val'))
+    config = tiny_yaml(tmp_path_factory.mktemp('cfg') / 'pretrain.yaml', data, extra=PRETRAIN_RECIPE, num_workers=2)
+    text = open(config).read().replace('NAME: tiny', 'NAME: simmim_pretrain_tiny')
+    text = text.replace('  NUM_WORKERS: 2\n', '  NUM_WORKERS: 2\n  MASK_PATCH_SIZE: 8\n')
+    open(config, 'w').write(text)
+    output = tmp_path_factory.mktemp('reference')
+    result = run_main('--cfg', config, '--output', str(output))
+    assert result.returncode == 0, result.stderr
+    return config, output / 'simmim_pretrain_tiny' / 'default'
+
+
+def test_pretraining_run_writes_checkpoints_and_events(pretrain_setup):
+    _, run_dir = pretrain_setup
+    log = read(run_dir / 'log_rank0.txt')
+    assert len(logged_losses(log)) == 2 * 12 and 'Acc@1' not in log and 'Pre-training done in' in log
+    for name in ('config.yaml', 'last.pth', 'ckpt_epoch_0.pth', 'ckpt_epoch_1.pth'):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / 'best.pth').exists()
+    state = torch.load(run_dir / 'last.pth', map_location='cpu', weights_only=True)
+    assert 'encoder.mask_token' in state['model'] and 'decoder.0.weight' in state['model']
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    for tag in ('train/loss', 'train/lr', 'train/epoch_loss'):
+        assert tag in events.Tags()['scalars'], tag
+    assert len(events.Scalars('train/loss')) == 24
+
+
+def test_pretraining_sigterm_mid_epoch_resumes_exactly(tmp_path, pretrain_setup):
+    config, reference_dir = pretrain_setup
+    output = tmp_path / 'out'
+    run_dir, out = sigterm_after(config, output, 'Train: [0/2][3/12]', name='simmim_pretrain_tiny')
+    assert 'SIGTERM received: stopped at epoch 0' in out
+    result = run_main('--cfg', config, '--output', str(output))
+    assert result.returncode == 0, result.stderr
+    assert 'resumed from' in read(run_dir / 'log_rank0.txt')
+    assert_same_weights(load_weights(run_dir / 'last.pth'), load_weights(reference_dir / 'last.pth'))
+    assert logged_losses(read(run_dir / 'log_rank0.txt')) == logged_losses(read(reference_dir / 'log_rank0.txt'))
