@@ -80,7 +80,7 @@ def visualize(checkpoint_path, config, data_path, num_images=4, cell_size=None, 
     load_model_weights(model, checkpoint_path, logging.getLogger('simmim_visualize'))
     dataset = FolderDataset(image_folder(data_path), SimMIMTransform(config))
     count = min(num_images, len(dataset))
-    samples = [dataset[(i, sample_seed(seed, 0, i))][0] for i in range(count)]
+    samples = [dataset[(i, sample_seed(seed, 0, i))].image for i in range(count)]
     images = torch.stack([image for image, _ in samples])
     mask = torch.stack([mask for _, mask in samples])
     return grid_image(reconstruct(model, images, mask), cell_size or max(config.DATA.IMG_SIZE, 128))

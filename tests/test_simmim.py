@@ -20,8 +20,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from checkpoint import load_pretrained
 from config import load_config
 from conftest import ROOT, make_tiny_config
-from data import build_loader
+from data import build_loader, to_device
 from data.datasets import FolderDataset
+from data.loader import collate
 from data.samplers import sample_seed
 from data.simmim import MaskGenerator, SimMIMTransform, build_mask_generator
 from errors import ConfigError
@@ -285,8 +286,8 @@ def test_pretraining_transform_is_deterministic_per_seed(tmp_path):
     torch.manual_seed(123)
     draws = {}
     for seed in (sample_seed(0, 0, 1), sample_seed(0, 1, 1), sample_seed(1, 0, 1)):
-        (image, mask), _ = dataset[(1, seed)]
-        (again, mask_again), _ = dataset[(1, seed)]
+        image, mask = dataset[(1, seed)].image
+        again, mask_again = dataset[(1, seed)].image
         assert torch.equal(image, again) and torch.equal(mask, mask_again)
         assert image.shape == (3, 64, 64) and mask.shape == (16, 16)
         assert mask.view(8, 2, 8, 2)[:, 0, :, 0].sum() == math.ceil(64 * 0.6)
@@ -369,7 +370,7 @@ def test_task_is_chosen_by_model_name_or_by_the_key(tmp_path):
     assert load_config(os.path.join(ROOT, 'configs', 'demo.yaml'), ['MODEL.TASK', 'simmim']).MODEL.TASK == 'simmim'
     assert simmim_config('MODEL.NAME', 'simmim_pretrain_x', 'MODEL.TASK', 'classification').MODEL.TASK \
         == 'classification'
-    with pytest.raises(ConfigError, match="MODEL.TASK 'mim' is unknown"):
+    with pytest.raises(ConfigError, match="MODEL.TASK 'mim' is not supported"):
         simmim_config('MODEL.TASK', 'mim')
     with pytest.raises(ConfigError, match='--eval and --throughput apply to classifiers'):
         simmim_config('MODEL.TASK', 'simmim', 'EVAL_MODE', True)
@@ -385,7 +386,8 @@ def test_pretraining_loader_reads_unlabeled_images(tmp_path):
     dataset, dataset_val, loader, loader_val, mixup_fn = build_loader(config)
     assert dataset_val is None and loader_val is None and mixup_fn is None and len(dataset) == 6
     loader.sampler.set_epoch(0)
-    (images, masks), targets = next(iter(loader))
+    batch = next(iter(loader))
+    images, masks = batch.images, batch.masks
     assert images.shape == (4, 3, 32, 32) and masks.shape == (4, 16, 16) and masks.dtype == torch.int64
     assert (masks.view(4, 4, 4, 4, 4)[:, :, 0, :, 0].sum(dim=(1, 2)) == math.ceil(16 * 0.6)).all()
 
@@ -466,3 +468,18 @@ def test_pretraining_sigterm_mid_epoch_resumes_exactly(tmp_path, pretrain_setup)
     assert 'resumed from' in read(run_dir / 'log_rank0.txt')
     assert_same_weights(load_weights(run_dir / 'last.pth'), load_weights(reference_dir / 'last.pth'))
     assert logged_losses(read(run_dir / 'log_rank0.txt')) == logged_losses(read(reference_dir / 'log_rank0.txt'))
+
+
+def test_uint8_pretraining_batches_normalize_on_the_device_like_the_float_path(tmp_path):
+    """CUDA runs (DATA.DEVICE_NORMALIZE) load uint8 pixels; to_device gives the float path's values."""
+    config = simmim_config('DATA.IMG_SIZE', 64, 'MODEL.SWIN.PATCH_SIZE', 4)
+    root = make_image_folder(tmp_path, train_per_class=2, val_per_class=1, size=80)
+    keys = [(i, sample_seed(0, 0, i)) for i in range(4)]
+    batches = []
+    for uint8 in (False, True):
+        dataset = FolderDataset(os.path.join(root, 'train'), SimMIMTransform(config, uint8))
+        batches.append(collate([dataset[key] for key in keys]))
+    float_batch, uint8_batch = batches
+    assert uint8_batch.images.dtype == torch.uint8 and torch.equal(float_batch.masks, uint8_batch.masks)
+    images, _ = to_device(uint8_batch, 'cpu')
+    assert torch.allclose(images, to_device(float_batch, 'cpu')[0], atol=1e-5)
