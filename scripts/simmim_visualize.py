@@ -5,7 +5,7 @@
 Columns: the pre-training input (the SimMIM transform's crop, unnormalized), the masked input (masked patches
 grey), the reconstruction (visible patches from the input, masked ones predicted by the model; with
 MODEL.SIMMIM.NORM_TARGET the prediction is mapped back to pixels with the input's local mean and std). Images are
-the first ``--num-images`` of D/train (D/val, or D itself when it holds class folders directly) with fixed
+``--num-images`` spread evenly over the sorted files of D/train (D/val, or D itself when it has neither) with fixed
 crop and mask draws (``--seed``), so two checkpoints of one run are shown on the same inputs.
 """
 import argparse
@@ -21,7 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from checkpoint import load_model_weights
 from config import load_config
-from data.datasets import FolderDataset
+from data.datasets import UnlabeledFolderDataset
 from data.samplers import sample_seed
 from data.simmim import SimMIMTransform
 from errors import DataError, SwinTrainError
@@ -32,7 +32,7 @@ GREY = 0.5
 
 
 def image_folder(data_path):
-    """The folder of class sub-folders to draw images from: D/train, else D/val, else D."""
+    """The folder to draw images from (at any depth): D/train, else D/val, else D."""
     for split in ('train', 'val'):
         if os.path.isdir(os.path.join(data_path, split)):
             return os.path.join(data_path, split)
@@ -78,9 +78,10 @@ def visualize(checkpoint_path, config, data_path, num_images=4, cell_size=None, 
     """The grid (a PIL image) for the first ``num_images`` images under data_path."""
     model = build_model(config, is_pretrain=True)
     load_model_weights(model, checkpoint_path, logging.getLogger('simmim_visualize'))
-    dataset = FolderDataset(image_folder(data_path), SimMIMTransform(config))
+    dataset = UnlabeledFolderDataset(image_folder(data_path), SimMIMTransform(config))
     count = min(num_images, len(dataset))
-    samples = [dataset[(i, sample_seed(seed, 0, i))].image for i in range(count)]
+    indices = [i * len(dataset) // count for i in range(count)]  # spread over the (sorted) folder: several classes
+    samples = [dataset[(i, sample_seed(seed, 0, i))].image for i in indices]
     images = torch.stack([image for image, _ in samples])
     mask = torch.stack([mask for _, mask in samples])
     return grid_image(reconstruct(model, images, mask), cell_size or max(config.DATA.IMG_SIZE, 128))
