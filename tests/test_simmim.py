@@ -46,6 +46,14 @@ OFFICIAL_REPO = '/work/.mirror/microsoft+Swin-Transformer/repo'
 SIMMIM_OPTS = ('DATA.MASK_PATCH_SIZE', 8, 'DATA.MASK_RATIO', 0.6, 'MODEL.DROP_PATH_RATE', 0.0)
 
 
+def simmim_yaml(path, data_path, extra='', num_workers=0):
+    """helpers.tiny_yaml as a SimMIM pre-training config (MODEL.NAME simmim_pretrain_tiny, 8 px mask patches)."""
+    tiny_yaml(path, data_path, extra=extra, num_workers=num_workers)
+    text = open(path).read().replace('NAME: tiny', 'NAME: simmim_pretrain_tiny')
+    open(path, 'w').write(text.replace('  IMG_SIZE: 32\n', '  IMG_SIZE: 32\n  MASK_PATCH_SIZE: 8\n'))
+    return str(path)
+
+
 def official_file(path, binary=False):
     """A file of the official release from the bare mirror (the test is skipped on machines without it)."""
     if not os.path.isdir(OFFICIAL_REPO):
@@ -308,19 +316,7 @@ def test_pretraining_transform_crops_like_the_official_recipe():
 # -----------------------------------------------------------------------------
 def test_visualize_script_writes_a_grid_png(tmp_path):
     data = make_image_folder(tmp_path / 'images', train_per_class=2, val_per_class=1)
-    config_path = tmp_path / 'simmim.yaml'
-    config_path.write_text("""DATA:
-  IMG_SIZE: 32
-  MASK_PATCH_SIZE: 8
-MODEL:
-  NAME: simmim_pretrain
-  SWIN:
-    PATCH_SIZE: 2
-    WINDOW_SIZE: 4
-    EMBED_DIM: 24
-    DEPTHS: [2, 2]
-    NUM_HEADS: [3, 6]
-""")
+    config_path = simmim_yaml(tmp_path / 'simmim.yaml', data)
     config = simmim_config()
     torch.save({'model': build_model(config, is_pretrain=True).state_dict()}, tmp_path / 'ckpt.pth')
     output = tmp_path / 'grid.png'
@@ -432,10 +428,7 @@ def pretrain_setup(tmp_path_factory):
     """train/ only (no val/), real loader workers; the run's MODEL.NAME selects pre-training as officially."""
     data = make_image_folder(tmp_path_factory.mktemp('images'))
     shutil.rmtree(os.path.join(data, 'val'))
-    config = tiny_yaml(tmp_path_factory.mktemp('cfg') / 'pretrain.yaml', data, extra=PRETRAIN_RECIPE, num_workers=2)
-    text = open(config).read().replace('NAME: tiny', 'NAME: simmim_pretrain_tiny')
-    text = text.replace('  NUM_WORKERS: 2\n', '  NUM_WORKERS: 2\n  MASK_PATCH_SIZE: 8\n')
-    open(config, 'w').write(text)
+    config = simmim_yaml(tmp_path_factory.mktemp('cfg') / 'pretrain.yaml', data, PRETRAIN_RECIPE, num_workers=2)
     output = tmp_path_factory.mktemp('reference')
     result = run_main('--cfg', config, '--output', str(output))
     assert result.returncode == 0, result.stderr
