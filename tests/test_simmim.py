@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from checkpoint import load_pretrained
+from checkpoint import load_model_weights, load_pretrained
 from config import load_config
 from conftest import ROOT, make_tiny_config
 from data import build_loader, to_device
@@ -206,25 +206,31 @@ def official_models(tmp_path_factory):
         sys.path.remove(str(root))
 
 
-@pytest.mark.parametrize('norm_target', [False, True])
-def test_official_simmim_weights_load_strictly_and_give_the_same_loss(official_models, tmp_path, norm_target):
-    config = simmim_config('MODEL.SIMMIM.NORM_TARGET.ENABLE', norm_target,
+# the tiny SwinV2 of these tests: the same shapes as the v1 one (MODEL.SWINV2 node)
+V2_OPTS = ('MODEL.TYPE', 'swinv2', 'MODEL.SWINV2.PATCH_SIZE', 2, 'MODEL.SWINV2.WINDOW_SIZE', 4,
+           'MODEL.SWINV2.EMBED_DIM', 24, 'MODEL.SWINV2.DEPTHS', [2, 2], 'MODEL.SWINV2.NUM_HEADS', [3, 6])
+
+
+@pytest.mark.parametrize('family, norm_target', [('swin', False), ('swin', True), ('swinv2', True)])
+def test_official_simmim_weights_load_strictly_and_give_the_same_loss(official_models, tmp_path, family,
+                                                                      norm_target):
+    config = simmim_config(*(V2_OPTS if family == 'swinv2' else ()), 'MODEL.SIMMIM.NORM_TARGET.ENABLE', norm_target,
                            'MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE', 5)
+    encoder_class = {'swin': official_models.SwinTransformerForSimMIM,
+                     'swinv2': official_models.SwinTransformerV2ForSimMIM}[family]
     torch.manual_seed(0)
-    encoder = official_models.SwinTransformerForSimMIM(
-        img_size=32, patch_size=2, in_chans=3, num_classes=0, embed_dim=24, depths=[2, 2], num_heads=[3, 6],
-        window_size=4, drop_path_rate=0.0)
+    encoder = encoder_class(img_size=32, patch_size=2, in_chans=3, num_classes=0, embed_dim=24, depths=[2, 2],
+                            num_heads=[3, 6], window_size=4, drop_path_rate=0.0)
     official = randomized(official_models.SimMIM(config=config.MODEL.SIMMIM, encoder=encoder, encoder_stride=4,
                                                  in_chans=3, patch_size=2))
     ours = build_model(config, is_pretrain=True).eval()
+    assert type(ours.encoder).__name__ == type(encoder).__name__
     ours.load_state_dict(official.state_dict(), strict=True)
     # and the way the picture script and fine-tuning read files: {'model': state_dict} through checkpoint.py
-    import logging
-
-    from checkpoint import load_model_weights
     torch.save({'model': official.state_dict()}, tmp_path / 'official_simmim.pth')
     reloaded = build_model(config, is_pretrain=True).eval()
-    load_model_weights(reloaded, str(tmp_path / 'official_simmim.pth'), logging.getLogger('test'))
+    load_model_weights(reloaded, str(tmp_path / 'official_simmim.pth'), logging.getLogger('test'),
+                       model_type=family)
     images, mask = torch.randn(2, 3, 32, 32), random_mask(config, 2)
     with torch.no_grad():
         expected = official(images, mask)
@@ -351,10 +357,13 @@ def test_configs_are_the_official_files_byte_for_byte():
 # -----------------------------------------------------------------------------
 # Selecting the task
 # -----------------------------------------------------------------------------
-def test_official_pretrain_config_selects_simmim_and_builds_the_official_model():
-    config = load_config(os.path.join(ROOT, 'configs', 'simmim', SIMMIM_CONFIGS[2]))
+@pytest.mark.parametrize('name, encoder, norm_window', [(SIMMIM_CONFIGS[2], 'SwinTransformerForSimMIM', 0),
+                                                        (SIMMIM_CONFIGS[3], 'SwinTransformerV2ForSimMIM', 47)])
+def test_official_pretrain_configs_select_simmim_and_build_the_official_model(name, encoder, norm_window):
+    config = load_config(os.path.join(ROOT, 'configs', 'simmim', name))
     assert config.MODEL.TASK == 'simmim'
     model = build_model(config, is_pretrain=True)
+    assert type(model.encoder).__name__ == encoder and model.norm_target_window == norm_window
     assert model.encoder_stride == 32 and model.decoder[0].out_channels == 32 ** 2 * 3  # official decoder
     mask = build_mask_generator(config)()
     assert mask.shape == (48, 48) and mask.view(6, 8, 6, 8)[:, 0, :, 0].sum() == math.ceil(36 * 0.6)
@@ -391,24 +400,33 @@ def test_pretraining_loader_reads_unlabeled_images(tmp_path):
 # -----------------------------------------------------------------------------
 # Fine-tuning from SimMIM weights
 # -----------------------------------------------------------------------------
-def test_finetuning_loads_the_encoder_and_reports_only_the_head_missing(tmp_path, caplog):
-    pretrained = randomized(build_model(simmim_config(), is_pretrain=True))
+@pytest.mark.parametrize('family', ['swin', 'swinv2'])
+def test_finetuning_loads_the_encoder_and_reports_only_the_head_missing(tmp_path, caplog, family):
+    family_opts = V2_OPTS if family == 'swinv2' else ()
+    pretrained = randomized(build_model(simmim_config(*family_opts), is_pretrain=True))
     torch.save({'model': pretrained.state_dict()}, tmp_path / 'simmim.pth')
-    # window 4 -> 8: the relative position bias tables are interpolated (stage maps 16x16 and 8x8)
-    config = make_tiny_config(tmp_path, 'MODEL.PRETRAINED', str(tmp_path / 'simmim.pth'), 'MODEL.SWIN.WINDOW_SIZE', 8)
+    # window 4 -> 8 (stage maps 16x16 and 8x8): v1 bias tables are interpolated, V2's are computed by its MLP
+    node = family.upper()
+    config = make_tiny_config(tmp_path, *family_opts, 'MODEL.PRETRAINED', str(tmp_path / 'simmim.pth'),
+                              f'MODEL.{node}.WINDOW_SIZE', 8,
+                              *(('MODEL.SWINV2.PRETRAINED_WINDOW_SIZES', [4, 4]) if family == 'swinv2' else ()))
     model = build_model(config)
     with caplog.at_level(logging.INFO, logger='test_simmim'):
         load_pretrained(config, model, logging.getLogger('test_simmim'))
     messages = [record.getMessage() for record in caplog.records]
     assert 'not in the pretrained weights (initialized here): head.weight, head.bias' in messages
     assert any('left out: encoder.mask_token, decoder.0.weight, decoder.0.bias' in m for m in messages)
-    assert any('resized by bicubic interpolation: layers.0.blocks.0.attn.relative_position_bias_table' in m
-               for m in messages)
     weights = pretrained.state_dict()
     assert torch.equal(model.patch_embed.proj.weight, weights['encoder.patch_embed.proj.weight'])
     assert torch.equal(model.layers[1].blocks[1].mlp.fc2.weight, weights['encoder.layers.1.blocks.1.mlp.fc2.weight'])
-    assert model.layers[0].blocks[0].attn.relative_position_bias_table.shape == (15 * 15, 3)
     assert not model.head.weight.any() and not model.head.bias.any()  # re-initialized
+    if family == 'swin':
+        assert any('resized by bicubic interpolation: layers.0.blocks.0.attn.relative_position_bias_table' in m
+                   for m in messages)
+        assert model.layers[0].blocks[0].attn.relative_position_bias_table.shape == (15 * 15, 3)
+    else:
+        assert torch.equal(model.layers[0].blocks[0].attn.cpb_mlp[0].weight,
+                           weights['encoder.layers.0.blocks.0.attn.cpb_mlp.0.weight'])
 
 
 # -----------------------------------------------------------------------------
