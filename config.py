@@ -73,9 +73,8 @@ _C.MODEL = CN()
 _C.MODEL.TYPE = 'swin'
 # Model name: names the output sub-folder
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
-# What the run trains: classification | simmim (SimMIM masked image modelling: pre-training on the images of
-# DATA_PATH/train, labels unused, no validation) | auto: simmim when MODEL.NAME starts with 'simmim_pretrain' (as in
-# the official configs/simmim pre-training files), else classification. The saved config holds the resolved value.
+# classification | simmim (SimMIM pre-training on DATA_PATH/train, no labels, no validation) | auto: simmim when
+# MODEL.NAME starts with 'simmim_pretrain' (as the official pre-training files), else classification (saved resolved)
 _C.MODEL.TASK = 'auto'
 # Pretrained weights for fine-tuning (official or timm format); optimizer state is not restored
 _C.MODEL.PRETRAINED = ''
@@ -144,8 +143,7 @@ _C.MODEL.SWIN_MLP.WINDOW_SIZE = 7
 _C.MODEL.SWIN_MLP.MLP_RATIO = 4.
 _C.MODEL.SWIN_MLP.APE = False
 _C.MODEL.SWIN_MLP.PATCH_NORM = True
-# SimMIM pre-training (MODEL.TASK simmim): reconstruct each pixel normalized by the mean / std of its
-# PATCH_SIZE x PATCH_SIZE neighbourhood (odd) instead of the raw pixel
+# SimMIM: reconstruct pixels normalized by the mean / std of their PATCH_SIZE x PATCH_SIZE neighbourhood (odd)
 _C.MODEL.SIMMIM = CN()
 _C.MODEL.SIMMIM.NORM_TARGET = CN()
 _C.MODEL.SIMMIM.NORM_TARGET.ENABLE = False
@@ -385,8 +383,7 @@ def _validate(config):
         require(_get(config, key) in allowed,
                 f"{key} {_get(config, key)!r} is not supported (choose one of: {', '.join(allowed)})")
     require(config.MODEL.TASK != 'simmim' or not (config.EVAL_MODE or config.THROUGHPUT_MODE),
-            "--eval and --throughput apply to classifiers, not to MODEL.TASK simmim (pre-training); "
-            "use the fine-tuning config")
+            "--eval and --throughput apply to classifiers, not to MODEL.TASK simmim: use the fine-tuning config")
     require(config.DATA.BATCH_SIZE >= 1, f"DATA.BATCH_SIZE must be at least 1, got {config.DATA.BATCH_SIZE}")
     require(config.DATA.NUM_WORKERS >= 0, f"DATA.NUM_WORKERS must be >= 0, got {config.DATA.NUM_WORKERS}")
     require(config.DATA.IMG_SIZE >= 1, f"DATA.IMG_SIZE must be positive, got {config.DATA.IMG_SIZE}")

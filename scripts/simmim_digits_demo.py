@@ -1,6 +1,6 @@
 """Does SimMIM pre-training help when labels are few? The digits demo, side by side, on a CPU.
 
-    python scripts/simmim_digits_demo.py [--output output/simmim_demo] [--label-fraction 0.1]
+    python scripts/simmim_digits_demo.py [--output output/simmim_demo] [--label-fraction 0.1] [--finetune-epochs 60]
 
 1. pre-trains the demo's tiny Swin with SimMIM on every digits train image, labels unused
    (configs/simmim_digits_pretrain.yaml);
@@ -9,8 +9,9 @@
    same recipe and budget, from scratch;
 4. prints the final and best val Acc@1 of both and the difference.
 
-Every step is a plain ``main.py`` run (rerunning the script resumes or reuses finished runs). ``--opts`` go to
-all three runs (e.g. ``--opts TRAIN.EPOCHS 10`` for a quick look).
+Every step is a plain ``main.py`` run (rerunning the script resumes or reuses finished runs, so a second call
+with another ``--finetune-epochs`` reuses the pre-training). ``--opts`` go to all three runs (e.g. ``--opts
+TRAIN.EPOCHS 10`` for a quick look).
 """
 import argparse
 import os
@@ -75,28 +76,35 @@ def accuracies(run_dir):
 
 
 def main(argv=None):
+    """Run the three trainings (or reuse finished ones) and print the comparison; 0 on success."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--output', default=os.path.join(ROOT, 'output', 'simmim_demo'), help='root of all runs')
     parser.add_argument('--label-fraction', type=float, default=0.1, help='fraction of train labels to fine-tune on')
+    parser.add_argument('--data-path', default='', help='where the digits set is (written on first use; default: '
+                        'datasets/digits in the repository)')
+    parser.add_argument('--finetune-epochs', type=int, default=60, help='epochs of both fine-tuning runs')
     parser.add_argument('--opts', nargs='+', default=[], help="KEY VALUE pairs for every run")
     args = parser.parse_args(argv)
     output = os.path.abspath(args.output)
     opts = ['--opts', *args.opts] if args.opts else []
 
-    digits = ensure_digits()
-    run(['--cfg', PRETRAIN_CFG, '--output', output, '--device', 'cpu', *opts], 'SimMIM pre-training (no labels)')
+    digits = ensure_digits(args.data_path)
+    run(['--cfg', PRETRAIN_CFG, '--data-path', digits, '--output', output, '--device', 'cpu', *opts],
+        'SimMIM pre-training (no labels)')
     checkpoint = os.path.join(output, 'simmim_pretrain_digits', 'default', 'last.pth')
     few = few_label_split(digits, os.path.join(output, f'digits_{args.label_fraction:g}_labels'),
                           args.label_fraction)
     count, val_count = (sum(len(files) for _, _, files in os.walk(os.path.join(few, split)))
                         for split in ('train', 'val'))
-    common = ['--cfg', FINETUNE_CFG, '--data-path', few, '--output', output, '--device', 'cpu']
-    run(common + ['--tag', 'from_simmim', '--pretrained', checkpoint, *opts], f'fine-tuning on {count} labels')
-    run(common + ['--tag', 'from_scratch', *opts], f'the same from scratch on {count} labels')
+    common = ['--cfg', FINETUNE_CFG, '--data-path', few, '--output', output, '--device', 'cpu',
+              '--epochs', str(args.finetune_epochs)]
+    tags = {start: f'{start}_{args.finetune_epochs}ep' for start in ('from_simmim', 'from_scratch')}
+    run(common + ['--tag', tags['from_simmim'], '--pretrained', checkpoint, *opts], f'fine-tuning on {count} labels')
+    run(common + ['--tag', tags['from_scratch'], *opts], f'the same from scratch on {count} labels')
 
-    rows = {tag: accuracies(os.path.join(output, 'simmim_finetune_digits', tag))
-            for tag in ('from_simmim', 'from_scratch')}
-    print(f"\n{count} labelled train images ({args.label_fraction:g} of each class), val: all {val_count} images")
+    rows = {start: accuracies(os.path.join(output, 'simmim_finetune_digits', tag)) for start, tag in tags.items()}
+    print(f"\n{count} labelled train images ({args.label_fraction:g} of each class), val: all {val_count} images; "
+          f"fine-tuning {args.finetune_epochs} epochs")
     print(f"{'start':<14}{'final Acc@1':>12}{'best Acc@1':>12}")
     for tag, (final, best) in rows.items():
         print(f"{tag:<14}{final:>11.2f}%{best:>11.2f}%")

@@ -28,6 +28,7 @@ from data.simmim import MaskGenerator, SimMIMTransform, build_mask_generator
 from errors import ConfigError
 from helpers import (
     assert_same_weights,
+    child_env,
     load_weights,
     logged_losses,
     make_image_folder,
@@ -494,3 +495,19 @@ def test_uint8_pretraining_batches_normalize_on_the_device_like_the_float_path(t
     assert uint8_batch.images.dtype == torch.uint8 and torch.equal(float_batch.masks, uint8_batch.masks)
     images, _ = to_device(uint8_batch, 'cpu')
     assert torch.allclose(images, to_device(float_batch, 'cpu')[0], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_digits_demo_script_runs_the_comparison(tmp_path):
+    """The demo end to end at one epoch per run: pre-training, the few-label split, both fine-tunings, the table."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'simmim_digits_demo.py'),
+                             '--output', str(tmp_path / 'demo'), '--data-path', str(tmp_path / 'digits'),
+                             '--finetune-epochs', '1', '--opts', 'TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0'],
+                            cwd=ROOT, env=child_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = tmp_path / 'demo' / 'digits_0.1_labels' / 'train'
+    counts = [len(os.listdir(train / str(label))) for label in range(10)]
+    assert sum(counts) == 142 and min(counts) >= 14                  # 10% of each class's ~144 train images
+    assert len(list((tmp_path / 'demo' / 'digits_0.1_labels' / 'val').rglob('*.png'))) == 360
+    table = result.stdout[result.stdout.index('142 labelled train images'):]
+    assert 'from_simmim' in table and 'from_scratch' in table and 'SimMIM pre-training vs scratch:' in table
