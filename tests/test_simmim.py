@@ -454,6 +454,7 @@ def pretrain_setup(tmp_path_factory):
     return config, output / 'simmim_pretrain_tiny' / 'default'
 
 
+@pytest.mark.slow
 def test_pretraining_run_writes_checkpoints_and_events(pretrain_setup):
     _, run_dir = pretrain_setup
     log = read(run_dir / 'log_rank0.txt')
@@ -470,6 +471,7 @@ def test_pretraining_run_writes_checkpoints_and_events(pretrain_setup):
     assert len(events.Scalars('train/loss')) == 24
 
 
+@pytest.mark.slow
 def test_pretraining_sigterm_mid_epoch_resumes_exactly(tmp_path, pretrain_setup):
     config, reference_dir = pretrain_setup
     output = tmp_path / 'out'
