@@ -46,7 +46,8 @@ _C.DATA.CACHE_MODE = 'part'
 _C.DATA.PIN_MEMORY = True
 # Number of data loading workers per process
 _C.DATA.NUM_WORKERS = 8
-# [SimMIM] mask patch size and ratio (kept so official SimMIM YAML files load)
+# SimMIM pre-training: side of the square mask patches in pixels (a multiple of the model's patch size that
+# divides IMG_SIZE), and the fraction of them masked in each image
 _C.DATA.MASK_PATCH_SIZE = 32
 _C.DATA.MASK_RATIO = 0.6
 # Largest fraction of unreadable images tolerated in one epoch before the run stops
@@ -76,6 +77,9 @@ _C.MODEL = CN()
 _C.MODEL.TYPE = 'swin'
 # Model name: names the output sub-folder
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
+# classification | simmim (SimMIM pre-training on DATA_PATH/train, no labels, no validation) | auto: simmim when
+# MODEL.NAME starts with 'simmim_pretrain' (as the official pre-training files), else classification (saved resolved)
+_C.MODEL.TASK = 'auto'
 # Pretrained weights for fine-tuning (official or timm format); optimizer state is not restored
 _C.MODEL.PRETRAINED = ''
 # Checkpoint to resume training from (wins over TRAIN.AUTO_RESUME)
@@ -143,6 +147,7 @@ _C.MODEL.SWIN_MLP.WINDOW_SIZE = 7
 _C.MODEL.SWIN_MLP.MLP_RATIO = 4.
 _C.MODEL.SWIN_MLP.APE = False
 _C.MODEL.SWIN_MLP.PATCH_NORM = True
+# SimMIM: reconstruct pixels normalized by the mean / std of their PATCH_SIZE x PATCH_SIZE neighbourhood (odd)
 _C.MODEL.SIMMIM = CN()
 _C.MODEL.SIMMIM.NORM_TARGET = CN()
 _C.MODEL.SIMMIM.NORM_TARGET.ENABLE = False
@@ -325,10 +330,6 @@ _NOT_IMPLEMENTED = {
     'FUSED_WINDOW_PROCESS': 'the official CUDA window kernel; the SDPA attention path is used instead',
     'AMP_OPT_LEVEL': 'apex AMP; torch.amp is used instead (--amp-opt-level O0 turns it off)',
     'TRAIN.MOE.SAVE_MASTER': 'Swin-MoE',
-    'DATA.MASK_PATCH_SIZE': 'SimMIM masking',
-    'DATA.MASK_RATIO': 'SimMIM masking',
-    'MODEL.SIMMIM.NORM_TARGET.ENABLE': 'SimMIM target normalization',
-    'MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE': 'SimMIM target normalization',
 }
 _logger = logging.getLogger('swin.config')
 
@@ -358,6 +359,8 @@ def finalize(config: CN, environ: Mapping[str, str] | None = None) -> CN:
     config.OUTPUT_DIR = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
     if config.ENABLE_AMP:  # the deprecated spelling turns AMP on, as in the official code
         config.AMP_ENABLE = True
+    if config.MODEL.TASK == 'auto':
+        config.MODEL.TASK = 'simmim' if config.MODEL.NAME.startswith('simmim_pretrain') else 'classification'
     validate(config)
     config.TRAIN.GLOBAL_BATCH_SIZE = config.DATA.BATCH_SIZE * config.WORLD_SIZE * config.TRAIN.ACCUMULATION_STEPS
     scale = config.TRAIN.GLOBAL_BATCH_SIZE / 512.0 if config.TRAIN.LINEAR_SCALE_LR else 1.0

@@ -8,6 +8,7 @@ from errors import ConfigError
 # Keys with a fixed set of values, and numeric keys with their smallest value, checked when the config is built
 _CHOICES = {
     'MODEL.TYPE': ('swin', 'swinv2', 'swin_mlp'),  # parameters in MODEL.<TYPE upper-cased>
+    'MODEL.TASK': ('auto', 'classification', 'simmim'),
     'DATA.DATASET': ('imagenet', 'imagenet22K', 'digits'),
     'DATA.CACHE_MODE': ('no', 'full', 'part'), 'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
     'DATA.INTERPOLATION': ('bicubic', 'bilinear', 'random', 'nearest', 'box', 'hamming', 'lanczos'),
@@ -38,6 +39,8 @@ def validate(config: CfgNode) -> None:
         value = get_value(config, key)
         require((value.lower() if key in _ANY_CASE else value) in allowed, f"{key} {value!r} is not supported "
                 f"(choose one of: {', '.join(allowed)})")
+    require(config.MODEL.TASK != 'simmim' or not (config.EVAL_MODE or config.THROUGHPUT_MODE),
+            "--eval and --throughput apply to classifiers, not to MODEL.TASK simmim: use the fine-tuning config")
     for key, minimum in _MINIMUMS.items():
         require(get_value(config, key) >= minimum, f"{key} must be at least {minimum}, got {get_value(config, key)}")
     require(0.0 <= config.MODEL.LABEL_SMOOTHING < 1.0,

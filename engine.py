@@ -143,15 +143,15 @@ def raise_if_nonfinite(step, lr):
                             f"AMP_DTYPE bfloat16 instead of float16")
 
 
-def _forward_backward(objects, samples, targets, accumulation, sync, precision):
-    """One micro-batch: forward, loss, backward of loss / accumulation. Returns the (unscaled) loss, detached."""
+def _forward_backward(objects, inputs, accumulation, sync, precision):
+    """One micro-batch: the task's loss (forward) and backward of loss / accumulation. Returns the (unscaled)
+    loss, detached."""
     model, scaler = objects.model, objects.scaler
     # DDP all-reduces gradients on every backward unless told not to: only a step's last micro-batch syncs
     no_sync = model.no_sync() if (not sync and hasattr(model, 'no_sync')) else contextlib.nullcontext()
     with no_sync:
         with precision.autocast():
-            outputs = model(samples)
-            loss = objects.criterion(outputs, targets)
+            loss = objects.task.loss(model, inputs)
         scaled_loss = loss / accumulation
         if scaler is not None:
             scaler.scale(scaled_loss).backward()
@@ -204,12 +204,10 @@ def train_one_epoch(config: CfgNode, objects: TrainingObjects, data_loader: Iter
     for batch in data_loader:
         if state.micro_batch >= micro_batches:
             break
-        samples, targets = to_device(batch, runtime.device)
-        if objects.mixup_fn is not None:
-            samples, targets = objects.mixup_fn(samples, targets)
+        inputs = objects.task.prepare(batch, runtime.device)
         state.micro_batch += 1
         ends_step = state.micro_batch % accumulation == 0
-        loss = _forward_backward(objects, samples, targets, accumulation, ends_step, runtime.precision)
+        loss = _forward_backward(objects, inputs, accumulation, ends_step, runtime.precision)
         meter.add_micro_batch(loss, accumulation)
         if not ends_step:
             continue

@@ -19,7 +19,6 @@ import traceback
 
 import torch
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -46,6 +45,7 @@ from lr_scheduler import build_scheduler, schedule_warnings
 from models import build_model
 from optimizer import build_optimizer
 from run_state import RunState, Runtime, TrainingObjects
+from tasks import build_task
 
 
 def main(config: CfgNode) -> int:
@@ -62,7 +62,7 @@ def main(config: CfgNode) -> int:
         logger.info(f"process group formed: collectives time out after DIST.TIMEOUT {config.DIST.TIMEOUT:g}s, "
                     f"a silent or missing rank after DIST.PEER_TIMEOUT {config.DIST.PEER_TIMEOUT:g}s")
 
-    model = build_model(config).to(device)
+    model = build_model(config, is_pretrain=config.MODEL.TASK == 'simmim').to(device)
     logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
                 f"{model.flops() / 1e9:.2f} GMACs at {config.DATA.IMG_SIZE}px")
 
@@ -143,23 +143,14 @@ def validate_and_report(config: CfgNode, loader_val: DataLoader, model: torch.nn
     return acc1, acc5, loss
 
 
-def build_criterion(config: CfgNode, mixup_fn: Mixup | None) -> torch.nn.Module:
-    if mixup_fn is not None:
-        return SoftTargetCrossEntropy()  # label smoothing is folded into the mixed targets
-    if config.MODEL.LABEL_SMOOTHING > 0:
-        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
-    return torch.nn.CrossEntropyLoss()
-
-
 def build_training_objects(config, model, mixup_fn, steps_per_epoch, precision, logger):
-    """Criterion, optimizer, per-step LR schedule, gradient scaler (float16 only) and EMA around the model."""
+    """Task (batch -> loss), optimizer, per-step LR schedule, gradient scaler (float16 only) and EMA."""
     optimizer = build_optimizer(config, model, logger)
     return TrainingObjects(
-        model=model, criterion=build_criterion(config, mixup_fn), optimizer=optimizer,
+        model=model, task=build_task(config, mixup_fn), optimizer=optimizer,
         lr_scheduler=build_scheduler(config, optimizer, steps_per_epoch),
         scaler=torch.amp.GradScaler(precision.device_type) if precision.needs_scaler else None,
-        model_ema=ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if config.MODEL_EMA else None,
-        mixup_fn=mixup_fn)
+        model_ema=ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if config.MODEL_EMA else None)
 
 
 def wrap_model(config, model, device, logger):
@@ -267,15 +258,10 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
                             f"checkpoint {path or 'written by rank 0'}; run the same command to resume")
                 return stop.exit_code
 
-            acc1, acc5, val_loss = validate_and_report(config, loader_val, eval_model, runtime)
-            writer.add_scalars({'val/acc1': acc1, 'val/acc5': acc5, 'val/loss': val_loss,
-                                'train/epoch_loss': result.loss}, epoch)
-            if objects.model_ema is not None:
-                ema_acc1, ema_acc5, _ = validate_and_report(config, loader_val, objects.model_ema.module, runtime,
-                                                            label='EMA')
-                writer.add_scalars({'val/ema_acc1': ema_acc1, 'val/ema_acc5': ema_acc5}, epoch)
+            acc1 = validate_epoch(config, objects, loader_val, eval_model, epoch, result.loss, runtime)
             is_best = state.finish_epoch(acc1)
-            logger.info(format_max_accuracy(state.max_accuracy))
+            if acc1 is not None:
+                logger.info(format_max_accuracy(state.max_accuracy))
             if (epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or is_best:
                 checkpoints.save(state, is_best=is_best)
         checkpoints.finish()
@@ -286,10 +272,32 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
     logger.info(f"weights checksum {utils.weights_checksum(model):.12e}")
     total = format_eta(time.time() - start_time)
     logger.info(f"Training time {total}")
-    final = f"final Acc@1 {acc1:.2f}%, " if acc1 is not None else ''
-    logger.info(f"Training done in {total}: {final}best Acc@1 {state.max_accuracy:.2f}%. "
-                f"Outputs in {config.OUTPUT_DIR} (best.pth, last.pth, log_rank0.txt, config.yaml, TensorBoard)")
+    if objects.task.validates:
+        final = f"final Acc@1 {acc1:.2f}%, " if acc1 is not None else ''
+        logger.info(f"Training done in {total}: {final}best Acc@1 {state.max_accuracy:.2f}%. Outputs in "
+                    f"{config.OUTPUT_DIR} (best.pth, last.pth, log_rank0.txt, config.yaml, TensorBoard)")
+    else:
+        logger.info(f"Pre-training done in {total}. Outputs in {config.OUTPUT_DIR} (last.pth, log_rank0.txt, "
+                    f"config.yaml, TensorBoard); fine-tune with --pretrained {config.OUTPUT_DIR}/last.pth")
     return 0
+
+
+def validate_epoch(config, objects, loader_val, model, epoch, train_loss, runtime):
+    """Validate the model (and its EMA) after an epoch and write the epoch's scalars; returns Acc@1, or None
+    for a task that does not validate (SimMIM pre-training: the training loss is its measure)."""
+    writer = runtime.writer
+    if not objects.task.validates:
+        runtime.logger.info(f"EPOCH {epoch} mean training loss {train_loss:.4f}")
+        writer.add_scalars({'train/epoch_loss': train_loss}, epoch)
+        return None
+    acc1, acc5, val_loss = validate_and_report(config, loader_val, model, runtime)
+    writer.add_scalars({'val/acc1': acc1, 'val/acc5': acc5, 'val/loss': val_loss, 'train/epoch_loss': train_loss},
+                       epoch)
+    if objects.model_ema is not None:
+        ema_acc1, ema_acc5, _ = validate_and_report(config, loader_val, objects.model_ema.module, runtime,
+                                                    label='EMA')
+        writer.add_scalars({'val/ema_acc1': ema_acc1, 'val/ema_acc5': ema_acc5}, epoch)
+    return acc1
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -59,12 +59,15 @@ def stage_depths(model: torch.nn.Module) -> list[int]:
 
 
 def swin_layer_id(name: str, depths: Sequence[int]) -> int:
-    """Layer id of a Swin parameter for layer-wise LR decay: 0 (patch embedding) .. sum(depths) + 1 (head).
+    """Layer id of a Swin parameter for layer-wise LR decay: 0 (patch embedding) .. sum(depths) + 1 (last).
 
     The names are those of every family (v1, V2, MLP): patch_embed, layers.i.blocks.j, layers.i.downsample, head.
+    The ids are those of the official SimMIM fine-tuning (``get_swin_layer`` in the official optimizer.py, the
+    only official user of TRAIN.LAYER_DECAY): ``absolute_pos_embed`` falls in the LAST group with the final
+    norm and the head (the full learning rate), ``mask_token`` in the first.
     """
     num_layers = sum(depths)
-    if name.startswith(('patch_embed', 'absolute_pos_embed')):
+    if name.startswith(('patch_embed', 'mask_token')):
         return 0
     if name.startswith('layers.'):
         parts = name.split('.')
@@ -72,7 +75,7 @@ def swin_layer_id(name: str, depths: Sequence[int]) -> int:
         if parts[2] == 'blocks':
             return sum(depths[:stage]) + int(parts[3]) + 1
         return sum(depths[:stage + 1])  # the downsample closing a stage goes with its last block
-    return num_layers + 1  # final norm, head
+    return num_layers + 1  # absolute_pos_embed, final norm, head
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, skip: Collection[str] = (),

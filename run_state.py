@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from timm.data import Mixup
     from timm.scheduler.scheduler import Scheduler
     from timm.utils import ModelEmaV3
 
     from logger import MetricWriter
+    from tasks import ClassificationTask, SimMIMTask
     from utils import Precision, StopRequest
 
 
@@ -36,10 +36,12 @@ class RunState:
         """Optimizer steps of ``epoch`` already done."""
         return self.micro_batch // accumulation
 
-    def finish_epoch(self, acc1: float) -> bool:
-        """Move to the start of the next epoch with this epoch's accuracy; True when it is the best so far."""
-        is_best = acc1 > self.max_accuracy
-        self.max_accuracy = max(self.max_accuracy, acc1)
+    def finish_epoch(self, acc1: float | None = None) -> bool:
+        """Move to the start of the next epoch with this epoch's accuracy (None: the run does not validate);
+        True when it is the best so far."""
+        is_best = acc1 is not None and acc1 > self.max_accuracy
+        if acc1 is not None:
+            self.max_accuracy = max(self.max_accuracy, acc1)
         self.epoch, self.micro_batch = self.epoch + 1, 0
         return is_best
 
@@ -77,12 +79,11 @@ class RunState:
 class TrainingObjects:
     """Everything one optimizer step touches."""
     model: torch.nn.Module               # what the loop calls (maybe compiled / DDP-wrapped; checkpoints unwrap it)
-    criterion: torch.nn.Module
+    task: ClassificationTask | SimMIMTask  # batch -> model inputs -> loss (tasks.py)
     optimizer: torch.optim.Optimizer
     lr_scheduler: Scheduler              # timm scheduler, stepped per optimizer step: .step_update(global_step)
     scaler: torch.amp.GradScaler | None = None   # float16 AMP only
     model_ema: ModelEmaV3 | None = None
-    mixup_fn: Mixup | None = None
 
 
 @dataclass

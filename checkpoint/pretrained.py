@@ -12,9 +12,18 @@ import torch
 from yacs.config import CfgNode
 
 from errors import CheckpointError
+from models.simmim import encoder_state_dict, is_simmim_state_dict
 from utils import unwrap_model
 
-from .weights import StateDict, check_fit, extract_state_dict, read_weights, weight_family, with_model_buffers
+from .weights import (
+    StateDict,
+    check_fit,
+    extract_state_dict,
+    is_derived,
+    read_weights,
+    weight_family,
+    with_model_buffers,
+)
 
 
 def imagenet22k_to_1k_indices() -> list[int]:
@@ -83,15 +92,28 @@ def adapt_pretrained(sd: StateDict, model_sd: StateDict, model_type: str,
     return sd
 
 
+def _simmim_encoder(sd, model_sd, logger):
+    """The encoder inside SimMIM pre-training weights (ours or official) when the model is a classifier."""
+    if not is_simmim_state_dict(sd) or is_simmim_state_dict(model_sd):
+        return sd
+    encoder, dropped = encoder_state_dict(sd)
+    logger.info(f"SimMIM pre-training weights: the encoder's {len(encoder)} tensors are used ('encoder.' "
+                f"prefix removed); left out: {', '.join(dropped)}")
+    return encoder
+
+
 def load_pretrained(config: CfgNode, model: torch.nn.Module, logger: logging.Logger) -> None:
-    """Fine-tune start from MODEL.PRETRAINED (official or, per family, foreign weights); optimizer state and
-    epoch are not used."""
+    """Fine-tune start from MODEL.PRETRAINED (official or, per family, foreign weights; or the encoder of SimMIM
+    pre-training weights); optimizer state and epoch are not used. Logs the model tensors the file lacks."""
     path = config.MODEL.PRETRAINED
     logger.info(f"fine-tuning from {path}")
     model = unwrap_model(model)
     model_sd = model.state_dict()
     source = f"pretrained weights {path}"
-    sd = extract_state_dict(read_weights(path), source, config.MODEL.TYPE)
+    sd = _simmim_encoder(extract_state_dict(read_weights(path), source, config.MODEL.TYPE), model_sd, logger)
+    missing = [key for key in model_sd if key not in sd and not is_derived(key)]
+    if missing:
+        logger.info(f"not in the pretrained weights (initialized here): {', '.join(missing)}")
     sd = adapt_pretrained(sd, model_sd, config.MODEL.TYPE, logger)
     check_fit(sd, model_sd, source)
     model.load_state_dict(sd, strict=True)

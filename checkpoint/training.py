@@ -32,7 +32,7 @@ _MICRO_BATCH_KEY = {1: 'step_in_epoch', 2: 'micro_batch'}  # by format_version
 
 # Config keys that change the weights' shapes or meaning: resuming across a change is an error (so are the
 # keys of the model type's own node, e.g. MODEL.SWIN.*). FUSED_ATTN only picks an attention implementation.
-_ARCH_KEYS = ('MODEL.TYPE', 'DATA.IMG_SIZE', 'MODEL.NUM_CLASSES')
+_ARCH_KEYS = ('MODEL.TYPE', 'MODEL.TASK', 'DATA.IMG_SIZE', 'MODEL.NUM_CLASSES')
 _ARCH_IGNORED = ('FUSED_ATTN',)
 # Config keys whose change is allowed on resume but worth a warning (the schedule is no longer the saved one)
 _WARN_KEYS = ('DATA.BATCH_SIZE', 'WORLD_SIZE', 'TRAIN.ACCUMULATION_STEPS', 'TRAIN.BASE_LR', 'TRAIN.WARMUP_LR',

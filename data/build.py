@@ -10,12 +10,13 @@ from yacs.config import CfgNode
 
 from errors import DataError
 
-from .datasets import FolderDataset, ImageDataset, ZipDataset
+from .datasets import FolderDataset, ImageDataset, UnlabeledFolderDataset, ZipDataset
 from .digits import ensure_digits
 from .imagenet22k import NUM_CLASSES as IMAGENET22K_CLASSES
 from .imagenet22k import ImageNet22KDataset
 from .loader import ImageLoader
 from .samplers import DistributedEpochSampler, ShardSampler, ValSampler
+from .simmim import SimMIMTransform
 from .transforms import build_transform
 
 _logger = logging.getLogger('swin.data')
@@ -36,6 +37,8 @@ def build_loader(config: CfgNode, device: torch.device | str = 'cpu', uint8: boo
     if uint8 is None:
         uint8 = config.DATA.DEVICE_NORMALIZE and on_cuda
     root = data_root(config)
+    if config.MODEL.TASK == 'simmim':
+        return build_pretrain_loader(config, root, on_cuda, uint8)
     dataset_val = build_dataset(False, config, root, uint8)
     dataset_train = None if config.EVAL_MODE else build_dataset(True, config, root, uint8)
     _check_classes(config, dataset_train, dataset_val)
@@ -77,6 +80,26 @@ def _decoding(config, uint8, dataset_train):
         return f"; JPEGs decoded on the device ({jpeg_decoder()[0]}): train and val"
     return (f"; JPEGs decoded on the device ({jpeg_decoder()[0]}): val only (train crops stay on the CPU: "
             f"PIL-only augmentations or tiny images)")
+
+
+def build_pretrain_loader(config, root, on_cuda, uint8):
+    """SimMIM pre-training: (dataset_train, None, data_loader_train, None, None). Every image under
+    ``root/train`` (class folders or not; labels unused), or train.zip in zip mode; batches carry the patch
+    masks (``Batch.masks``) and are seeded and resumable like classification batches."""
+    transform = SimMIMTransform(config, uint8)
+    if config.DATA.ZIP_MODE:
+        dataset = ZipDataset(root, 'train', config.MODEL.NUM_CLASSES, transform)
+    else:
+        dataset = UnlabeledFolderDataset(os.path.join(root, 'train'), transform)
+    sampler = DistributedEpochSampler(len(dataset), config.RANK, config.WORLD_SIZE, config.SEED)
+    _fill_cache(config, dataset, range(len(dataset)))
+    if len(sampler) < config.DATA.BATCH_SIZE:
+        raise DataError(f"{dataset.root} gives each of {config.WORLD_SIZE} processes {len(sampler)} images, "
+                        f"fewer than DATA.BATCH_SIZE {config.DATA.BATCH_SIZE}")
+    loader = _make_loader(config, dataset, sampler, on_cuda, drop_last=True)
+    _logger.info(f"rank {config.RANK}: SimMIM pre-training on {dataset}, {len(loader)} batches per epoch; "
+                 f"{transform}")
+    return dataset, None, loader, None, None
 
 
 def data_root(config: CfgNode) -> str:

@@ -139,6 +139,20 @@ class FolderDataset(ImageDataset):
             raise BadImage(f"{type(e).__name__}: {e.strerror or e}") from None
 
 
+class UnlabeledFolderDataset(FolderDataset):
+    """Every image under ``root`` at any depth (sorted paths), target 0: images for pre-training, in class
+    folders or not."""
+
+    def __init__(self, root, transform=None):
+        if not os.path.isdir(root):
+            raise DataError(f"image folder {root} not found (DATA.DATA_PATH must hold train/)")
+        paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root, followlinks=True)
+                       for name in names if name.lower().endswith(IMG_EXTENSIONS))
+        if not paths:
+            raise DataError(f"no images in {root}; image extensions: {' '.join(IMG_EXTENSIONS)}")
+        ImageDataset.__init__(self, [(path, 0) for path in paths], [], transform, root)
+
+
 class ZipDataset(ImageDataset):
     """The official zip layout (see zipdata.py). Images are read straight out of ``<split>.zip``; ``cache``
     keeps chosen images' bytes in RAM (DATA.CACHE_MODE). Labels must lie in [0, num_classes)."""

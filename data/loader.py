@@ -19,6 +19,7 @@ from errors import DataError
 from .datasets import BadImageReport, Sample
 from .device_decode import EncodedBatch, EncodedImage, decode_batch
 from .recovery import survive_worker_deaths
+from .simmim import MaskedImage
 from .transforms import DeferredImage, ErasePlan
 
 _logger = logging.getLogger('swin.data')
@@ -35,6 +36,7 @@ class Batch:
         EncodedBatch of JPEG bytes and crop plans that ``to_device`` decodes there first.
     targets: int64 class indices.
     erase: random-erasing plans of a uint8 batch, ``(position in batch, ErasePlan)``.
+    masks: SimMIM pre-training batches only: the patch masks, (N, H / patch, W / patch) int64, 1 = masked.
     bad_images: the unreadable files skipped (each replaced by the next readable sample) to fill this batch.
     error: set when a sample found no readable image (images and targets are then empty); the loader
         raises it as DataError in the main process.
@@ -44,13 +46,15 @@ class Batch:
     erase: tuple[tuple[int, ErasePlan], ...] = ()
     bad_images: tuple[BadImageReport, ...] = ()
     error: str = ''
+    masks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def pin_memory(self) -> 'Batch':
         """Called by the DataLoader's pin-memory thread (DATA.PIN_MEMORY on CUDA)."""
-        return replace(self, images=self.images.pin_memory(), targets=self.targets.pin_memory())
+        masks = self.masks.pin_memory() if self.masks is not None else None
+        return replace(self, images=self.images.pin_memory(), targets=self.targets.pin_memory(), masks=masks)
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
@@ -66,12 +70,16 @@ def collate(samples: Sequence[Sample]) -> Batch:
     targets = torch.tensor([sample.target for sample in samples], dtype=torch.long)
     if isinstance(images[0], EncodedImage):  # DATA.GPU_DECODE: to_device decodes (erasing is in the plans)
         return Batch(EncodedBatch(images), targets, bad_images=bad_images)
+    masks = None
+    if isinstance(images[0], MaskedImage):
+        masks = torch.stack([image.mask for image in images])
+        images = [image.image for image in images]
     if not isinstance(images[0], DeferredImage):
-        return Batch(default_collate(images), targets, bad_images=bad_images)
+        return Batch(default_collate(images), targets, bad_images=bad_images, masks=masks)
     erase = tuple((i, image.erase) for i, image in enumerate(images) if image.erase is not None)
     # stacked HWC (one plain copy per image), viewed as NCHW; to_device makes it contiguous
     pixels = default_collate([image.pixels for image in images]).permute(0, 3, 1, 2)
-    return Batch(pixels, targets, erase=erase, bad_images=bad_images)
+    return Batch(pixels, targets, erase=erase, bad_images=bad_images, masks=masks)
 
 
 class ImageLoader(DataLoader):

@@ -5,6 +5,7 @@ from torch import nn
 
 from errors import ConfigError
 
+from .simmim import SIMMIM_ENCODERS, build_simmim
 from .swin_mlp import SwinMLP
 from .swin_transformer import SwinTransformer
 from .swin_transformer_v2 import SwinTransformerV2
@@ -32,28 +33,38 @@ def layer_norm_class(fused: bool) -> type[nn.Module]:
 def build_model(config, is_pretrain=False):
     """The model described by ``config`` (a finalized CfgNode), with freshly initialized weights.
 
-    is_pretrain: the SimMIM pre-training wrapper (official signature); not built by this project yet.
+    is_pretrain: the SimMIM pre-training model (models/simmim.py) around a headless encoder of MODEL.TYPE
+    (swin or swinv2), as the official ``build_model(config, is_pretrain=True)``.
     """
     model_type = config.MODEL.TYPE
-    if is_pretrain:
-        raise ConfigError(f"SimMIM pre-training (MODEL.TYPE {model_type!r} with is_pretrain) is not supported yet")
     if model_type not in MODEL_TYPES:  # config.finalize validates this too; a hand-built config may not have been
         raise ConfigError(f"MODEL.TYPE {model_type!r} is not supported (this project builds: "
                           f"{', '.join(MODEL_TYPES)})")
+    model_class, kwargs = _family(config)
+    if not is_pretrain:
+        return model_class(**kwargs)
+    if model_type not in SIMMIM_ENCODERS:
+        raise ConfigError(f"SimMIM pre-training (MODEL.TASK simmim) needs MODEL.TYPE "
+                          f"{' or '.join(SIMMIM_ENCODERS)}, got {model_type!r}")
+    return build_simmim(config, SIMMIM_ENCODERS[model_type], kwargs)
+
+
+def _family(config):
+    """(class, constructor arguments) of MODEL.TYPE's network."""
     common = dict(img_size=config.DATA.IMG_SIZE, num_classes=config.MODEL.NUM_CLASSES,
                   drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE,
                   use_checkpoint=config.TRAIN.USE_CHECKPOINT)
-    if model_type == 'swin':
+    if config.MODEL.TYPE == 'swin':
         swin = config.MODEL.SWIN
-        return SwinTransformer(**_stage_args(swin), **common, qkv_bias=swin.QKV_BIAS, qk_scale=swin.QK_SCALE,
-                               norm_layer=layer_norm_class(config.FUSED_LAYERNORM),
-                               fused_window_process=config.FUSED_WINDOW_PROCESS, fused_attn=swin.FUSED_ATTN)
-    if model_type == 'swinv2':
+        return SwinTransformer, dict(**_stage_args(swin), **common, qkv_bias=swin.QKV_BIAS, qk_scale=swin.QK_SCALE,
+                                     norm_layer=layer_norm_class(config.FUSED_LAYERNORM),
+                                     fused_window_process=config.FUSED_WINDOW_PROCESS, fused_attn=swin.FUSED_ATTN)
+    if config.MODEL.TYPE == 'swinv2':
         swinv2 = config.MODEL.SWINV2
-        return SwinTransformerV2(**_stage_args(swinv2), **common, qkv_bias=swinv2.QKV_BIAS,
-                                 pretrained_window_sizes=list(swinv2.PRETRAINED_WINDOW_SIZES),
-                                 fused_attn=swinv2.FUSED_ATTN)
-    return SwinMLP(**_stage_args(config.MODEL.SWIN_MLP), **common)
+        return SwinTransformerV2, dict(**_stage_args(swinv2), **common, qkv_bias=swinv2.QKV_BIAS,
+                                       pretrained_window_sizes=list(swinv2.PRETRAINED_WINDOW_SIZES),
+                                       fused_attn=swinv2.FUSED_ATTN)
+    return SwinMLP, dict(**_stage_args(config.MODEL.SWIN_MLP), **common)
 
 
 def _stage_args(node):

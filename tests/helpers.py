@@ -1,6 +1,7 @@
 """Helpers for tests that run main.py as a real process: a tiny image dataset, a tiny config, log parsing."""
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -103,6 +104,20 @@ def wait_for(predicate, timeout, what):
 def read(path):
     with open(path) as f:
         return f.read()
+
+
+def sigterm_after(config, output, line, name='tiny'):
+    """Run main.py until its log shows ``line``, then SIGTERM it; returns (run folder, its output).
+    ``name``: MODEL.NAME of the config (the run folder is output/name/default)."""
+    run_dir = output / name / 'default'
+    process = subprocess.Popen(main_command('--cfg', config, '--output', str(output)), cwd=ROOT,
+                               env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = run_dir / 'log_rank0.txt'
+    wait_for(lambda: log_path.exists() and line in read(log_path), 240, line)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, out
+    return run_dir, out
 
 
 TRAIN_LINE = re.compile(r"Train: \[(\d+)/\d+\]\[(\d+)/\d+\].*?\tloss ([0-9.]+|nan|inf)")

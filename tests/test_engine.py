@@ -17,6 +17,7 @@ from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
 from run_state import RunState, Runtime, TrainingObjects
+from tasks import ClassificationTask
 from utils import Precision, resolve_precision
 
 LOGGER = logging.getLogger('test_engine')
@@ -31,7 +32,8 @@ def one_epoch(config, loader, criterion=None, seed=0, scaler=None):
     scheduler = build_scheduler(config, optimizer, steps)
     scheduler.step_update(0)
     device = torch.device('cpu')
-    objects = TrainingObjects(model, criterion or torch.nn.CrossEntropyLoss(), optimizer, scheduler, scaler)
+    objects = TrainingObjects(model, ClassificationTask(criterion or torch.nn.CrossEntropyLoss()), optimizer, scheduler,
+                              scaler)
     state = RunState()
     result = train_one_epoch(config, objects, loader, state, steps,
                              Runtime(device, resolve_precision(config, device), LOGGER))

@@ -105,7 +105,7 @@ def test_model_without_skip_lists(tiny_config):
 def test_layer_decay_ids():
     depths = [2, 2]
     assert swin_layer_id('patch_embed.proj.weight', depths) == 0
-    assert swin_layer_id('absolute_pos_embed', depths) == 0
+    assert swin_layer_id('absolute_pos_embed', depths) == 5  # the official SimMIM fine-tune's id, not 0
     assert swin_layer_id('layers.0.blocks.0.attn.qkv.weight', depths) == 1
     assert swin_layer_id('layers.0.blocks.1.norm1.weight', depths) == 2
     assert swin_layer_id('layers.0.downsample.reduction.weight', depths) == 2
@@ -127,7 +127,8 @@ def test_layer_decay_scales(tiny_config):
     optimizer = build_optimizer(config, model)
     scale = lr_scales(optimizer, model)
     assert len(scale) == len(list(model.parameters()))
-    assert scale['patch_embed.proj.weight'] == scale['absolute_pos_embed'] == 0.5 ** 5 == min(scale.values())
+    assert scale['patch_embed.proj.weight'] == 0.5 ** 5 == min(scale.values())
+    assert scale['absolute_pos_embed'] == 1.0
     assert scale['layers.0.blocks.0.attn.qkv.weight'] == 0.5 ** 4
     assert scale['layers.0.downsample.reduction.weight'] == scale['layers.0.blocks.1.mlp.fc1.weight'] == 0.5 ** 3
     assert scale['layers.1.blocks.1.mlp.fc1.weight'] == 0.5

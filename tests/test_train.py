@@ -19,6 +19,7 @@ from helpers import (
     make_image_folder,
     read,
     run_main,
+    sigterm_after,
     tiny_yaml,
     wait_for,
 )
@@ -111,19 +112,6 @@ def test_kill_9_then_rerun_resumes_exactly(tmp_path, train_config, reference_run
         assert_same_weights(load_weights(run_dir / 'last.pth', key),
                             load_weights(os.path.join(reference_dir, 'last.pth'), key))
     assert logged_losses(log) == logged_losses(read(os.path.join(reference_dir, 'log_rank0.txt')))
-
-
-def sigterm_after(config, output, line):
-    """Run main.py until its log shows ``line``, then SIGTERM it; returns (run folder, its output)."""
-    run_dir = output / 'tiny' / 'default'
-    process = subprocess.Popen(main_command('--cfg', config, '--output', str(output)), cwd=ROOT,
-                               env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log_path = run_dir / 'log_rank0.txt'
-    wait_for(lambda: log_path.exists() and line in read(log_path), 240, line)
-    process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, out
-    return run_dir, out
 
 
 def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, train_config, reference_run):
