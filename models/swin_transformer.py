@@ -426,8 +426,10 @@ class SwinTransformer(nn.Module):
         fused_attn: Window attention through ``scaled_dot_product_attention`` (False: explicit softmax).
     """
 
-    def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96, depths=[2, 2, 6, 2],
-                 num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4., qkv_bias=True, qk_scale=None, drop_rate=0.,
+    # the official signature, list defaults included (never mutated here)
+    def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96,
+                 depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],  # noqa: B006
+                 window_size=7, mlp_ratio=4., qkv_bias=True, qk_scale=None, drop_rate=0.,
                  attn_drop_rate=0., drop_path_rate=0.1, norm_layer=nn.LayerNorm, ape=False, patch_norm=True,
                  use_checkpoint=False, fused_window_process=False, fused_attn=True, **kwargs):
         super().__init__()
