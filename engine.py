@@ -178,10 +178,10 @@ def _optimizer_step(objects, clip_grad):
 def _agree_to_stop(stop, meter, logged, lr):
     """The per-step agreement of all ranks: True to stop for a signal; raises the same TrainingError on every
     rank when any rank's loss was non-finite. Losses are read (a host sync) only on logged steps, and before a
-    stop, whose checkpoint must not hold the weights of an unread non-finite step."""
+    stop or a periodic checkpoint, which must not hold the weights of an unread non-finite step."""
     stopping = stop.should_stop(meter.bad_step() if logged else -1)
-    if stopping and not logged:
-        stop.should_stop(meter.bad_step())
+    if (stopping or stop.checkpoint_due) and not logged:
+        stopping = stop.should_stop(meter.bad_step())
     raise_if_nonfinite(stop.nonfinite_step, lr)
     return stopping
 

@@ -18,12 +18,12 @@ from models import build_model
 from optimizer import build_optimizer
 from run_state import RunState, Runtime, TrainingObjects
 from tasks import ClassificationTask
-from utils import Precision, resolve_precision
+from utils import Precision, StopRequest, resolve_precision
 
 LOGGER = logging.getLogger('test_engine')
 
 
-def one_epoch(config, loader, criterion=None, seed=0, scaler=None):
+def one_epoch(config, loader, criterion=None, seed=0, scaler=None, stop=None, checkpoint=None):
     """Train a freshly seeded tiny model for one epoch over loader; returns (model, run state, result)."""
     torch.manual_seed(seed)
     model = build_model(config)
@@ -36,7 +36,8 @@ def one_epoch(config, loader, criterion=None, seed=0, scaler=None):
                               scaler)
     state = RunState()
     result = train_one_epoch(config, objects, loader, state, steps,
-                             Runtime(device, resolve_precision(config, device), LOGGER))
+                             Runtime(device, resolve_precision(config, device), LOGGER, stop=stop,
+                                     checkpoint=checkpoint))
     return model, state, result
 
 
@@ -117,6 +118,17 @@ def test_steps_the_scaler_skips_are_counted_and_left_out_of_the_grad_norm(tiny_c
     assert 'skipped 1' in window
     mean_of_taken = (norms[0] + norms[2] + norms[3]) / 3
     assert float(window.split('grad_norm ')[1].split()[0]) == pytest.approx(mean_of_taken, abs=2e-4)
+
+
+def test_periodic_checkpoint_never_holds_an_unread_nonfinite_step(tiny_config):
+    # a checkpoint is due at every step; losses are logged (read) only every 100 steps
+    config = tiny_config('DATA.BATCH_SIZE', 4, 'AUG.MIXUP', 0.0, 'AUG.CUTMIX', 0.0, 'PRINT_FREQ', 100)
+    saved = []
+    stop = StopRequest(checkpoint_due=lambda: True)
+    with pytest.raises(TrainingError, match=r"NaN/inf at optimizer step 2 "):
+        one_epoch(config, fixed_batches(4), criterion=CorruptLossAt(2, nan_loss), stop=stop,
+                  checkpoint=lambda state: saved.append(state.global_step))
+    assert saved == [1]   # the step-2 weights (after a NaN loss) were never saved
 
 
 def test_topk_correct_counts():
