@@ -10,6 +10,7 @@ The story of a run, in order: config -> processes -> logging -> model -> data ->
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import os
@@ -333,6 +334,9 @@ def run(argv: list[str] | None = None) -> int:
         print(f"error (rank {utils.get_rank()}): {cause} (here: {type(e).__name__})", file=sys.stderr)
         return 1
     finally:
+        # loaders whose pass an error cut short still hold live workers (in reference cycles): shut them down now,
+        # not in multiprocessing's exit hook, which SIGTERMs them, and they ignore SIGTERM (the stop signal is main's)
+        gc.collect()
         utils.cleanup_distributed(reason)
 
 

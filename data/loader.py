@@ -114,11 +114,11 @@ class ImageLoader(DataLoader):
 
 
 def _leave_stop_signals_to_main(worker_id):
-    """A terminal's Ctrl-C and a cluster's SIGTERM reach the whole process group: workers ignore them, and the
-    main process finishes its step (which may need more batches), saves, then shuts the workers down. A worker
-    ended by the signal would instead end the run with a DataLoader error and no checkpoint."""
+    """A terminal's Ctrl-C reaches the whole process group: workers ignore it, and the main process finishes its
+    step (which may need more batches), saves, then shuts the workers down. SIGTERM keeps its default: it is how
+    multiprocessing ends workers at exit (one that ignored it would hang the exit), and a worker a cluster's
+    SIGTERM ends is replaced by the loader's recovery (data/recovery.py) while main finishes the step."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _too_many_message(loader, total):
