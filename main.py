@@ -14,6 +14,7 @@ import gc
 import inspect
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -232,7 +233,7 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
     state, loaded = resume_or_start(config, objects, steps_per_epoch, logger)
     if utils.is_main_process():  # only now: config, data and resume checks have passed
         logger.info(f"full config: {save_config(config, config.OUTPUT_DIR)}")
-    if loaded:  # as the official loop: the loaded weights are validated before training goes on
+    if loaded and objects.task.validates:  # as the official loop: loaded weights are validated before training
         validate_and_report(config, loader_val, model, runtime)
     objects.lr_scheduler.step_update(state.global_step)
     objects.model, eval_model = wrap_model(config, model, runtime.device, logger)
@@ -325,6 +326,9 @@ def run(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         reason = f"failed: {type(e).__name__}"
+        # torchrun's agent SIGTERMs its workers as soon as it sees a failure: the one line naming the cause
+        # (a few seconds at most) comes first, then the process ends
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         process_group.record_failure(e)
         cause = process_group.explain_failure()  # another rank failed first or vanished: name it, in one line
         if cause is None:

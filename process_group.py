@@ -256,6 +256,8 @@ class PeerWatch(threading.Thread):
                 beat = self._beat(store, watched)
                 reachable_at = now
             except (RuntimeError, dist.DistError) as e:
+                if self.store_refuses():  # nothing listens there any more: its host process is gone for good
+                    self._exit(self.store_gone(e))
                 if now - reachable_at > self.peer_timeout:
                     self._exit(f"the rendezvous store at {self.store_address} (on rank 0's node) has been "
                                f"unreachable for {now - reachable_at:.0f}s ({_first_line(e)})")
@@ -275,6 +277,21 @@ class PeerWatch(threading.Thread):
     def describe(self, store, rank):
         key = f'info/{rank}'
         return f"rank {rank} ({store.get(key).decode()})" if store.check([key]) else f"rank {rank}"
+
+    def store_refuses(self):
+        """True when the store's host answers that nothing listens on the port (its process is dead); False
+        when it accepts, or cannot be told within a second (a slow network is not a verdict)."""
+        host, _, port = self.store_address.rpartition(':')
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return False
+        except ConnectionRefusedError:
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def store_gone(self, exc):
+        return f"the rendezvous store at {self.store_address} (on rank 0's node) is gone ({_first_line(exc)})"
 
     def _exit(self, verdict):
         line = f"error (rank {self.rank}): {verdict}; exiting"
@@ -299,6 +316,8 @@ class PeerWatch(threading.Thread):
     # -- after a failure of the main thread -------------------------------------------------------
     def _failure_store(self):
         if getattr(self, '_main_store', None) is None:
+            if self.store_refuses():  # connecting would retry for DIST.PEER_TIMEOUT
+                raise DistributedError("connection refused")
             self._main_store = self.connect()  # its own connection: the heartbeat thread keeps using its one
         return self._main_store
 
@@ -331,7 +350,7 @@ class PeerWatch(threading.Thread):
                 return f"{names} vanished: no heartbeat and no goodbye"
             return self._first_failure(store)
         except (DistributedError, RuntimeError, dist.DistError) as e:
-            return f"the rendezvous store at {self.store_address} (on rank 0's node) is gone ({_first_line(e)})"
+            return self.store_gone(e)
 
     def _first_failure(self, store):
         if not store.check(['first_failure']):

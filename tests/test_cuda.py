@@ -288,7 +288,7 @@ def test_throughput(tmp_path):
     cfg = tiny_yaml(tmp_path / 'tiny.yaml', '')
     code, out = finished(run_main_on_device('--cfg', cfg, '--throughput', '--output', str(tmp_path)))
     assert code == 0, out[-3000:]
-    assert re.search(rf'throughput averaged with \d+ times \(.*, {DEVICE}(:\d)?\)', out), out[-2000:]
+    assert re.search(rf'throughput averaged with \d+ times\tprecision .* on {DEVICE}(:\d)?$', out, re.M), out[-2000:]
     line = [line for line in out.splitlines() if 'batch_size 4 throughput ' in line]
     assert line and float(line[0].rsplit(' ', 1)[1]) > 0
 

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 PROBE = os.path.join(ROOT, 'tests', 'fault_probe.py')
 MAIN = os.path.join(ROOT, 'main.py')
-RECIPE = "TRAIN:\n  EPOCHS: 6\n  WARMUP_EPOCHS: 1\n"
+RECIPE = "TRAIN:\n  EPOCHS: 24\n  WARMUP_EPOCHS: 1\n"  # long enough for three kills
 
 
 def c10d_torchrun(nproc, *args, nnodes=1, max_restarts=0, endpoint=None):
@@ -175,10 +175,10 @@ def uninterrupted(tmp_path_factory, config_path):
     return output / 'tiny' / 'default'
 
 
-def _new_ranks(agent, seen, deadline):
-    """Rank processes of a round not seen before (torchrun started them after the last kill)."""
-    while time.time() < deadline:
-        ranks = [pid for pid in children(agent) if pid not in seen]
+def _live_ranks(agent, dead, deadline):
+    """The two rank processes of the current round (after a rank's kill, those torchrun restarted)."""
+    while time.time() < deadline and agent.poll() is None:
+        ranks = [pid for pid in children(agent.pid) if pid not in dead]
         if len(ranks) == 2:
             return ranks
         time.sleep(0.1)
@@ -192,23 +192,26 @@ def test_random_sigkills_of_ranks_and_loader_workers_resume_exactly(tmp_path, co
     log = open(tmp_path / 'torchrun.log', 'w')
     agent = subprocess.Popen(c10d_torchrun(2, MAIN, '--cfg', config_path, '--output', str(output), max_restarts=3),
                              cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    kills, seen = [], set()
+    kills, dead = [], set()
     try:
-        # a rank, then a DataLoader worker, then either: each at a random moment of a fresh round
+        # a rank, then a DataLoader worker, then either: each at a random moment of a fresh round's training
         for target in ('rank', 'loader worker', rng.choice(('rank', 'loader worker'))):
-            ranks = _new_ranks(agent.pid, seen, time.time() + 300)
-            if not ranks or agent.poll() is not None:
+            ranks = _live_ranks(agent, dead, time.time() + 300)
+            if not ranks:
                 break
-            seen.update(ranks)
-            if target == 'loader worker':
-                wait_for(lambda ranks=ranks: agent.poll() is not None or any(children(r) for r in ranks), 300,
-                         'DataLoader workers')
-                victims = [w for r in ranks for w in children(r)]
-            else:
-                victims = ranks
-            time.sleep(rng.uniform(0.0, 6.0))
-            if victims and kill(rng.choice(victims)):
-                kills.append(target)
+            # loader workers exist once the round trains (a random moment of start-up would often be the import)
+            wait_for(lambda ranks=ranks: agent.poll() is not None or any(children(r) for r in ranks), 300,
+                     'DataLoader workers')
+            time.sleep(rng.uniform(0.0, 2.0))
+            deadline = time.time() + 10  # workers of one pass end between passes: take the next pass's
+            while agent.poll() is None and time.time() < deadline:
+                victims = [w for r in ranks for w in children(r)] if target == 'loader worker' else ranks
+                if victims and kill(rng.choice(victims)):
+                    kills.append(target)
+                    if target == 'rank':  # torchrun ends the round's other rank and starts two new ones
+                        dead.update(ranks)
+                    break
+                time.sleep(0.05)
         returncode = agent.wait(timeout=900)
     finally:
         if agent.poll() is None:
