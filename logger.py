@@ -136,8 +136,8 @@ def format_meter(value: float, average: float, digits: int = 4) -> str:
 
 def format_throughput(batch_size: int, throughput: float) -> str:
     """``throughput`` in images per second (the official measure: 30 batches / their time). Nothing follows the
-    number: scripts read it as the line's last word, rounded to 2 decimals (parses as the official float does)."""
-    return f"batch_size {batch_size} throughput {throughput:.2f}"
+    number: scripts read it as the line's last word."""
+    return f"batch_size {batch_size} throughput {throughput}"
 
 
 def format_eta(seconds: float) -> str:

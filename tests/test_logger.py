@@ -148,7 +148,7 @@ def test_official_line_formats():
     assert format_accuracy(81.23456, 95.5) == ' * Acc@1 81.235 Acc@5 95.500'
     assert format_network_accuracy(50000, 81.234) == 'Accuracy of the network on the 50000 test images: 81.2%'
     assert format_max_accuracy(81.236) == 'Max accuracy: 81.24%'
-    assert format_throughput(64, 1234.5) == 'batch_size 64 throughput 1234.50'
+    assert format_throughput(64, 1234.5) == 'batch_size 64 throughput 1234.5'
     # another model's lines are labelled, so parsers of the official lines never mistake them for the model's
     assert format_accuracy(81.23456, 95.5, 'EMA') == ' * EMA Acc@1 81.235 Acc@5 95.500'
     assert format_network_accuracy(50000, 81.234, 'EMA') == ('Accuracy of the EMA network on the 50000 test images: '
