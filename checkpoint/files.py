@@ -76,7 +76,14 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> str | os.PathLike:
     """torch.save obj to path so that a crash at any moment leaves either the old file or the whole new one."""
     def write(temp):
         with open(temp, 'xb') as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:
+                # Ctrl-C mid-write: torch's zip writer, closing, replaces the KeyboardInterrupt with an 'unexpected
+                # pos' RuntimeError; give the interrupt back (the temp file is removed, the old file stays)
+                if isinstance(e.__context__, KeyboardInterrupt):
+                    raise KeyboardInterrupt from None
+                raise
 
     replace_atomically(write, path)
     return path
