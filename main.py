@@ -14,7 +14,6 @@ import gc
 import inspect
 import logging
 import os
-import signal
 import sys
 import time
 import traceback
@@ -326,9 +325,6 @@ def run(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         reason = f"failed: {type(e).__name__}"
-        # torchrun's agent SIGTERMs its workers as soon as it sees a failure: the one line naming the cause
-        # (a few seconds at most) comes first, then the process ends
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         process_group.record_failure(e)
         cause = process_group.explain_failure()  # another rank failed first or vanished: name it, in one line
         if cause is None:

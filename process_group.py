@@ -15,6 +15,7 @@ exits with one line naming a rank whose heartbeat stops, wherever the main threa
 """
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -157,8 +158,8 @@ def form_process_group(backend, rank, world_size, timeout, peer_timeout, device_
     set_timeout(timedelta(seconds=timeout))
     store.set_timeout(timedelta(seconds=timeout))
     global _watch
-    _watch = PeerWatch(lambda: dist.PrefixStore(prefix, connect_store(rank, world_size, peer_timeout, environ,
-                                                                      client=True)),
+    _watch = PeerWatch(lambda wait=peer_timeout: dist.PrefixStore(prefix, connect_store(rank, world_size, wait, environ,
+                                                                                        client=True)),
                        rank, world_size, peer_timeout, store_address='{}:{}'.format(*_store_address(environ)),
                        agent_pid=os.getppid() if 'TORCHELASTIC_RUN_ID' in environ else None)
     _watch.keep_alive = store  # a store hosted here (no agent) must live as long as this process
@@ -184,6 +185,10 @@ def record_failure(exc):
     """The main thread of this rank failed with exc: say goodbye, and unless exc is a failed collective (the echo
     of another rank's trouble), record it as the job's first failure for the other ranks to name."""
     if _watch is not None and _watch.is_alive():
+        if threading.current_thread() is threading.main_thread():
+            # torchrun's agent SIGTERMs the workers as soon as one fails; this rank is ending anyway, and its one
+            # line must come out first (the agent waits 30 s before SIGKILL; explaining takes a few seconds)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _watch.record_failure(exc)
 
 
@@ -223,6 +228,7 @@ class PeerWatch(threading.Thread):
     """
 
     EXIT_CODE = 1
+    FAILURE_WAIT = 5.0  # seconds the failure path waits for the store
 
     def __init__(self, connect, rank, world_size, peer_timeout, store_address='', agent_pid=None):
         super().__init__(name='peer-watch', daemon=True)
@@ -315,10 +321,14 @@ class PeerWatch(threading.Thread):
 
     # -- after a failure of the main thread -------------------------------------------------------
     def _failure_store(self):
+        """Its own connection (the heartbeat thread keeps using its one), with short waits: a store that is gone
+        must not hold back the line that says so."""
         if getattr(self, '_main_store', None) is None:
-            if self.store_refuses():  # connecting would retry for DIST.PEER_TIMEOUT
+            if self.store_refuses():  # connecting would retry for the whole wait
                 raise DistributedError("connection refused")
-            self._main_store = self.connect()  # its own connection: the heartbeat thread keeps using its one
+            wait = min(self.peer_timeout, self.FAILURE_WAIT)
+            self._main_store = self.connect(wait)
+            self._main_store.set_timeout(timedelta(seconds=wait))
         return self._main_store
 
     def record_failure(self, exc):
@@ -327,13 +337,15 @@ class PeerWatch(threading.Thread):
             store.set(f'left/{self.rank}', f'failed: {type(exc).__name__}')
             if not is_communication_error(exc):
                 store.compare_set('first_failure', '', f'{self.rank} {type(exc).__name__}: {_first_line(exc)}')
-        except (DistributedError, RuntimeError, dist.DistError):
-            pass
+        except (DistributedError, RuntimeError, dist.DistError) as e:
+            self._store_gone = e
 
     def explain_failure(self, grace=None):
         """The other rank that failed first (recorded its error), or ranks that neither beat nor said goodbye
         within ``grace`` seconds; None when neither."""
         try:
+            if getattr(self, '_store_gone', None) is not None:
+                raise self._store_gone
             store = self._failure_store()
             first = self._first_failure(store)
             if first:
