@@ -28,6 +28,13 @@ class DistributedError(SwinTrainError):
     exit_code = 1
 
 
+def print_line(line):
+    """``line`` on stderr in ONE write: the ranks of a job share their terminal or log pipe, and print() writes
+    the text and its newline separately, so two ranks' lines could run into each other."""
+    sys.stderr.write(line + '\n')
+    sys.stderr.flush()
+
+
 def exit_status(function, *args):
     """``function(*args)`` as a command-line tool's exit status: its return value, or 2 after printing
     ``error: ...`` (one line, on stderr) when it stops on a SwinTrainError. For scripts/; main.py adds
@@ -35,5 +42,5 @@ def exit_status(function, *args):
     try:
         return function(*args)
     except SwinTrainError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_line(f"error: {e}")
         return 2

@@ -31,7 +31,7 @@ import utils
 from config import build_parser, get_config
 from data import build_loader, check_bad_images, dataset_num_classes, to_device
 from engine import throughput, train_one_epoch, validate
-from errors import SwinTrainError
+from errors import SwinTrainError, print_line
 from evaluation import ClassCounts, write_eval_results
 from logger import (
     MetricWriter,
@@ -307,6 +307,7 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     reason = 'finished'
     config = None
+    interrupted = False
     try:
         config = get_config(args)
         return main(config)
@@ -322,6 +323,7 @@ def run(argv: list[str] | None = None) -> int:
         folder = f" in {config.OUTPUT_DIR}" if config is not None else ''
         report(config, f"interrupted: stopped at once, without a new checkpoint; the last complete checkpoint"
                        f"{folder} is kept")
+        interrupted = True
         return 130
     except Exception as e:
         reason = f"failed: {type(e).__name__}"
@@ -331,18 +333,25 @@ def run(argv: list[str] | None = None) -> int:
             raise
         if args.debug:
             traceback.print_exc()
-        print(f"error (rank {utils.get_rank()}): {cause} (here: {type(e).__name__})", file=sys.stderr)
+        print_line(f"error (rank {utils.get_rank()}): {cause} (here: {type(e).__name__})")
         return 1
     finally:
         # loaders whose pass an error cut short still hold live workers (in reference cycles): shut them down now,
         # not in multiprocessing's exit hook, which SIGTERMs them, and they ignore SIGTERM (the stop signal is main's)
         gc.collect()
         utils.cleanup_distributed(reason)
+        if interrupted:
+            # "exit now": not through interpreter shutdown, which aborts (SIGABRT) while a checkpoint-writer
+            # thread still ends inside torch's C++ code; a half-written temp file is removed by the next run
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
 
 
 def report(config: CfgNode | None, line: str) -> None:
     """A final line: to stderr, and to this rank's log file once the logger exists."""
-    print(line, file=sys.stderr)
+    print_line(line)
     if config is not None:
         log_to_files(config.MODEL.NAME, line)
 

@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -25,7 +24,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from errors import DistributedError
+from errors import DistributedError, print_line
 
 NAMESPACE = 'swin_train'
 _POLL = 0.05  # seconds between looks at the store while ranks agree on a round
@@ -305,7 +304,7 @@ class PeerWatch(threading.Thread):
             self.logger.error(line)
             for handler in self.logger.handlers:
                 handler.flush()
-        print(line, file=sys.stderr, flush=True)
+        print_line(line)
         logging.shutdown()
         os._exit(self.EXIT_CODE)
 
