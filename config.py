@@ -17,7 +17,7 @@ from config_checks import get_value, validate
 from config_merge import build_parser, merge_dict, merge_file, merge_flags, merge_opts
 
 __all__ = ['build_parser', 'config_from_yaml_text', 'finalize', 'get_config', 'get_defaults', 'load_config',
-           'not_implemented_settings']
+           'not_implemented_settings', 'not_implemented_warning']
 
 _C = CN()
 
@@ -345,6 +345,14 @@ def not_implemented_settings(config: CN) -> list[str]:
             if get_value(config, key) != get_value(_C, key)]
 
 
+def not_implemented_warning(config: CN) -> str | None:
+    """One line naming the accepted-but-not-implemented keys this config sets, or None."""
+    ignored = not_implemented_settings(config)
+    if not ignored:
+        return None
+    return f"config keys accepted for compatibility but not implemented, so without effect: {'; '.join(ignored)}"
+
+
 # -----------------------------------------------------------------------------
 # Derived values and validation
 # -----------------------------------------------------------------------------
@@ -368,10 +376,9 @@ def finalize(config: CN, environ: Mapping[str, str] | None = None) -> CN:
     config.TRAIN.EFFECTIVE_WARMUP_LR = config.TRAIN.WARMUP_LR * scale
     config.TRAIN.EFFECTIVE_MIN_LR = config.TRAIN.MIN_LR * scale
     config.freeze()
-    ignored = not_implemented_settings(config)
-    if ignored and config.RANK == 0:
-        _logger.warning(f"config keys accepted for compatibility but not implemented, so without effect: "
-                        f"{'; '.join(ignored)}")
+    warning = not_implemented_warning(config)
+    if warning and config.RANK == 0:
+        _logger.warning(warning)
     return config
 
 

@@ -62,12 +62,13 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = 'swin') -> lo
     return logging.getLogger(name)
 
 
-def log_to_files(name: str, line: str) -> None:
-    """Append a line (a final error, already printed to stderr) to the log files of logger ``name`` only."""
+def log_to_files(name: str, line: str, level: int = logging.ERROR) -> None:
+    """Append a line already printed to stderr (a final error, or a warning from before the log files existed)
+    to the log files of logger ``name`` only."""
     logger = logging.getLogger(name)
     for handler in logger.handlers:
         if getattr(handler, '_swin_train', False) and isinstance(handler, logging.FileHandler):
-            handler.handle(logger.makeRecord(name, logging.ERROR, 'main.py', 0, line, None, None))
+            handler.handle(logger.makeRecord(name, level, 'main.py', 0, line, None, None))
 
 
 def save_config(config: CfgNode, output_dir: str, name: str = 'config.yaml') -> str:

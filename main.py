@@ -28,7 +28,7 @@ from yacs.config import CfgNode
 import checkpoint
 import process_group
 import utils
-from config import build_parser, get_config
+from config import build_parser, get_config, not_implemented_warning
 from data import build_loader, check_bad_images, dataset_num_classes, to_device
 from engine import throughput, train_one_epoch, validate
 from errors import SwinTrainError, print_line
@@ -53,6 +53,8 @@ def main(config: CfgNode) -> int:
     check_paths(config)
     device = utils.init_distributed(config)
     logger = create_logger(config.OUTPUT_DIR, config.RANK, name=config.MODEL.NAME)
+    if config.RANK == 0 and not_implemented_warning(config):  # said on stderr before the log files existed
+        log_to_files(config.MODEL.NAME, not_implemented_warning(config), logging.WARNING)
     config = classes_from_dataset(config, logger)
     runtime = Runtime(device, utils.resolve_precision(config, device), logger)
     tf32 = f" (TF32 {'on' if config.TF32 else 'off'} for float32 matmuls)" if device.type == 'cuda' else ''

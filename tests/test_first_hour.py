@@ -205,6 +205,17 @@ def test_train_lines_end_with_the_run_eta_and_leave_out_mem_on_cpu(trained):
 
 
 @pytest_slow
+def test_accepted_but_unimplemented_keys_are_named_in_the_log_file_too(tmp_path):
+    config = tiny_yaml(tmp_path / 'tiny.yaml', '')
+    result = run_main('--cfg', config, '--throughput', '--output', str(tmp_path), '--fused_window_process')
+    assert result.returncode == 0, result.stderr
+    assert 'FUSED_WINDOW_PROCESS True' in result.stderr  # said while the config was read
+    logged = [line for line in read(tmp_path / 'tiny' / 'default' / 'log_rank0.txt').splitlines()
+              if 'not implemented, so without effect' in line]
+    assert len(logged) == 1 and 'WARNING' in logged[0] and 'FUSED_WINDOW_PROCESS True' in logged[0]
+
+
+@pytest_slow
 def test_throughput_shows_progress_and_a_rounded_result(tmp_path):
     config = tiny_yaml(tmp_path / 'tiny.yaml', '')
     result = run_main('--cfg', config, '--throughput', '--output', str(tmp_path))
