@@ -269,13 +269,16 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = norm_layer(4 * dim)
 
-    def forward(self, x):
+    def merge(self, x):
+        """(B, H*W, C) -> (B, H/2*W/2, 4C): each 2x2 group's tokens side by side."""
         H, W = self.input_resolution
         B, L, C = x.shape
         assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
         # official concat [x(0,0), x(1,0), x(0,1), x(1,1)] over (row, col) offsets = column offset outer
-        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, -1, 4 * C)
-        return self.reduction(self.norm(x))
+        return x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, -1, 4 * C)
+
+    def forward(self, x):
+        return self.reduction(self.norm(self.merge(x)))
 
     def extra_repr(self):
         return f'input_resolution={self.input_resolution}, dim={self.dim}'

@@ -210,26 +210,15 @@ class SwinTransformerBlock(swin.SwinTransformerBlock):
         return x + self.drop_path(self.norm2(self.mlp(x)))
 
 
-class PatchMerging(nn.Module):
+class PatchMerging(swin.PatchMerging):
     """Merge each 2x2 patch group: (B, H*W, C) -> (B, H/2*W/2, 2C); V2 reduces first, then normalizes 2C."""
 
     def __init__(self, input_resolution, dim, norm_layer=nn.LayerNorm):
-        super().__init__()
-        self.input_resolution = input_resolution
-        self.dim = dim
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = norm_layer(2 * dim)
+        super().__init__(input_resolution, dim, norm_layer)
+        self.norm = norm_layer(2 * dim)  # same key (norm.*), V2's size
 
     def forward(self, x):
-        H, W = self.input_resolution
-        B, L, C = x.shape
-        assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
-        # official concat [x(0,0), x(1,0), x(0,1), x(1,1)] over (row, col) offsets = column offset outer
-        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, -1, 4 * C)
-        return self.norm(self.reduction(x))
-
-    def extra_repr(self):
-        return f'input_resolution={self.input_resolution}, dim={self.dim}'
+        return self.norm(self.reduction(self.merge(x)))
 
     def flops(self):
         H, W = self.input_resolution
