@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 from . import swin_transformer as swin
-from .swin_transformer import Mlp, PatchEmbed, PatchMerging, check_stage_resolutions
+from .swin_transformer import Mlp, PatchEmbed, PatchMerging, check_stage_resolutions, fit_window
 
 
 class SwinMLPBlock(nn.Module):
@@ -37,16 +37,8 @@ class SwinMLPBlock(nn.Module):
     def __init__(self, dim, input_resolution, num_heads, window_size=7, shift_size=0, mlp_ratio=4., drop=0.,
                  drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm):
         super().__init__()
-        self.dim = dim
-        self.input_resolution = input_resolution
-        self.num_heads = num_heads
-        self.window_size = window_size
-        self.shift_size = shift_size
-        self.mlp_ratio = mlp_ratio
-        if min(self.input_resolution) <= self.window_size:
-            self.shift_size = 0
-            self.window_size = min(self.input_resolution)
-        assert 0 <= self.shift_size < self.window_size, 'shift_size must be in [0, window_size)'
+        self.dim, self.input_resolution, self.num_heads, self.mlp_ratio = dim, input_resolution, num_heads, mlp_ratio
+        self.window_size, self.shift_size = fit_window(input_resolution, window_size, shift_size)
         # left, right, top, bottom
         self.padding = [self.window_size - self.shift_size, self.shift_size,
                         self.window_size - self.shift_size, self.shift_size]

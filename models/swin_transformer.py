@@ -193,6 +193,14 @@ class WindowAttention(nn.Module):
         return flops
 
 
+def fit_window(input_resolution, window_size, shift_size):
+    """(window, shift) of a block: a map not larger than the window is one unshifted window (official rule)."""
+    if min(input_resolution) <= window_size:
+        window_size, shift_size = min(input_resolution), 0
+    assert 0 <= shift_size < window_size, 'shift_size must be in [0, window_size)'
+    return window_size, shift_size
+
+
 class SwinTransformerBlock(nn.Module):
     """Swin Transformer block: (shifted) window attention and an MLP, each with a residual.
 
@@ -204,16 +212,8 @@ class SwinTransformerBlock(nn.Module):
                  qkv_bias=True, qk_scale=None, drop=0., attn_drop=0., drop_path=0., act_layer=nn.GELU,
                  norm_layer=nn.LayerNorm, fused_window_process=False, fused_attn=True):
         super().__init__()
-        self.dim = dim
-        self.input_resolution = input_resolution
-        self.num_heads = num_heads
-        self.window_size = window_size
-        self.shift_size = shift_size
-        self.mlp_ratio = mlp_ratio
-        if min(self.input_resolution) <= self.window_size:
-            self.shift_size = 0
-            self.window_size = min(self.input_resolution)
-        assert 0 <= self.shift_size < self.window_size, 'shift_size must be in [0, window_size)'
+        self.dim, self.input_resolution, self.num_heads, self.mlp_ratio = dim, input_resolution, num_heads, mlp_ratio
+        self.window_size, self.shift_size = fit_window(input_resolution, window_size, shift_size)
         # accepted for the official signature; the official CUDA kernel computes what forward() computes
         self.fused_window_process = fused_window_process
 
@@ -224,6 +224,9 @@ class SwinTransformerBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
+        self.register_shift_mask()
+
+    def register_shift_mask(self):
         mask = None
         if self.shift_size > 0:
             mask = shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)

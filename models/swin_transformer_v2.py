@@ -33,8 +33,8 @@ from .swin_transformer import (
     _sdpa_is_faster,
     aligned_rows,
     check_stage_resolutions,
+    fit_window,
     relative_position_index,
-    shifted_window_mask,
 )
 
 # The logit scale is clamped at log(1 / 0.01): a temperature of at least 0.01 (official).
@@ -169,16 +169,8 @@ class SwinTransformerBlock(swin.SwinTransformerBlock):
                  drop=0., attn_drop=0., drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm,
                  pretrained_window_size=0, fused_attn=True):
         nn.Module.__init__(self)  # not v1's constructor: it would build v1's attention
-        self.dim = dim
-        self.input_resolution = input_resolution
-        self.num_heads = num_heads
-        self.window_size = window_size
-        self.shift_size = shift_size
-        self.mlp_ratio = mlp_ratio
-        if min(self.input_resolution) <= self.window_size:
-            self.shift_size = 0
-            self.window_size = min(self.input_resolution)
-        assert 0 <= self.shift_size < self.window_size, 'shift_size must be in [0, window_size)'
+        self.dim, self.input_resolution, self.num_heads, self.mlp_ratio = dim, input_resolution, num_heads, mlp_ratio
+        self.window_size, self.shift_size = fit_window(input_resolution, window_size, shift_size)
 
         self.norm1 = norm_layer(dim)
         self.attn = WindowAttention(dim, window_size=self.window_size, num_heads=num_heads, qkv_bias=qkv_bias,
@@ -188,10 +180,7 @@ class SwinTransformerBlock(swin.SwinTransformerBlock):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
-        mask = None
-        if self.shift_size > 0:
-            mask = shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
-        self.register_buffer('attn_mask', mask)  # persistent (even when None) like the official block
+        self.register_shift_mask()
 
     def forward(self, x):
         """x: (B, H * W, C) -> (B, H * W, C)."""
