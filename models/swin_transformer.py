@@ -439,25 +439,9 @@ class SwinTransformer(nn.Module):
                  attn_drop_rate=0., drop_path_rate=0.1, norm_layer=nn.LayerNorm, ape=False, patch_norm=True,
                  use_checkpoint=False, fused_window_process=False, fused_attn=True, **kwargs):
         super().__init__()
-        self.num_classes = num_classes
-        self.num_layers = len(depths)
-        self.embed_dim = embed_dim
-        self.ape = ape
-        self.patch_norm = patch_norm
-        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
-        self.mlp_ratio = mlp_ratio
-
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                      embed_dim=embed_dim, norm_layer=norm_layer if self.patch_norm else None)
-        num_patches = self.patch_embed.num_patches
-        patches_resolution = self.patch_embed.patches_resolution
-        self.patches_resolution = patches_resolution
-        check_stage_resolutions(patches_resolution, self.num_layers, window_size, img_size, patch_size)
-
-        if self.ape:
-            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
-            trunc_normal_(self.absolute_pos_embed, std=.02)
-        self.pos_drop = nn.Dropout(p=drop_rate)
+        self._init_sizes(num_classes, depths, embed_dim, ape, patch_norm, mlp_ratio)
+        self._init_embedding(img_size, patch_size, in_chans, norm_layer, drop_rate, window_size)
+        patches_resolution = self.patches_resolution
 
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu')]  # stochastic depth
         self.layers = nn.ModuleList()
@@ -471,11 +455,37 @@ class SwinTransformer(nn.Module):
                 downsample=PatchMerging if (i < self.num_layers - 1) else None, use_checkpoint=use_checkpoint,
                 fused_window_process=fused_window_process, fused_attn=fused_attn))
 
+        self._init_head(norm_layer)
+        self.apply(self._init_weights)
+
+    # the parts every family's constructor shares (official attribute names, module order and initialisation)
+    def _init_sizes(self, num_classes, depths, embed_dim, ape, patch_norm, mlp_ratio):
+        self.num_classes = num_classes
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.ape = ape
+        self.patch_norm = patch_norm
+        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.mlp_ratio = mlp_ratio
+
+    def _init_embedding(self, img_size, patch_size, in_chans, norm_layer, drop_rate, window_size,
+                        node='MODEL.SWIN'):
+        """Patch embedding (its map checked against the window at every stage), the optional absolute position
+        embedding, and the dropout after them."""
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                      embed_dim=self.embed_dim, norm_layer=norm_layer if self.patch_norm else None)
+        self.patches_resolution = self.patch_embed.patches_resolution
+        check_stage_resolutions(self.patches_resolution, self.num_layers, window_size, img_size, patch_size,
+                                node=node)
+        if self.ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, self.embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=.02)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+    def _init_head(self, norm_layer):
         self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool1d(1)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-        self.apply(self._init_weights)
+        self.head = nn.Linear(self.num_features, self.num_classes) if self.num_classes > 0 else nn.Identity()
 
     @staticmethod
     def _init_weights(m):

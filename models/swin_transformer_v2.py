@@ -24,15 +24,13 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, to_2tuple, trunc_normal_
+from timm.layers import DropPath, to_2tuple
 
 from . import swin_transformer as swin
 from .swin_transformer import (
     Mlp,
-    PatchEmbed,
     _sdpa_is_faster,
     aligned_rows,
-    check_stage_resolutions,
     fit_window,
     relative_position_index,
 )
@@ -280,26 +278,9 @@ class SwinTransformerV2(swin.SwinTransformer):
                  attn_drop_rate=0., drop_path_rate=0.1, norm_layer=nn.LayerNorm, ape=False, patch_norm=True,
                  use_checkpoint=False, pretrained_window_sizes=(0, 0, 0, 0), fused_attn=True, **kwargs):
         nn.Module.__init__(self)  # not v1's constructor: it would build v1 stages
-        self.num_classes = num_classes
-        self.num_layers = len(depths)
-        self.embed_dim = embed_dim
-        self.ape = ape
-        self.patch_norm = patch_norm
-        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
-        self.mlp_ratio = mlp_ratio
-
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                      embed_dim=embed_dim, norm_layer=norm_layer if self.patch_norm else None)
-        num_patches = self.patch_embed.num_patches
-        patches_resolution = self.patch_embed.patches_resolution
-        self.patches_resolution = patches_resolution
-        check_stage_resolutions(patches_resolution, self.num_layers, window_size, img_size, patch_size,
-                                node='MODEL.SWINV2')
-
-        if self.ape:
-            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
-            trunc_normal_(self.absolute_pos_embed, std=.02)
-        self.pos_drop = nn.Dropout(p=drop_rate)
+        self._init_sizes(num_classes, depths, embed_dim, ape, patch_norm, mlp_ratio)
+        self._init_embedding(img_size, patch_size, in_chans, norm_layer, drop_rate, window_size, node='MODEL.SWINV2')
+        patches_resolution = self.patches_resolution
 
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu')]  # stochastic depth
         self.layers = nn.ModuleList()
@@ -313,9 +294,7 @@ class SwinTransformerV2(swin.SwinTransformer):
                 downsample=PatchMerging if (i < self.num_layers - 1) else None, use_checkpoint=use_checkpoint,
                 pretrained_window_size=pretrained_window_sizes[i], fused_attn=fused_attn))
 
-        self.norm = norm_layer(self.num_features)
-        self.avgpool = nn.AdaptiveAvgPool1d(1)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(norm_layer)
 
         self.apply(self._init_weights)
         for layer in self.layers:
