@@ -9,7 +9,8 @@
 #   1. environment   2. the `cuda`-marked tests   3. speed goals: Swin-T bf16 batch 128, ours vs timm vs official
 #   (with a profile of the top kernels)   4. Swin-T/S/B x fp32 (TF32)/bf16/fp16, train and infer, eager
 #   5. GPU JPEG decoding   6. input pipeline with GPU normalization   7. torch.compile of Swin-T bf16 (ours,
-#   mode default)   8. the other model families, if models.build builds more than Swin v1.
+#   mode default)   8. the other model families, if models.build builds more than Swin v1   9. how long a
+#   checkpoint save blocks training (background writer vs synchronous, Swin-B state).
 # --dry: every step at toy size on the CPU (tests/test_gpu_check.py runs it); installs and downloads nothing.
 #
 # Environment: OFFICIAL_SWIN=path of the official models/swin_transformer.py (default:
@@ -88,6 +89,7 @@ if [ "$DRY" = 1 ]; then
   FAMILY=("${BENCH[@]}" --dtypes bf16 --modes train)
   DATA=(--device cpu --classes 2 --images-per-class 12 --batch-size 4 --batches 2 --warmup 1 --rounds 1 --workers 1)
   DECODE=(--device cpu --images 24 --batch-size 8 --rounds 1)
+  CKPT=(--cfg configs/demo.yaml --device cpu --rounds 1)
 else
   BENCH=(--device cuda --models T --batch-size 128)
   GOALS=("${BENCH[@]}" --dtypes bf16 --rounds 7 --iters 10 --warmup 3 --profile 3)
@@ -97,6 +99,7 @@ else
   DATA=(--device cuda --classes 16 --images-per-class 40 --batch-size 64 --batches 6 --warmup 2 --rounds 2
         --workers 8 --val-fast-resize)
   DECODE=(--device cuda --images 512 --batch-size 128 --rounds 3)
+  CKPT=(--cfg configs/swin_base.yaml --device cuda --rounds 3)
 fi
 OFFICIAL_ARGS=()
 [ -n "$OFFICIAL" ] && OFFICIAL_ARGS=(--official "$OFFICIAL")
@@ -186,6 +189,15 @@ else
   say "Only Swin v1 is buildable in this checkout (families join this step as models.build learns them)."
   say ""
 fi
+
+say "## Checkpoint saves: training blocked, background writer vs synchronous (scripts/benchmark_checkpoint.py)"
+say ""
+run_step "checkpoint stall" 60 "$WORK/checkpoint.log" python scripts/benchmark_checkpoint.py "${CKPT[@]}"
+say '```'
+[ -s "$WORK/checkpoint.log" ] && grep -v '^=====' "$WORK/checkpoint.log" | sed '/^$/d' >> "$REPORT"
+say '```'
+say ""
+cat "$WORK/checkpoint.log" >> "$OUT/benchmark.log" 2>/dev/null
 
 say "## Summary"
 say ""

@@ -12,7 +12,7 @@ import benchmark  # noqa: E402
 
 SECTIONS = ('# GPU check report', '## Environment', '## CUDA tests', '## Speed goals', '| goal | measured | result |',
             '## Swin-T/S/B', '## GPU JPEG decoding', '## Input pipeline', '## torch.compile',
-            '## Other model families', '## Summary')
+            '## Other model families', '## Checkpoint saves', '## Summary')
 
 
 @pytest.mark.parametrize('name, dtype, tf32, peak', [
@@ -54,3 +54,4 @@ def test_dry_run_writes_every_section_of_the_report(tmp_path):
     if 'OFFICIAL_SWIN' in env:
         assert 'official img/s' in report
     assert ' passed' in report.split('## CUDA tests')[1].split('##')[0]
+    assert 'stall ratio background / synchronous: ' in report.split('## Checkpoint saves')[1]
