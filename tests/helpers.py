@@ -184,6 +184,30 @@ def assert_same_outputs_and_grads(model, reference, x, tol, grad_tol=None, seed=
         assert rel_diff(a.grad, b.grad) < (grad_tol or tol), name
 
 
+def set_fused(model, fused):
+    """Switch every attention module that has a fused path (any family); the number switched."""
+    modules = [m for m in model.modules() if hasattr(m, 'fused_attn')]
+    for module in modules:
+        module.fused_attn = fused
+    return len(modules)
+
+
+def count_sdpa_calls(monkeypatch, family_module):
+    """Make fused_attn=True always call SDPA in ``family_module`` (on CPU it otherwise trains with the explicit
+    path); returns the list that records the ``scale`` of each call."""
+    import torch.nn.functional as F
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get('scale'))
+        return sdpa(*args, **kwargs)
+    monkeypatch.setattr(family_module, '_sdpa_is_faster', lambda x, table: True)
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', counting)
+    return calls
+
+
 def load_script(name):
     """A scripts/NAME.py file as a module (scripts are not a package)."""
     import importlib.util

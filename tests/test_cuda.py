@@ -31,6 +31,7 @@ from helpers import (
     logged_losses,
     make_image_folder,
     read,
+    set_fused,
     tiny_yaml,
     wait_for,
 )
@@ -56,14 +57,6 @@ def family_config(family, *opts):
     sized = [node + key[len('MODEL.SWIN.'):] if str(key).startswith('MODEL.SWIN.') else key
              for key in WINDOW7 + ('MODEL.SWIN.PATCH_SIZE', 2, 'MODEL.SWIN.DEPTHS', [2, 2])]
     return make_tiny_config(None, 'MODEL.TYPE', family, *sized, *opts)
-
-
-def set_fused(model, fused):
-    """Switch every attention module that has a fused path; the number switched."""
-    modules = [m for m in model.modules() if hasattr(m, 'fused_attn')]
-    for module in modules:
-        module.fused_attn = fused
-    return len(modules)
 
 
 def flat_grads(model):

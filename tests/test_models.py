@@ -14,6 +14,7 @@ import models.swin_transformer as swin
 import models.swin_transformer_v2 as swin_v2
 from checkpoint import load_model_weights
 from errors import ConfigError
+from helpers import count_sdpa_calls, set_fused
 from models import SwinTransformer, build_model
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
@@ -44,24 +45,9 @@ def make(seed=0, **kwargs):
     return SwinTransformer(**kwargs)
 
 
-def set_fused(model, fused):
-    for module in model.modules():
-        if isinstance(module, swin.WindowAttention):
-            module.fused_attn = fused
-
-
 @pytest.fixture
 def force_sdpa(monkeypatch):
-    """Make fused_attn=True always call SDPA (on CPU it otherwise trains with the explicit path); count calls."""
-    calls = []
-    sdpa = F.scaled_dot_product_attention
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return sdpa(*args, **kwargs)
-    monkeypatch.setattr(swin, '_sdpa_is_faster', lambda x, table: True)
-    monkeypatch.setattr(F, 'scaled_dot_product_attention', counting)
-    return calls
+    return count_sdpa_calls(monkeypatch, swin)
 
 
 def timm_copy(ours, **kwargs):

@@ -12,7 +12,7 @@ from timm.models.swin_transformer_v2 import checkpoint_filter_fn
 import models.swin_transformer_v2 as v2
 from config import load_config
 from errors import ConfigError
-from helpers import ROOT, assert_same_outputs_and_grads, load_official_module, rel_diff
+from helpers import ROOT, assert_same_outputs_and_grads, count_sdpa_calls, load_official_module, rel_diff, set_fused
 from models import SwinTransformerV2, build_model
 
 # small models covering the cases of the window logic (stage maps in the comments)
@@ -45,24 +45,9 @@ def make(seed=0, **kwargs):
     return model
 
 
-def set_fused(model, fused):
-    for module in model.modules():
-        if isinstance(module, v2.WindowAttention):
-            module.fused_attn = fused
-
-
 @pytest.fixture
 def force_sdpa(monkeypatch):
-    """Make fused_attn=True always call SDPA (on CPU it otherwise trains with the explicit path); count calls."""
-    calls = []
-    sdpa = F.scaled_dot_product_attention
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get('scale'))
-        return sdpa(*args, **kwargs)
-    monkeypatch.setattr(v2, '_sdpa_is_faster', lambda x, table: True)
-    monkeypatch.setattr(F, 'scaled_dot_product_attention', counting)
-    return calls
+    return count_sdpa_calls(monkeypatch, v2)
 
 
 def timm_copy(ours, cfg, num_classes):
