@@ -9,7 +9,6 @@ top/left and ``shift`` on the bottom/right instead of rolling it (no mask needed
 Windows and head groups are cut in one permute copy of the (padded) map and put back in one, where the
 official code partitions, transposes and reshapes in separate copies (same results).
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
@@ -145,17 +144,10 @@ class SwinMLP(swin.SwinTransformer):
         nn.Module.__init__(self)  # not v1's constructor: it would build v1 stages
         self._init_sizes(num_classes, depths, embed_dim, ape, patch_norm, mlp_ratio)
         self._init_embedding(img_size, patch_size, in_chans, norm_layer, drop_rate, window_size, node='MODEL.SWIN_MLP')
-        patches_resolution = self.patches_resolution
-
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu')]  # stochastic depth
-        self.layers = nn.ModuleList()
-        for i in range(self.num_layers):
-            self.layers.append(BasicLayer(
-                dim=int(embed_dim * 2 ** i),
-                input_resolution=(patches_resolution[0] // (2 ** i), patches_resolution[1] // (2 ** i)),
-                depth=depths[i], num_heads=num_heads[i], window_size=window_size, mlp_ratio=self.mlp_ratio,
-                drop=drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], norm_layer=norm_layer,
-                downsample=PatchMerging if (i < self.num_layers - 1) else None, use_checkpoint=use_checkpoint))
+        self.layers = nn.ModuleList(
+            BasicLayer(**stage, num_heads=num_heads[i], window_size=window_size, mlp_ratio=self.mlp_ratio,
+                       drop=drop_rate, norm_layer=norm_layer, use_checkpoint=use_checkpoint)
+            for i, stage in enumerate(self._stages(depths, drop_path_rate, PatchMerging)))
 
         self._init_head(norm_layer)
 

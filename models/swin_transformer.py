@@ -441,19 +441,12 @@ class SwinTransformer(nn.Module):
         super().__init__()
         self._init_sizes(num_classes, depths, embed_dim, ape, patch_norm, mlp_ratio)
         self._init_embedding(img_size, patch_size, in_chans, norm_layer, drop_rate, window_size)
-        patches_resolution = self.patches_resolution
-
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu')]  # stochastic depth
-        self.layers = nn.ModuleList()
-        for i in range(self.num_layers):
-            self.layers.append(BasicLayer(
-                dim=int(embed_dim * 2 ** i),
-                input_resolution=(patches_resolution[0] // (2 ** i), patches_resolution[1] // (2 ** i)),
-                depth=depths[i], num_heads=num_heads[i], window_size=window_size, mlp_ratio=self.mlp_ratio,
-                qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], norm_layer=norm_layer,
-                downsample=PatchMerging if (i < self.num_layers - 1) else None, use_checkpoint=use_checkpoint,
-                fused_window_process=fused_window_process, fused_attn=fused_attn))
+        self.layers = nn.ModuleList(
+            BasicLayer(**stage, num_heads=num_heads[i], window_size=window_size, mlp_ratio=self.mlp_ratio,
+                       qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
+                       norm_layer=norm_layer, use_checkpoint=use_checkpoint,
+                       fused_window_process=fused_window_process, fused_attn=fused_attn)
+            for i, stage in enumerate(self._stages(depths, drop_path_rate, PatchMerging)))
 
         self._init_head(norm_layer)
         self.apply(self._init_weights)
@@ -481,6 +474,16 @@ class SwinTransformer(nn.Module):
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, self.embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=.02)
         self.pos_drop = nn.Dropout(p=drop_rate)
+
+    def _stages(self, depths, drop_path_rate, downsample):
+        """Per stage, the arguments of the official layout: width doubling and map halving per stage, the
+        stochastic depth rates rising linearly over all blocks, a downsample after every stage but the last."""
+        rates = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu')]
+        height, width = self.patches_resolution
+        for i in range(self.num_layers):
+            yield dict(dim=int(self.embed_dim * 2 ** i), input_resolution=(height // 2 ** i, width // 2 ** i),
+                       depth=depths[i], drop_path=rates[sum(depths[:i]):sum(depths[:i + 1])],
+                       downsample=downsample if i < self.num_layers - 1 else None)
 
     def _init_head(self, norm_layer):
         self.norm = norm_layer(self.num_features)

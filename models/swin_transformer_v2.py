@@ -280,19 +280,12 @@ class SwinTransformerV2(swin.SwinTransformer):
         nn.Module.__init__(self)  # not v1's constructor: it would build v1 stages
         self._init_sizes(num_classes, depths, embed_dim, ape, patch_norm, mlp_ratio)
         self._init_embedding(img_size, patch_size, in_chans, norm_layer, drop_rate, window_size, node='MODEL.SWINV2')
-        patches_resolution = self.patches_resolution
-
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu')]  # stochastic depth
-        self.layers = nn.ModuleList()
-        for i in range(self.num_layers):
-            self.layers.append(BasicLayer(
-                dim=int(embed_dim * 2 ** i),
-                input_resolution=(patches_resolution[0] // (2 ** i), patches_resolution[1] // (2 ** i)),
-                depth=depths[i], num_heads=num_heads[i], window_size=window_size, mlp_ratio=self.mlp_ratio,
-                qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], norm_layer=norm_layer,
-                downsample=PatchMerging if (i < self.num_layers - 1) else None, use_checkpoint=use_checkpoint,
-                pretrained_window_size=pretrained_window_sizes[i], fused_attn=fused_attn))
+        self.layers = nn.ModuleList(
+            BasicLayer(**stage, num_heads=num_heads[i], window_size=window_size, mlp_ratio=self.mlp_ratio,
+                       qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate, norm_layer=norm_layer,
+                       use_checkpoint=use_checkpoint, pretrained_window_size=pretrained_window_sizes[i],
+                       fused_attn=fused_attn)
+            for i, stage in enumerate(self._stages(depths, drop_path_rate, PatchMerging)))
 
         self._init_head(norm_layer)
 
