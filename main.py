@@ -53,8 +53,9 @@ def main(config: CfgNode) -> int:
     check_paths(config)
     device = utils.init_distributed(config)
     logger = create_logger(config.OUTPUT_DIR, config.RANK, name=config.MODEL.NAME)
-    if config.RANK == 0 and not_implemented_warning(config):  # said on stderr before the log files existed
-        log_to_files(config.MODEL.NAME, not_implemented_warning(config), logging.WARNING)
+    unimplemented = not_implemented_warning(config)
+    if config.RANK == 0 and unimplemented:  # said on stderr before the log files existed
+        log_to_files(config.MODEL.NAME, unimplemented, logging.WARNING)
     config = classes_from_dataset(config, logger)
     runtime = Runtime(device, utils.resolve_precision(config, device), logger)
     tf32 = f" (TF32 {'on' if config.TF32 else 'off'} for float32 matmuls)" if device.type == 'cuda' else ''
