@@ -23,6 +23,8 @@ from timm.layers import DropPath, to_2tuple, trunc_normal_
 
 from errors import ConfigError
 
+from .cpu_linear import Linear, linear, packable
+
 # Logits between tokens from different regions of a shifted window get -100 like the official code: exp(-100)
 # is negligible next to the unmasked terms, and unlike -inf it stays finite in fp16 and in sums with the bias.
 _MASK_VALUE = -100.0
@@ -40,14 +42,17 @@ class Mlp(nn.Module):
         super().__init__()
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.fc2 = Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        x = self.drop(self.act(self.fc1(x)))
-        return self.drop(self.fc2(x))
+        if type(self.act) is nn.GELU and self.act.approximate == 'none' and packable(x, self.fc1.weight):
+            x = linear(x, self.fc1.weight, self.fc1.bias, gelu=True)  # GELU inside the product (CPU inference)
+        else:
+            x = self.act(self.fc1(x))
+        return self.drop(self.fc2(self.drop(x)))
 
 
 def window_partition(x, window_size):
@@ -134,9 +139,9 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
         self.register_buffer('relative_position_index', relative_position_index(self.window_size))
 
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
@@ -269,7 +274,7 @@ class PatchMerging(nn.Module):
         super().__init__()
         self.input_resolution = input_resolution
         self.dim = dim
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
         self.norm = norm_layer(4 * dim)
 
     def merge(self, x):
@@ -488,7 +493,7 @@ class SwinTransformer(nn.Module):
     def _init_head(self, norm_layer):
         self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool1d(1)
-        self.head = nn.Linear(self.num_features, self.num_classes) if self.num_classes > 0 else nn.Identity()
+        self.head = Linear(self.num_features, self.num_classes) if self.num_classes > 0 else nn.Identity()
 
     @staticmethod
     def _init_weights(m):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, to_2tuple
 
 from . import swin_transformer as swin
+from .cpu_linear import Linear, linear
 from .swin_transformer import (
     Mlp,
     _sdpa_is_faster,
@@ -84,7 +85,7 @@ class WindowAttention(nn.Module):
                              relative_coords_table(self.window_size, self.pretrained_window_size))
         self.register_buffer('relative_position_index', relative_position_index(self.window_size))
 
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.qkv = Linear(dim, dim * 3, bias=False)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))
@@ -92,7 +93,7 @@ class WindowAttention(nn.Module):
             self.q_bias = None
             self.v_bias = None
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def position_bias(self):
@@ -122,7 +123,7 @@ class WindowAttention(nn.Module):
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         # cut the qkv map into windows and heads in one copy: 3, B, nW, heads, N, head_dim
-        qkv = F.linear(x, self.qkv.weight, bias).view(B, nh, wh, nw, ww, 3, heads, head_dim)
+        qkv = linear(x, self.qkv.weight, bias).view(B, nh, wh, nw, ww, 3, heads, head_dim)
         q, k, v = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, B, nh * nw, heads, wh * ww, head_dim).unbind(0)
         # cosine similarity times the clamped per-head scale: normalize k, and q with the scale folded in
         scale = torch.clamp(self.logit_scale, max=_MAX_LOG_SCALE).exp()  # heads, 1, 1

@@ -26,8 +26,10 @@ Examples::
     python scripts/benchmark.py --models V2-T,V2-S                # SwinV2 vs timm's swinv2_*_window8_256
     python scripts/benchmark.py --device cuda --dtypes fp32,bf16,fp16 --batch-size 128 --compile both
     python scripts/benchmark.py --official /path/to/Swin-Transformer   # adds the official code as a column
+    python scripts/benchmark.py --columns ours,ours-plain,timm --modes infer   # CPU: what models/cpu_linear gains
 """
 import argparse
+import copy
 import importlib.util
 import itertools
 import json
@@ -46,7 +48,7 @@ if ROOT not in sys.path:
 from config import load_config  # noqa: E402
 from engine import grad_norm_and_clip  # noqa: E402
 from errors import SwinTrainError  # noqa: E402
-from models import build_model  # noqa: E402
+from models import build_model, cpu_linear  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
 
 # MODEL.TYPE -> input size and window of its reference configs, timm's model name per size, official file/class
@@ -104,7 +106,8 @@ def parse_args(argv=None):
     parser.add_argument('--families', default='swin',
                         help="comma-separated MODEL.TYPEs (swin, swinv2, swin_mlp), or 'all': those that build here")
     parser.add_argument('--columns', default='ours,timm,official',
-                        help='implementations to compare, from ours,timm,official (official needs --official)')
+                        help='implementations to compare, from ours,timm,official (official needs --official) and '
+                             'ours-plain (ours with models/cpu_linear switched off: F.linear everywhere)')
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--img-size', type=int, default=None,
                         help="default: the family's reference size (224 for Swin, 256 for SwinV2 and Swin-MLP)")
@@ -197,6 +200,8 @@ def build_models(family, size, args):
     kwargs = model_kwargs(family, size, args.img_size)
     models = {}
     models['ours'], config = ours(family, kwargs, args.attn == 'fused')
+    if 'ours-plain' in args.columns:
+        models['ours-plain'] = copy.deepcopy(models['ours'])
     timm_name = FAMILIES[family]['timm']
     if 'timm' in args.columns and timm_name:
         theirs = timm.create_model(timm_name.format(SIZES[size][0]), pretrained=False,
@@ -214,6 +219,17 @@ def build_models(family, size, args):
         except Exception as e:  # foreign code: report and measure the rest
             log(f'official {family} model from {args.official} not usable: {type(e).__name__}: {e}')
     return models, config
+
+
+def without_cpu_linear(step):
+    """``step`` run with models/cpu_linear switched off (the column 'ours-plain')."""
+    def plain_step():
+        enabled, cpu_linear._enabled = cpu_linear._enabled, False
+        try:
+            return step()
+        finally:
+            cpu_linear._enabled = enabled
+    return plain_step
 
 
 def synchronize(device):
@@ -402,6 +418,8 @@ def main(argv=None):
                 log(f'{label}: {", ".join(runnable)}')
                 steps = {n: make_step(m, mode, device, DTYPES[dtype_name], images, labels, config)
                          for n, m in runnable.items()}
+                if 'ours-plain' in steps:
+                    steps['ours-plain'] = without_cpu_linear(steps['ours-plain'])
                 rates = measure(steps, args, device, args.batch_size, label)
                 peak = args.peak_tflops or (peak_tflops(device_name, dtype_name, args.tf32)
                                             if device.type == 'cuda' else None)

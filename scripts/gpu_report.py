@@ -35,9 +35,10 @@ def env():
             name = torch.cuda.get_device_name(i)
             props = torch.cuda.get_device_properties(i)
             peak = benchmark.PEAK_TFLOPS.get(name)
+            peak = (', '.join(f'{k} {v}' for k, v in peak.items()) + ' TFLOP/s' if peak
+                    else 'not in the table (MFU column empty)')
             lines.append(f'- GPU {i}: `{name}`, {props.total_memory / 2 ** 30:.0f} GiB, capability '
-                         f'{props.major}.{props.minor}, bf16 {torch.cuda.is_bf16_supported()}; MFU peak: '
-                         f'{f"{peak} TFLOP/s" if peak else "not in the table (MFU column empty)"}')
+                         f'{props.major}.{props.minor}, bf16 {torch.cuda.is_bf16_supported()}; MFU peak: {peak}')
     else:
         lines.append('- no CUDA device: dry mode (toy sizes on the CPU)')
     print('\n'.join(lines))

@@ -535,3 +535,17 @@ def test_dataset_num_classes_when_the_user_left_it(tmp_path):
     assert dataset_num_classes(load_config(None, unset + ['DATA.ZIP_MODE', True], environ={}))[0] == 1000
     with pytest.raises(DataError, match=re.escape(f"split folder {os.path.join(tmp_path, 'train')} not found")):
         dataset_num_classes(load_config(None, ['DATA.DATA_PATH', str(tmp_path)], environ={}))
+
+
+def test_data_benchmark_times_whole_waves_of_workers(tmp_path):
+    """scripts/benchmark_data.py: with 2 workers a timed window of 1 batch would fall inside one wave of
+    batches made in parallel; the script widens warm-up and timing to whole waves and runs to its table."""
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'scripts', 'benchmark_data.py'), '--device', 'cpu', '--classes', '2',
+         '--images-per-class', '6', '--side', '40', '60', '--img-size', '32', '--batch-size', '2', '--workers', '2',
+         '--warmup', '1', '--batches', '1', '--rounds', '1'],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 'each measurement: 2 warm-up + 2 timed batches (whole waves of the workers; in-process CPU time: 1 + 1)' \
+        in out.stdout
+    assert re.search(r'^val ours-u8 +[\d.]+ +[\d.]+x', out.stdout, re.M), out.stdout
