@@ -2,14 +2,15 @@
 
 ``F.linear`` on the CPU broadcasts the bias into the output (one pass over it) and then runs MKL's sgemm; an
 ``nn.GELU`` after it is another pass. oneDNN's matmul adds the bias and applies GELU inside the product, and
-reads a weight reordered once into its blocked layout. On Swin's layer shapes in fp32 that is 1.05-1.28x per
-product (1.14x over all of them) and the logits change by about 1e-6 (docs/PERFORMANCE.md). It is what
-PyTorch's own compiler emits for frozen CPU graphs; here it runs in eager mode.
+reads a weight reordered once into its blocked layout. Whole models infer 1.11-1.21x faster in fp32 and the
+logits move by about 1e-6 (``scripts/benchmark.py --columns ours,ours-plain``, docs/PERFORMANCE.md). It is
+what PyTorch's own compiler emits for frozen CPU graphs; here it runs in eager mode.
 
 It is used only where nothing can notice: no autograd (``torch.no_grad`` / ``torch.inference_mode``), plain
-CPU float32 tensors, and no tracing, compiling or exporting (those see ``F.linear``, which they know). Packed
-weights are cached per parameter, held weakly, and packed again when the parameter changes (its version
-counter or storage) and whenever the layer switches between train and eval mode. Anywhere else, and where this PyTorch build has no oneDNN, ``F.linear`` runs as before.
+CPU float32 tensors outside CPU autocast, and no tracing, compiling or exporting (those see ``F.linear``, which
+they know). Packed weights are cached per parameter, held weakly, and packed again when the parameter changes
+(its version counter or storage) and whenever the layer switches between train and eval mode. Anywhere else,
+and where this PyTorch build has no oneDNN, ``F.linear`` runs as before.
 """
 import torch
 import torch.nn as nn
@@ -24,7 +25,7 @@ def packable(x, weight):
     """Whether ``linear`` may take the oneDNN path for input ``x`` and ``weight``."""
     return (_enabled and not torch.is_grad_enabled() and type(x) is torch.Tensor
             and x.dtype == torch.float32 and x.device.type == 'cpu' and weight.dtype == torch.float32
-            and weight.device.type == 'cpu' and not _graph_capture())
+            and weight.device.type == 'cpu' and not torch.is_autocast_enabled('cpu') and not _graph_capture())
 
 
 def _graph_capture():

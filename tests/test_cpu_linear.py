@@ -76,6 +76,9 @@ def test_autograd_tracing_and_other_dtypes_take_the_plain_path():
         assert calls == 0  # the traced graph (and ONNX export, which traces) holds aten::linear
         _, calls = onednn_calls(lambda: copy.deepcopy(model).double()(x.double()))
         assert calls == 0
+        with torch.autocast('cpu', dtype=torch.bfloat16):  # autocast picks the dtype: bf16 matmuls stay bf16
+            out, calls = onednn_calls(lambda: model(x))
+        assert calls == 0 and out.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize('optimizer', ['sgd', 'fused_adamw'])
