@@ -17,6 +17,12 @@ from yacs.config import CfgNode
 
 from errors import ConfigError
 
+# Sections of official config files for families this project does not build: named, not "unknown"
+UNSUPPORTED_SECTIONS = {
+    'MODEL.SWIN_MOE': 'Swin-MoE (MODEL.TYPE swin_moe, section MODEL.SWIN_MOE) is not supported: this project '
+                      'builds swin, swinv2 and swin_mlp (the official Swin-MoE needs the tutel MoE library)',
+}
+
 
 # -----------------------------------------------------------------------------
 # YAML files and --opts
@@ -66,6 +72,8 @@ def merge_dict(config: CfgNode, data: dict, source: str, prefix: str = '', given
     for key, value in data.items():
         full_key = f"{prefix}.{key}" if prefix else key
         if key not in config:
+            if full_key in UNSUPPORTED_SECTIONS:
+                raise ConfigError(f"{source}: {UNSUPPORTED_SECTIONS[full_key]}")
             raise ConfigError(f"unknown config key {full_key} in {source}")
         current = config[key]
         if isinstance(current, CfgNode):

@@ -167,6 +167,16 @@ def test_unknown_key_in_yaml_names_key_and_file(tmp_path):
     assert '\n' not in message
 
 
+def test_official_swin_moe_file_names_the_unsupported_family(tmp_path):
+    """The start of the official configs/swinmoe files: not 'unknown key', but which family is missing."""
+    cfg = write(tmp_path / 'swin_moe_small.yaml', "DATA:\n  IMG_SIZE: 192\nMODEL:\n  TYPE: swin_moe\n"
+                "  SWIN_MOE:\n    EMBED_DIM: 96\n    MOE_BLOCKS: [[-1], [-1], [1, 3], [1]]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg, environ={})
+    message = str(err.value)
+    assert message.startswith(cfg) and 'Swin-MoE' in message and 'unknown' not in message and '\n' not in message
+
+
 def test_duplicate_key_in_yaml_is_an_error(tmp_path):
     cfg = write(tmp_path / 'dup.yaml', "DATA:\n  IMG_SIZE: 32\nMODEL:\n  NAME: x\nDATA:\n  BATCH_SIZE: 4\n")
     with pytest.raises(ConfigError, match=r"config key DATA appears twice in .*dup.yaml \(line 5\)"):
