@@ -10,15 +10,19 @@ It is used only where nothing can notice: no autograd (``torch.no_grad`` / ``tor
 CPU float32 tensors outside CPU autocast, and no tracing, compiling or exporting (those see ``F.linear``, which
 they know). Packed weights are cached per parameter, held weakly, and packed again when the parameter changes
 (its version counter or storage) and whenever the layer switches between train and eval mode. Anywhere else,
-and where this PyTorch build has no oneDNN, ``F.linear`` runs as before.
+on processors other than x86-64 and where this PyTorch build has no oneDNN, ``F.linear`` runs as before.
 """
+import platform
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 _packed = WeakIdKeyDictionary()  # weight parameter -> ((version, data pointer), packed weight)
-_enabled = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+# measured on x86-64 only (AMD EPYC, AVX-512); ARM builds keep their own BLAS path
+_enabled = (platform.machine().lower() in ('x86_64', 'amd64') and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, '_linear_pointwise'))
 
 
 def packable(x, weight):
