@@ -12,6 +12,7 @@ they know). Packed weights are cached per parameter, held weakly, and packed aga
 (its version counter or storage) and whenever the layer switches between train and eval mode. Anywhere else,
 on processors other than x86-64 and where this PyTorch build has no oneDNN, ``F.linear`` runs as before.
 """
+import contextlib
 import platform
 
 import torch
@@ -56,6 +57,17 @@ def linear(x, weight, bias=None, gelu=False):
             _enabled = False
     x = F.linear(x, weight, bias)
     return F.gelu(x) if gelu else x
+
+
+@contextlib.contextmanager
+def disabled():
+    """``F.linear`` everywhere inside the block: the plain path, to compare against (benchmarks, tests)."""
+    global _enabled
+    enabled, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = enabled
 
 
 class Linear(nn.Linear):

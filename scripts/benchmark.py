@@ -224,11 +224,8 @@ def build_models(family, size, args):
 def without_cpu_linear(step):
     """``step`` run with models/cpu_linear switched off (the column 'ours-plain')."""
     def plain_step():
-        enabled, cpu_linear._enabled = cpu_linear._enabled, False
-        try:
+        with cpu_linear.disabled():
             return step()
-        finally:
-            cpu_linear._enabled = enabled
     return plain_step
 
 

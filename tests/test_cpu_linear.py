@@ -32,33 +32,34 @@ def onednn_calls(fn):
     return out, sum(e.count for e in prof.key_averages() if e.key == ONEDNN_OP)
 
 
-def plain(fn, monkeypatch):
+def plain(fn):
     """fn() with the oneDNN path switched off: F.linear and nn.GELU, as before this module existed."""
-    with monkeypatch.context() as m:
-        m.setattr(cpu_linear, '_enabled', False)
-        return fn()
+    with cpu_linear.disabled():
+        out, calls = onednn_calls(fn)
+    assert calls == 0
+    return out
 
 
 @pytest.mark.parametrize('family', list(FAMILIES))
-def test_inference_runs_through_onednn_and_equals_the_plain_path(family, monkeypatch):
+def test_inference_runs_through_onednn_and_equals_the_plain_path(family):
     model, x = make(family), torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
         fast, calls = onednn_calls(lambda: model(x))
-        reference = plain(lambda: model(x), monkeypatch)
+        reference = plain(lambda: model(x))
     linears = [m for m in model.modules() if isinstance(m, cpu_linear.Linear)]
     assert calls == len(linears)  # one product per layer, fc1's GELU inside it
     assert all(m.weight in cpu_linear._packed for m in linears)
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
 
 
-def test_mlp_fuses_exact_gelu_and_keeps_other_activations(monkeypatch):
+def test_mlp_fuses_exact_gelu_and_keeps_other_activations():
     torch.manual_seed(0)
     x = torch.randn(2, 7, 16)
     for act in (torch.nn.GELU, lambda: torch.nn.GELU(approximate='tanh'), torch.nn.ReLU):
         mlp = Mlp(16, 40, act_layer=act).eval()
         with torch.no_grad():
             fast, calls = onednn_calls(lambda m=mlp: m(x))
-            reference = plain(lambda m=mlp: m(x), monkeypatch)
+            reference = plain(lambda m=mlp: m(x))
         assert calls == 2  # fc1 (with or without GELU inside) and fc2
         torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fast, mlp.fc2(mlp.act(F.linear(x, mlp.fc1.weight, mlp.fc1.bias))))
@@ -82,7 +83,7 @@ def test_autograd_tracing_and_other_dtypes_take_the_plain_path():
 
 
 @pytest.mark.parametrize('optimizer', ['sgd', 'fused_adamw'])
-def test_changed_weights_are_packed_again(optimizer, monkeypatch):
+def test_changed_weights_are_packed_again(optimizer):
     """An optimizer step between two evaluations: SGD bumps the weights' version counters, fused AdamW does not
     (the train/eval switch around it drops the packed copies)."""
     model, x = make('swin'), torch.randn(2, 3, 32, 32)
@@ -97,12 +98,12 @@ def test_changed_weights_are_packed_again(optimizer, monkeypatch):
     with torch.inference_mode():
         after_step = model(x)
         assert not torch.allclose(after_step, before, atol=1e-3)
-        torch.testing.assert_close(after_step, plain(lambda: model(x), monkeypatch), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(after_step, plain(lambda: model(x)), rtol=1e-5, atol=1e-5)
 
     other = make('swin', seed=1)
     model.load_state_dict(other.state_dict())  # copy_ into the same parameters
     with torch.inference_mode():
-        torch.testing.assert_close(model(x), plain(lambda: other(x), monkeypatch), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x), plain(lambda: other(x)), rtol=1e-5, atol=1e-5)
 
 
 def test_deepcopy_after_inference_and_the_cache_dies_with_the_model():
