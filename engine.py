@@ -19,7 +19,7 @@ from data import to_device
 from errors import TrainingError
 from logger import format_accuracy, format_eta, format_meter, format_throughput
 from run_state import RunState, Runtime, TrainingObjects
-from utils import Precision, all_reduce_sum, unwrap_model
+from utils import Precision, all_reduce_sum, synchronize, unwrap_model
 
 if TYPE_CHECKING:
     from evaluation import ClassCounts
@@ -342,25 +342,20 @@ def throughput(images: torch.Tensor, model: torch.nn.Module, precision: Precisio
     (with an ETA) is logged every ``_PROGRESS_SECONDS``; the result ends in the official line."""
     model.eval()
     batch_size = images.shape[0]
-
-    def synchronize():
-        if images.device.type == 'cuda':
-            torch.cuda.synchronize(images.device)
-
     logger.info(f"throughput: {warmup} warm-up + {iterations} timed forward passes of batch {batch_size} "
                 f"({precision}, {images.device})")
     progress = _PassProgress(warmup + iterations, logger)
     with precision.autocast():
         for i in range(warmup):
             model(images)
-            progress.tick(i + 1, 'warm-up', synchronize)
-        synchronize()
+            progress.tick(i + 1, 'warm-up', images.device)
+        synchronize(images.device)
         logger.info(f"throughput averaged with {iterations} times\tprecision {precision} on {images.device}")
         tic = time.perf_counter()
         for i in range(iterations):
             model(images)
-            progress.tick(warmup + i + 1, 'timed', synchronize)
-        synchronize()
+            progress.tick(warmup + i + 1, 'timed', images.device)
+        synchronize(images.device)
     elapsed = time.perf_counter() - tic
     value = iterations * batch_size / elapsed
     logger.info(format_throughput(batch_size, value))
@@ -382,10 +377,10 @@ class _PassProgress:
         self.total, self.logger = total, logger
         self.start = self.last = time.perf_counter()
 
-    def tick(self, passes, phase, synchronize):
+    def tick(self, passes, phase, device):
         if passes != 1 and time.perf_counter() - self.last < _PROGRESS_SECONDS:
             return
-        synchronize()  # (CUDA) the passes counted have run, so the pace is real
+        synchronize(device)  # (CUDA) the passes counted have run, so the pace is real
         self.last = time.perf_counter()
         per_pass = (self.last - self.start) / passes
         self.logger.info(f"throughput: {phase} pass {passes}/{self.total}, {per_pass:.2f}s per pass, "

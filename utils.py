@@ -73,6 +73,14 @@ def cleanup_distributed(reason: str = 'finished') -> None:
         dist.destroy_process_group()
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait until ``device`` has run the work queued on it (CUDA runs asynchronously; a CPU has nothing queued).
+    Timers call it on both ends of what they time."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

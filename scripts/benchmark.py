@@ -50,6 +50,7 @@ from engine import grad_norm_and_clip  # noqa: E402
 from errors import SwinTrainError  # noqa: E402
 from models import build_model, cpu_linear  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
+from utils import synchronize  # noqa: E402
 
 # MODEL.TYPE -> input size and window of its reference configs, timm's model name per size, official file/class
 FAMILIES = {
@@ -227,11 +228,6 @@ def without_cpu_linear(step):
         with cpu_linear.disabled():
             return step()
     return plain_step
-
-
-def synchronize(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def make_step(model, mode, device, dtype, images, labels, config):

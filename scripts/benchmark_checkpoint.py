@@ -28,6 +28,7 @@ from lr_scheduler import build_scheduler  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
 from run_state import RunState, TrainingObjects  # noqa: E402
+from utils import synchronize  # noqa: E402
 
 
 def training_objects(cfg, device, output):
@@ -45,11 +46,6 @@ def training_objects(cfg, device, output):
 def checkpoint_of(config, objects, epoch, micro_batch):
     return checkpoint.training_state(config, objects, RunState(epoch, micro_batch, 100 * epoch), [],
                                      [checkpoint.capture_rng_state()])
-
-
-def synchronize(device):
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
 
 
 def main():

@@ -41,6 +41,7 @@ if ROOT not in sys.path:
 import data  # noqa: E402
 from config import load_config  # noqa: E402
 from data.transforms import fix_posterize  # noqa: E402
+from utils import synchronize  # noqa: E402
 
 
 def parse_args():
@@ -139,11 +140,6 @@ def seconds_per_image(loader, device, move, warmup, batches, epoch, clock):
     elapsed = clock() - start
     del it  # stops the workers
     return elapsed / seen
-
-
-def synchronize(device):
-    if str(device).startswith('cuda'):
-        torch.cuda.synchronize(device)
 
 
 def plain_move(batch, device):
