@@ -240,6 +240,8 @@ class PeerWatch(threading.Thread):
         self.keep_alive = None
         self._stopped = threading.Event()
         self._store = None
+        self._main_store = None  # the failing main thread's own connection (_failure_store)
+        self._store_gone = None  # why record_failure could not reach the store: explain_failure then says so
 
     # -- this rank -------------------------------------------------------------------------------
     def run(self):
@@ -322,7 +324,7 @@ class PeerWatch(threading.Thread):
     def _failure_store(self):
         """Its own connection (the heartbeat thread keeps using its one), with short waits: a store that is gone
         must not hold back the line that says so."""
-        if getattr(self, '_main_store', None) is None:
+        if self._main_store is None:
             if self.store_refuses():  # connecting would retry for the whole wait
                 raise DistributedError("connection refused")
             wait = min(self.peer_timeout, self.FAILURE_WAIT)
@@ -343,7 +345,7 @@ class PeerWatch(threading.Thread):
         """The other rank that failed first (recorded its error), or ranks that neither beat nor said goodbye
         within ``grace`` seconds; None when neither."""
         try:
-            if getattr(self, '_store_gone', None) is not None:
+            if self._store_gone is not None:
                 raise self._store_gone
             store = self._failure_store()
             first = self._first_failure(store)
