@@ -93,7 +93,7 @@ def merge_opts(config: CfgNode, opts: Sequence[Any] | None, derived_keys: Collec
     opts = list(opts or [])
     if len(opts) % 2:
         raise ConfigError(f"--opts takes KEY VALUE pairs; {opts[-1]!r} has no value")
-    for key, text in zip(opts[0::2], opts[1::2]):
+    for key, text in zip(opts[0::2], opts[1::2], strict=True):
         if key in derived_keys:
             raise ConfigError(f"config key {key} in --opts is derived and cannot be set")
         node, parts = config, key.split('.')

@@ -314,7 +314,7 @@ def validate(config: CfgNode, data_loader: Iterable, model: torch.nn.Module, dev
         totals[3] += target.shape[0]  # a scalar kernel argument: no host-to-device copy, no sync
         if (idx + 1) % config.PRINT_FREQ == 0:
             now, current = time.time(), totals.tolist()
-            window = [a - b for a, b in zip(current, logged)]
+            window = [a - b for a, b in zip(current, logged, strict=True)]
             batch_time = (now - logged_time) / (idx + 1 - logged_batches)
             logger.info(f"{header}: [{idx + 1}/{len(data_loader)}]\t"
                         f"Time {format_meter(batch_time, (now - start) / (idx + 1), 3)}\t"

@@ -48,7 +48,7 @@ class ClassCounts:
         """{class name: {'images': n, 'acc1': percent or None when the class has no image}}."""
         images, correct = self.images.tolist(), self.correct.tolist()
         return {str(name): {'images': n, 'acc1': 100.0 * c / n if n else None}
-                for name, n, c in zip(class_names, images, correct)}
+                for name, n, c in zip(class_names, images, correct, strict=True)}
 
 
 def write_eval_results(config, summary, counts, class_names):
@@ -87,7 +87,8 @@ def save_confusion_matrix(confusion, class_names, title, path):
     axes.set_ylabel('true class')
     axes.set_title(title)
     if n <= 20:
-        for (i, j), count in zip(((i, j) for i in range(n) for j in range(n)), confusion.flatten().tolist()):
+        cells = ((i, j) for i in range(n) for j in range(n))
+        for (i, j), count in zip(cells, confusion.flatten().tolist(), strict=True):
             if count:
                 axes.text(j, i, str(count), ha='center', va='center', fontsize=8,
                           color='white' if percent[i, j] > 50 else 'black')

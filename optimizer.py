@@ -108,7 +108,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, skip: Collection[s
 
 
 def _log_groups(logger, groups, names):
-    for group, group_names in zip(groups, names):
+    for group, group_names in zip(groups, names, strict=True):
         scale = f", lr_scale {group['lr_scale']:.4g}" if 'lr_scale' in group else ''
         count = sum(p.numel() for p in group['params'])
         logger.info(f"param group (weight_decay {group['weight_decay']}{scale}): "

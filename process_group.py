@@ -77,7 +77,7 @@ def _agree_on_round(store, rank, world_size, deadline):
             hellos = [v.decode() for v in _multi_get(store, hello_keys, deadline)]
             store.set(f'{NAMESPACE}/plan', ' '.join([mine] + hellos))
             acks = [v.decode() for v in _multi_get(store, ack_keys, deadline)]
-            missing = [r for r, ack, hello in zip(range(1, world_size), acks, hellos[1:])
+            missing = [r for r, ack, hello in zip(range(1, world_size), acks, hellos[1:], strict=True)
                        if ack != f'{mine}:{hello}']
             if not missing:
                 return mine

@@ -174,7 +174,7 @@ def decode_batch(batch, device):
     """(N x 3 x H x W uint8 on ``device``, erasing plans [(index, ErasePlan)]) of an EncodedBatch."""
     device = torch.device(device)
     encoded = [k for k, item in enumerate(batch.images) if item.encoded]
-    decoded = dict(zip(encoded, _decode_or_fallback([batch.images[k].data for k in encoded], device)))
+    decoded = dict(zip(encoded, _decode_or_fallback([batch.images[k].data for k in encoded], device), strict=True))
     outputs, erasing = [], []
     for k, item in enumerate(batch.images):
         image = decoded[k] if item.encoded else item.data.to(device, non_blocking=True).permute(2, 0, 1)

@@ -85,7 +85,7 @@ class ImageBatch(NamedTuple):
 
 
 def collate_image_files(samples):
-    positions, images, errors = zip(*samples)
+    positions, images, errors = zip(*samples, strict=True)
     readable = [image is not None for image in images]
     stacked = [image for image in images if image is not None]
     return ImageBatch(list(positions), torch.stack(stacked) if stacked else torch.empty(0), readable, list(errors))

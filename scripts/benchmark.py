@@ -315,7 +315,7 @@ def peak_tflops(device_name, dtype_name, tf32=False):
 
 def paired_ratio(ours_rates, theirs_rates):
     """Median over rounds of ours/theirs: each round's pair ran back to back, so load changes cancel."""
-    return statistics.median(a / b for a, b in zip(ours_rates, theirs_rates))
+    return statistics.median(a / b for a, b in zip(ours_rates, theirs_rates, strict=True))
 
 
 def format_table(rows, columns):
@@ -329,7 +329,7 @@ def format_table(rows, columns):
         line += [f"{100 * row['mfu']:.1f}%" if row['mfu'] is not None else '-']
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = ['| ' + ' | '.join(cell.ljust(w) for cell, w in zip(line, widths)) + ' |' for line in lines]
+    out = ['| ' + ' | '.join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) + ' |' for line in lines]
     out.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
     return '\n'.join(out)
 

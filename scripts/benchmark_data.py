@@ -212,7 +212,8 @@ def main():
     for name in names:
         base = f"{name.split()[0]} baseline"
         wall, cpu = (statistics.median(results[name, kind]) for kind in ('wall', 'cpu'))
-        wall_ratio, cpu_ratio = (statistics.median(b / t for b, t in zip(results[base, kind], results[name, kind]))
+        wall_ratio, cpu_ratio = (statistics.median(b / t for b, t in zip(results[base, kind], results[name, kind],
+                                                                         strict=True))
                                  for kind in ('wall', 'cpu'))
         print(f"{name:<20}{1 / wall:>10.1f}{wall_ratio:>9.2f}x{cpu * 1e3:>20.2f}{cpu_ratio:>9.2f}x")
     if tmp is not None:

@@ -72,7 +72,8 @@ def main():
             config = load_config(None, ['DATA.INTERPOLATION', args.interpolation, *PLAIN, *opts], environ={})
             transform = build_transform(True, config, uint8=True)
             outputs, seconds = run(lambda d, t=transform: t(open_image(d)).pixels, data, seeds)
-            diffs = torch.stack([(o.to(torch.int16) - r.to(torch.int16)).abs() for o, r in zip(outputs, reference)])
+            diffs = torch.stack([(o.to(torch.int16) - r.to(torch.int16)).abs()
+                                 for o, r in zip(outputs, reference, strict=True)])
             print(f"{size:>10} {mode:>12} {int(diffs.max()):>8} {(diffs > 1).double().mean().item():>9.4%} "
                   f"{seconds * 1e3:>9.2f} {timm_seconds / seconds:>7.2f}x")
 

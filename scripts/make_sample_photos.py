@@ -38,7 +38,7 @@ def make_sample_photos(root, train_per_class=40, val_per_class=10, size=128, see
     """Write the set under root (train/ and val/, 10 class folders each); returns root."""
     rng = np.random.default_rng(seed)
     data = load_sample_images()
-    for name, pixels in zip(('temple', 'flower'), data.images):
+    for name, pixels in zip(('temple', 'flower'), data.images, strict=True):
         photo = Image.fromarray(pixels)
         for region, (column, row) in REGIONS.items():
             for split, count in (('train', train_per_class), ('val', val_per_class)):

@@ -69,12 +69,12 @@ def predict(model, loader, paths, names, topk, device, precision, writer):
             with torch.inference_mode(), precision.autocast():
                 logits = model(batch.images.to(device, non_blocking=True))
             top = logits.float().softmax(dim=-1).topk(topk, dim=-1)
-            top = zip(top.indices.tolist(), top.values.tolist())
+            top = zip(top.indices.tolist(), top.values.tolist(), strict=True)
         records = []
-        for position, readable, error in zip(batch.positions, batch.readable, batch.errors):
+        for position, readable, error in zip(batch.positions, batch.readable, batch.errors, strict=True):
             record = {'path': paths[position]}
             indices, probs = next(top) if readable else ([None] * topk, [None] * topk)
-            for k, (index, prob) in enumerate(zip(indices, probs), 1):
+            for k, (index, prob) in enumerate(zip(indices, probs, strict=True), 1):
                 record[f'index_{k}'] = index
                 record[f'class_{k}'] = None if index is None else (names[index] if names else str(index))
                 record[f'prob_{k}'] = None if prob is None else round(prob, 6)

@@ -180,7 +180,7 @@ def assert_same_outputs_and_grads(model, reference, x, tol, grad_tol=None, seed=
         out.square().sum().backward()
         outs.append(out)
     assert rel_diff(outs[1], outs[0]) < tol
-    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert rel_diff(a.grad, b.grad) < (grad_tol or tol), name
 
 

@@ -90,7 +90,7 @@ def epoch_batches(loader, epoch, start_index=0):
 
 def assert_same_batches(a, b):
     assert len(a) == len(b)
-    for batch_a, batch_b in zip(a, b):
+    for batch_a, batch_b in zip(a, b, strict=True):
         assert torch.equal(batch_a.targets, batch_b.targets)
         assert torch.equal(batch_a.images, batch_b.images)
 
@@ -281,8 +281,8 @@ def test_uint8_batches_normalized_by_to_device_match_the_float_path(tmp_path):
     for reprob in (0.0, 1.0):
         config = config_for(root, 'AUG.REPROB', reprob)
         floats, uint8s = build_loader(config, uint8=False), build_loader(config, uint8=True)
-        pairs = list(zip(epoch_batches(floats[2], 0), epoch_batches(uint8s[2], 0)))
-        pairs += list(zip(floats[3], uint8s[3]))
+        pairs = list(zip(epoch_batches(floats[2], 0), epoch_batches(uint8s[2], 0), strict=True))
+        pairs += list(zip(floats[3], uint8s[3], strict=True))
         erased = 0
         for float_batch, batch in pairs:
             expected, expected_targets = float_batch.images, float_batch.targets

@@ -59,7 +59,7 @@ def test_accumulation_of_two_batches_of_4_equals_one_batch_of_8(tiny_config):
     model_b, state_b, _ = one_epoch(plain, fixed_batches(8))
     assert state_a.global_step == state_b.global_step == 2
     assert (state_a.micro_batch, state_b.micro_batch) == (4, 2)
-    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     # and the update did something: weights moved away from the initial ones
     torch.manual_seed(0)

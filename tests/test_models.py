@@ -196,7 +196,7 @@ def test_gradient_checkpointing_same_outputs_and_grads():
         outs.append(out)
     assert len(calls) == 4  # two blocks, each run again in backward: checkpointing is on
     assert rel_diff(outs[1], outs[0]) < 1e-6
-    for (name, a), b in zip(ckpt.named_parameters(), plain.parameters()):
+    for (name, a), b in zip(ckpt.named_parameters(), plain.parameters(), strict=True):
         assert rel_diff(a.grad, b.grad) < 1e-6, name
 
 
@@ -211,7 +211,7 @@ def test_fused_and_manual_attention_agree(cfg, force_sdpa):
     assert rel_diff(out_fused, out_manual) < 1e-5
     out_fused.square().sum().backward()
     out_manual.square().sum().backward()
-    for (name, a), b in zip(fused.named_parameters(), manual.parameters()):
+    for (name, a), b in zip(fused.named_parameters(), manual.parameters(), strict=True):
         assert rel_diff(a.grad, b.grad) < 1e-5, name
 
 
@@ -376,7 +376,7 @@ def test_forward_intermediates_equal_timm(kwargs):
         (expected_final, expected), (final, got) = expected, got
         assert final.shape == expected_final.shape and rel_diff(final, expected_final) < 1e-5
     assert len(got) == len(expected) > 0
-    for ours_map, timm_map in zip(got, expected):
+    for ours_map, timm_map in zip(got, expected, strict=True):
         assert ours_map.shape == timm_map.shape and rel_diff(ours_map, timm_map) < 1e-5
 
 

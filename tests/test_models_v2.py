@@ -100,7 +100,7 @@ def test_forward_intermediates_match_timm(kwargs):
             ours.forward_intermediates(x, **kwargs)
     assert final.shape == expected_final.shape and rel_diff(final, expected_final) < 1e-5
     assert len(got) == len(expected) > 0
-    for ours_map, timm_map in zip(got, expected):
+    for ours_map, timm_map in zip(got, expected, strict=True):
         assert ours_map.shape == timm_map.shape and rel_diff(ours_map, timm_map) < 1e-5
 
 

@@ -19,7 +19,7 @@ def group_names(optimizer, model):
 
 def split_by_decay(optimizer, model):
     decay, no_decay = set(), set()
-    for group, names in zip(optimizer.param_groups, group_names(optimizer, model)):
+    for group, names in zip(optimizer.param_groups, group_names(optimizer, model), strict=True):
         (decay if group['weight_decay'] > 0 else no_decay).update(names)
     return decay, no_decay
 
@@ -117,7 +117,8 @@ def test_layer_decay_ids():
 
 def lr_scales(optimizer, model):
     """{parameter name: lr_scale of its group}."""
-    return {name: group['lr_scale'] for group, names in zip(optimizer.param_groups, group_names(optimizer, model))
+    return {name: group['lr_scale']
+            for group, names in zip(optimizer.param_groups, group_names(optimizer, model), strict=True)
             for name in names}
 
 
@@ -151,7 +152,7 @@ def test_logs_group_sizes(tiny_config, caplog):
         optimizer = build_optimizer(config, model, logger)
     lines = [r.getMessage() for r in caplog.records if r.name == 'test_optimizer']
     assert len(lines) == len(optimizer.param_groups) == 2
-    for line, group in zip(lines, optimizer.param_groups):
+    for line, group in zip(lines, optimizer.param_groups, strict=True):
         assert f"{len(group['params'])} tensors, {sum(p.numel() for p in group['params'])} parameters" in line
 
 

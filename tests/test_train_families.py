@@ -101,5 +101,5 @@ def test_torch_compile_gives_eager_outputs_and_gradients(tiny_config, family):
         outputs.append(out.detach())
         grads.append([p.grad.clone() for p in model.parameters()])
     assert ((outputs[0] - outputs[1]).abs().max() / outputs[0].abs().max()) < 1e-4
-    for (name, _), a, b in zip(model.named_parameters(), *grads):
+    for (name, _), a, b in zip(model.named_parameters(), *grads, strict=True):
         assert ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) < 1e-3, name
