@@ -38,6 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmark import paired_ratio  # noqa: E402
+
 import data  # noqa: E402
 from config import load_config  # noqa: E402
 from data.transforms import fix_posterize  # noqa: E402
@@ -212,9 +214,8 @@ def main():
     for name in names:
         base = f"{name.split()[0]} baseline"
         wall, cpu = (statistics.median(results[name, kind]) for kind in ('wall', 'cpu'))
-        wall_ratio, cpu_ratio = (statistics.median(b / t for b, t in zip(results[base, kind], results[name, kind],
-                                                                         strict=True))
-                                 for kind in ('wall', 'cpu'))
+        # seconds per image: baseline / ours is the speed-up
+        wall_ratio, cpu_ratio = (paired_ratio(results[base, kind], results[name, kind]) for kind in ('wall', 'cpu'))
         print(f"{name:<20}{1 / wall:>10.1f}{wall_ratio:>9.2f}x{cpu * 1e3:>20.2f}{cpu_ratio:>9.2f}x")
     if tmp is not None:
         tmp.cleanup()
