@@ -296,6 +296,11 @@ _C.SEED = 0
 _C.EVAL_MODE = False
 # Only measure throughput (--throughput)
 _C.THROUGHPUT_MODE = False
+_C.THROUGHPUT = CN()  # the --throughput protocol; the official one (50 + 30 passes) unless shortened
+# Untimed forward passes (>= 1) before the clock starts (a CPU run may want fewer: the first line says how long)
+_C.THROUGHPUT.WARMUP_PASSES = 50
+# Timed forward passes of one batch
+_C.THROUGHPUT.TIMED_PASSES = 30
 # Device: auto (cuda when available) | cpu | cuda | cuda:N
 _C.DEVICE = 'auto'
 # [Official] FUSED_WINDOW_PROCESS: accepted, the SDPA path is used; FUSED_LAYERNORM: apex's, when importable

@@ -338,15 +338,21 @@ def validate(config: CfgNode, data_loader: Iterable, model: torch.nn.Module, dev
 @torch.no_grad()
 def throughput(images: torch.Tensor, model: torch.nn.Module, precision: Precision, logger: logging.Logger,
                warmup: int = 50, iterations: int = 30) -> float:
-    """The official protocol: ``warmup`` forward passes, then ``iterations`` timed ones on one batch. Progress
-    (with an ETA) is logged every ``_PROGRESS_SECONDS``; the result ends in the official line."""
+    """The official protocol: ``warmup`` (at least 1) forward passes, then ``iterations`` timed ones on one batch.
+    The first line says how long that will take (from the first warm-up pass); progress with an ETA is logged
+    every ``_PROGRESS_SECONDS``; the result ends in the official line."""
     model.eval()
     batch_size = images.shape[0]
-    logger.info(f"throughput: {warmup} warm-up + {iterations} timed forward passes of batch {batch_size} "
-                f"({precision}, {images.device})")
-    progress = _PassProgress(warmup + iterations, logger)
     with precision.autocast():
-        for i in range(warmup):
+        progress = _PassProgress(warmup + iterations, logger)
+        model(images)  # warm-up pass 1 sets the pace for the estimate
+        synchronize(images.device)
+        first = time.perf_counter() - progress.start
+        logger.info(f"throughput: {warmup} warm-up + {iterations} timed forward passes of batch {batch_size} "
+                    f"({precision}, {images.device}); the first pass took {first:.2f}s, so about "
+                    f"{format_eta(first * (warmup + iterations))} in all"
+                    f"{_SHORTEN if first * (warmup + iterations) > _LONG_SECONDS else ''}")
+        for i in range(1, warmup):
             model(images)
             progress.tick(i + 1, 'warm-up', images.device)
         synchronize(images.device)
@@ -367,18 +373,21 @@ def throughput(images: torch.Tensor, model: torch.nn.Module, precision: Precisio
     return value
 
 
+_LONG_SECONDS = 120.0  # past this the first line says how to shorten the protocol
+_SHORTEN = (" (a shorter run: --opts THROUGHPUT.WARMUP_PASSES 5 THROUGHPUT.TIMED_PASSES 10; the official protocol "
+            "is 50 + 30)")
 _PROGRESS_SECONDS = 10.0
 
 
 class _PassProgress:
-    """Logs 'pass i/N ... ETA' at most every _PROGRESS_SECONDS (and after the first pass, which sets the pace)."""
+    """Logs 'pass i/N ... ETA' at most every _PROGRESS_SECONDS."""
 
     def __init__(self, total, logger):
         self.total, self.logger = total, logger
         self.start = self.last = time.perf_counter()
 
     def tick(self, passes, phase, device):
-        if passes != 1 and time.perf_counter() - self.last < _PROGRESS_SECONDS:
+        if time.perf_counter() - self.last < _PROGRESS_SECONDS:
             return
         synchronize(device)  # (CUDA) the passes counted have run, so the pace is real
         self.last = time.perf_counter()

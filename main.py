@@ -110,7 +110,8 @@ def run_throughput(config: CfgNode, model: torch.nn.Module, runtime: Runtime) ->
     else:
         runtime.logger.info("no --data-path: measuring throughput on random input")
         images = torch.randn(config.DATA.BATCH_SIZE, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
-    throughput(images, model, runtime.precision, runtime.logger)
+    throughput(images, model, runtime.precision, runtime.logger,
+               warmup=config.THROUGHPUT.WARMUP_PASSES, iterations=config.THROUGHPUT.TIMED_PASSES)
     return 0
 
 

@@ -12,12 +12,13 @@
 * ``check_bad_images(data_loader, logger)`` after each epoch: the number of unreadable images replaced in the
   loader's latest pass; DataError above DATA.MAX_BAD_FRACTION.
 * ``build_val_transform(config)``: the validation preprocessing of one PIL image (prediction tools).
+* ``usable_workers(requested)``: DATA.NUM_WORKERS capped at the CPU cores this process may use (logged once).
 * ``dataset_num_classes(config) -> (count, source)``: the classes the dataset defines (folder names only), for
   MODEL.NUM_CLASSES when the user left it to the dataset.
 """
-from .build import build_dataset, build_loader, build_mixup, build_val_transform, dataset_num_classes
+from .build import build_dataset, build_loader, build_mixup, build_val_transform, dataset_num_classes, usable_workers
 from .digits import ensure_digits
 from .loader import Batch, check_bad_images, to_device
 
 __all__ = ['Batch', 'build_loader', 'build_dataset', 'build_mixup', 'build_val_transform', 'check_bad_images',
-           'dataset_num_classes', 'to_device', 'ensure_digits']
+           'dataset_num_classes', 'to_device', 'ensure_digits', 'usable_workers']

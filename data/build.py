@@ -1,5 +1,6 @@
 """build_loader: the datasets, samplers and loaders of a run and the Mixup/CutMix function (the structure
 of the official Swin data/build.py)."""
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -180,8 +181,19 @@ def _fill_cache(config, dataset, indices):
     dataset.cache(indices)
 
 
+@functools.cache  # one log line per process, not one per loader
+def usable_workers(requested: int) -> int:
+    """DATA.NUM_WORKERS capped at the CPU cores this process may run on (its affinity): the official configs ask
+    for 8 loader processes, which on a 2-core machine only compete with each other and the training process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    if requested <= cores:
+        return requested
+    _logger.info(f"DATA.NUM_WORKERS {requested} capped at {cores}: this process may use {cores} CPU cores")
+    return cores
+
+
 def _make_loader(config, dataset, sampler, on_cuda, drop_last):
-    workers = config.DATA.NUM_WORKERS
+    workers = usable_workers(config.DATA.NUM_WORKERS)
     worker_options = dict(persistent_workers=config.DATA.PERSISTENT_WORKERS,
                           prefetch_factor=config.DATA.PREFETCH_FACTOR) if workers > 0 else {}
     return ImageLoader(

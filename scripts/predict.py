@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from checkpoint import load_model_weights, read_weights
 from config import load_config
-from data import build_val_transform
+from data import build_val_transform, usable_workers
 from data.inference import find_images, image_files_loader
 from errors import ConfigError, exit_status
 from models import build_model
@@ -167,7 +167,7 @@ def run(args):
     model, names = load_model(args.checkpoint, config, device)
     topk = min(args.topk, config.MODEL.NUM_CLASSES)
     loader = image_files_loader(paths, build_val_transform(config), args.batch_size or config.DATA.BATCH_SIZE,
-                                config.DATA.NUM_WORKERS, pin_memory=device.type == 'cuda')
+                                usable_workers(config.DATA.NUM_WORKERS), pin_memory=device.type == 'cuda')
     writer, file = open_writer(args.output, topk, paths)
     start = time.time()
     try:

@@ -30,6 +30,7 @@ from data import (
     dataset_num_classes,
     ensure_digits,
     to_device,
+    usable_workers,
 )
 from data.datasets import BadImageReport
 from data.digits import MARKER
@@ -123,6 +124,26 @@ def test_folder_zip_and_cache_modes_give_the_same_samples(tmp_path):
     for mode in ('no', 'full', 'part'):
         assert_same_batches(results[mode][0], results['folder'][0])
         assert_same_batches(results[mode][1], results['folder'][1])
+
+
+def test_more_workers_than_cores_are_capped_with_one_line_and_no_loader_warning(tmp_path, caplog):
+    """The official DATA.NUM_WORKERS 8 on a machine with fewer cores: capped at the cores this process may use,
+    said once for both loaders, and the DataLoader has nothing to warn about; the batches are the same."""
+    cores = len(os.sched_getaffinity(0))
+    root = make_tree(tmp_path / 'ds')
+    usable_workers.cache_clear()
+    with data_log(caplog), warnings.catch_warnings():
+        caplog.set_level(logging.INFO, logger='swin.data')
+        warnings.simplefilter('error')  # the DataLoader's "creates N worker processes" warning would raise
+        _, _, loader_train, loader_val, _ = build_loader(config_for(root, 'DATA.NUM_WORKERS', cores + 6))
+        capped = epoch_batches(loader_train, 1)
+    assert loader_train.num_workers == loader_val.num_workers == cores
+    records = {id(r): r for r in caplog.records}.values()  # one record may reach caplog by two handlers
+    said = [r.getMessage() for r in records if 'capped' in r.getMessage()]
+    assert said == [f"DATA.NUM_WORKERS {cores + 6} capped at {cores}: this process may use {cores} CPU cores"]
+    _, _, loader_train, _, _ = build_loader(config_for(root, 'DATA.NUM_WORKERS', 0))
+    assert_same_batches(capped, epoch_batches(loader_train, 1))
+    assert usable_workers(cores) == cores and usable_workers(0) == 0
 
 
 def test_part_cache_keeps_each_rank_on_its_shard(tmp_path):

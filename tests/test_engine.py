@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
+import engine
 from data import Batch
 from engine import throughput, topk_correct, train_one_epoch, validate
 from errors import TrainingError
@@ -251,3 +252,19 @@ def test_throughput_states_its_precision(tiny_config, caplog):
     lines = [m for m in messages(caplog) if m.startswith('batch_size 2 throughput ')]
     assert len(lines) == 2 and all(float(line.split()[-1]) > 0 for line in lines)   # the official line, unchanged
     assert sum('the official figures are float32: add --disable_amp' in m for m in messages(caplog)) == 1
+
+
+@pytest.mark.parametrize('long_run', [False, True])
+def test_throughput_runs_the_configured_passes_and_says_how_to_shorten_a_long_run(tiny_config, caplog, monkeypatch,
+                                                                                 long_run):
+    caplog.set_level(logging.INFO, logger=LOGGER.name)
+    model = build_model(tiny_config())
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    if long_run:  # any estimate counts as long: the hint must follow it
+        monkeypatch.setattr(engine, '_LONG_SECONDS', 0.0)
+    throughput(torch.randn(2, 3, 32, 32), model, Precision('cpu'), LOGGER, warmup=3, iterations=4)
+    assert len(calls) == 3 + 4  # the pass that sets the estimate is the first warm-up pass, not an extra one
+    first = [m for m in messages(caplog) if m.startswith('throughput: ')][0]
+    assert first.startswith('throughput: 3 warm-up + 4 timed forward passes of batch 2 (float32')
+    assert ('THROUGHPUT.WARMUP_PASSES 5 THROUGHPUT.TIMED_PASSES 10' in first) is long_run

@@ -217,11 +217,28 @@ def test_accepted_but_unimplemented_keys_are_named_in_the_log_file_too(tmp_path)
 
 
 @pytest_slow
+def test_throughput_pass_counts_come_from_the_config(tmp_path):
+    config = tiny_yaml(tmp_path / 'tiny.yaml', '')
+    result = run_main('--cfg', config, '--throughput', '--output', str(tmp_path),
+                      '--opts', 'THROUGHPUT.WARMUP_PASSES', '2', 'THROUGHPUT.TIMED_PASSES', '3')
+    assert result.returncode == 0, result.stderr
+    assert 'throughput: 2 warm-up + 3 timed forward passes of batch 4' in result.stdout
+    assert 'throughput averaged with 3 times' in result.stdout and '3 passes in ' in result.stdout
+    for key in ('THROUGHPUT.WARMUP_PASSES', 'THROUGHPUT.TIMED_PASSES'):
+        result = run_main('--cfg', config, '--throughput', '--output', str(tmp_path), '--opts', key, '0')
+        assert result.returncode != 0 and 'Traceback' not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].count(key) == 1, result.stderr
+
+
+@pytest_slow
 def test_throughput_shows_progress_and_a_rounded_result(tmp_path):
     config = tiny_yaml(tmp_path / 'tiny.yaml', '')
     result = run_main('--cfg', config, '--throughput', '--output', str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert 'throughput: warm-up pass 1/80' in result.stdout and ' eta ' in result.stdout
+    first = [line for line in result.stdout.splitlines() if 'throughput: ' in line][0]
+    assert 'throughput: 50 warm-up + 30 timed forward passes of batch 4 (float32' in first  # the official protocol
+    assert re.search(r'the first pass took [0-9.]+s, so about \d+:\d\d:\d\d in all', first)
+    assert 'throughput averaged with 30 times' in result.stdout
     official = [line for line in result.stdout.splitlines() if 'batch_size 4 throughput ' in line]
     value = float(official[0].rsplit(' ', 1)[1])  # the official line, as scripts parse it
     assert value > 0

@@ -27,7 +27,7 @@ MODEL:
     NUM_HEADS: [ 3, 6 ]
     WINDOW_SIZE: 4
 TRAIN:
-  EPOCHS: 3
+  EPOCHS: {epochs}
   WARMUP_EPOCHS: 0
   LINEAR_SCALE_LR: False
   BASE_LR: 5e-3
@@ -48,20 +48,29 @@ SEED: 0
 ACCURACY = re.compile(r' \* Acc@1 ([0-9.]+) ')
 
 
+# Epochs per family, each past the steep early climb where a few points of seed or torch-version noise decide
+# the bar: V2 (cosine attention, post-norm) climbs slowly; with 3 epochs it ended mid-climb at 32-39% on
+# torch 2.14 (seeds 0-2) and 38-50% on older ones. With 6 it plateaus at 68-73% on seeds 0, 1 and 2.
+EPOCHS = {'swinv2': 6, 'swin_mlp': 3}
+# the throughput step checks the mode runs and prints the official line, not the speed: a short protocol
+SHORT_THROUGHPUT = ('--opts', 'THROUGHPUT.WARMUP_PASSES', '2', 'THROUGHPUT.TIMED_PASSES', '3')
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('family, node', [('swinv2', 'SWINV2'), ('swin_mlp', 'SWIN_MLP')])
 def test_tiny_model_learns_digits_and_evaluates(tmp_path, family, node):
-    """3 epochs (EMA and layer decay on) reach well above chance (10%); --eval of best.pth gives its accuracy;
-    --throughput runs; a rerun with --epochs 4 resumes and trains the 4th epoch only."""
+    """The recipe's epochs (EMA and layer decay on) reach well above chance (10%); --eval of best.pth gives its
+    accuracy; --throughput runs; a rerun with one more epoch resumes and trains that epoch only."""
+    epochs = EPOCHS[family]
     cfg = tmp_path / 'tiny.yaml'
-    cfg.write_text(RECIPE.format(data=tmp_path / 'digits', family=family, node=node))
+    cfg.write_text(RECIPE.format(data=tmp_path / 'digits', family=family, node=node, epochs=epochs))
     result = run_main('--cfg', str(cfg), '--output', str(tmp_path / 'out'))
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / 'out' / f'{family}_digits' / 'default'
     log = read(os.path.join(run_dir, 'log_rank0.txt'))
-    assert log.count(' * EMA Acc@1 ') == 3  # the EMA's lines are labelled, so ACCURACY reads the model's only
+    assert log.count(' * EMA Acc@1 ') == epochs  # the EMA's lines are labelled, so ACCURACY reads the model's only
     model_accuracy = [float(a) for a in ACCURACY.findall(log)]
-    assert len(model_accuracy) == 3 and max(model_accuracy) > 40.0, model_accuracy
+    assert len(model_accuracy) == epochs and max(model_accuracy) > 40.0, model_accuracy
 
     result = run_main('--cfg', str(cfg), '--output', str(tmp_path / 'eval'), '--eval',
                       '--resume', str(run_dir / 'best.pth'))
@@ -69,13 +78,14 @@ def test_tiny_model_learns_digits_and_evaluates(tmp_path, family, node):
     evaluated = float(ACCURACY.findall(read(tmp_path / 'eval' / f'{family}_digits' / 'default' / 'log_rank0.txt'))[0])
     assert evaluated == pytest.approx(max(model_accuracy), abs=1e-3)
 
-    result = run_main('--cfg', str(cfg), '--output', str(tmp_path / 'speed'), '--throughput')
+    result = run_main('--cfg', str(cfg), '--output', str(tmp_path / 'speed'), '--throughput', *SHORT_THROUGHPUT)
     assert result.returncode == 0, result.stderr
     assert 'batch_size 32 throughput ' in result.stdout
 
-    result = run_main('--cfg', str(cfg), '--output', str(tmp_path / 'out'), '--epochs', '4')  # one more epoch
+    result = run_main('--cfg', str(cfg), '--output', str(tmp_path / 'out'), '--epochs', str(epochs + 1))
     assert result.returncode == 0, result.stderr
-    assert 'auto-resume: ' in result.stdout and 'Train: [3/4]' in result.stdout and 'Train: [2/4]' not in result.stdout
+    assert 'auto-resume: ' in result.stdout and f'Train: [{epochs}/{epochs + 1}]' in result.stdout
+    assert f'Train: [{epochs - 1}/{epochs + 1}]' not in result.stdout
 
 
 @pytest.mark.slow

@@ -31,13 +31,17 @@ def test_auto_amp_on_ampere_is_bfloat16(tiny_config, monkeypatch):
 
 
 @pytest.mark.parametrize('tf32', [True, False])
-def test_tf32_key_sets_the_cuda_matmul_and_cudnn_flags(tiny_config, monkeypatch, tf32):
-    # start from the opposite values (restored after the test)
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', not tf32)
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', not tf32)
-    init_distributed(tiny_config('DEVICE', 'cpu', 'TF32', tf32))
-    assert torch.backends.cuda.matmul.allow_tf32 is tf32
-    assert torch.backends.cudnn.allow_tf32 is tf32
+def test_tf32_key_sets_the_cuda_matmul_and_cudnn_flags(tiny_config, tf32):
+    # start from the opposite values, restored by assignment afterwards: the flags are properties of torch's
+    # backend modules, which monkeypatch's undo may try to delete
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+    try:
+        init_distributed(tiny_config('DEVICE', 'cpu', 'TF32', tf32))
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32
+        assert torch.backends.cudnn.allow_tf32 is tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_process_group_timeout_comes_from_dist_timeout(tiny_config, monkeypatch):
