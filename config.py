@@ -391,12 +391,14 @@ def finalize(config: CN, environ: Mapping[str, str] | None = None) -> CN:
 # Entry points
 # -----------------------------------------------------------------------------
 def load_config(path: str | None = None, opts: Sequence[Any] = (),
-                environ: Mapping[str, str] | None = None) -> CN:
-    """Config from a YAML file (or only the defaults) and KEY VALUE overrides; for scripts and tests.
-    ``environ`` stands in for os.environ (torchrun's RANK, WORLD_SIZE, LOCAL_RANK)."""
+                environ: Mapping[str, str] | None = None, saved: str | None = None) -> CN:
+    """Config from a YAML file (or a checkpoint's ``saved`` YAML text, or only the defaults) and KEY VALUE
+    overrides; for scripts and tests. ``environ`` stands in for os.environ (torchrun's RANK, WORLD_SIZE, ...)."""
     config, given = get_defaults(), set()
     if path:
         merge_file(config, path, given)
+    elif saved:
+        merge_dict(config, yaml.safe_load(saved) or {}, 'the checkpoint\'s config', given=given)
     merge_opts(config, opts, _DERIVED_KEYS, given)
     config.MODEL.NUM_CLASSES_FROM_DATA = 'MODEL.NUM_CLASSES' not in given
     return finalize(config, environ)

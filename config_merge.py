@@ -8,6 +8,7 @@ error here is a ConfigError naming the key and where it was set.
 """
 import argparse
 import ast
+import difflib
 import os
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -74,7 +75,7 @@ def merge_dict(config: CfgNode, data: dict, source: str, prefix: str = '', given
         if key not in config:
             if full_key in UNSUPPORTED_SECTIONS:
                 raise ConfigError(f"{source}: {UNSUPPORTED_SECTIONS[full_key]}")
-            raise ConfigError(f"unknown config key {full_key} in {source}")
+            raise ConfigError(f"unknown config key {full_key} in {source}{did_you_mean(full_key, config, prefix)}")
         current = config[key]
         if isinstance(current, CfgNode):
             if not isinstance(value, dict):
@@ -84,6 +85,18 @@ def merge_dict(config: CfgNode, data: dict, source: str, prefix: str = '', given
             config[key] = coerce(current, value, full_key, source)
             if given is not None:
                 given.add(full_key)
+
+
+def did_you_mean(full_key: str, node: CfgNode, prefix: str = '') -> str:
+    """' (did you mean X?)' with the closest key or section under ``node`` (named from ``prefix``), or ''."""
+    def names(section, at):
+        for key, value in section.items():
+            name = f"{at}.{key}" if at else key
+            yield name
+            if isinstance(value, CfgNode):
+                yield from names(value, name)
+    close = difflib.get_close_matches(full_key, list(names(node, prefix)), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ''
 
 
 def merge_opts(config: CfgNode, opts: Sequence[Any] | None, derived_keys: Collection[str] = (),
@@ -99,7 +112,7 @@ def merge_opts(config: CfgNode, opts: Sequence[Any] | None, derived_keys: Collec
         node, parts = config, key.split('.')
         for i, part in enumerate(parts):
             if not isinstance(node, CfgNode) or part not in node:
-                raise ConfigError(f"unknown config key {key} in --opts")
+                raise ConfigError(f"unknown config key {key} in --opts{did_you_mean(key, config)}")
             if i < len(parts) - 1:
                 node = node[part]
         if isinstance(node[parts[-1]], CfgNode):

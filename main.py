@@ -234,6 +234,11 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
         logger.warning(warning)
 
     state, loaded = resume_or_start(config, objects, steps_per_epoch, logger)
+    if loaded and state.epoch >= config.TRAIN.EPOCHS:
+        best = f"best Acc@1 {state.max_accuracy:.2f}%; " if objects.task.validates else ''
+        logger.info(f"run complete: {config.TRAIN.EPOCHS}/{config.TRAIN.EPOCHS} epochs trained ({best}outputs in "
+                    f"{config.OUTPUT_DIR}); nothing to do (more epochs: --epochs N, a fresh run: another --output)")
+        return 0
     if utils.is_main_process():  # only now: config, data and resume checks have passed
         logger.info(f"full config: {save_config(config, config.OUTPUT_DIR)}")
     if loaded and objects.task.validates:  # as the official loop: loaded weights are validated before training
@@ -324,9 +329,7 @@ def run(argv: list[str] | None = None) -> int:
         report(config, f"error{f' (rank {rank})' if utils.is_distributed() else ''}: {e}")
         return getattr(e, 'exit_code', 2)
     except KeyboardInterrupt:
-        folder = f" in {config.OUTPUT_DIR}" if config is not None else ''
-        report(config, f"interrupted: stopped at once, without a new checkpoint; the last complete checkpoint"
-                       f"{folder} is kept")
+        report(config, f"interrupted: stopped at once; {kept_checkpoint(config)}")
         interrupted = True
         return 130
     except Exception as e:
@@ -351,6 +354,20 @@ def run(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(130)
+
+
+def kept_checkpoint(config: CfgNode | None) -> str:
+    """What a rerun resumes from after an exit at once: saves are frozen first (one in flight is abandoned, or
+    had finished), so the answer stays true."""
+    checkpoint.freeze_saves()
+    if config is None:
+        return "no run had started"
+    quiet = logging.getLogger(f"{config.MODEL.NAME}.interrupted")
+    quiet.setLevel(logging.WARNING)  # the scan's warnings (a temp file removed), not its 'auto-resume:' line
+    path = checkpoint.find_resume_checkpoint(config.OUTPUT_DIR, quiet)
+    if path is None:
+        return f"no checkpoint in {config.OUTPUT_DIR}: a rerun starts from the beginning"
+    return f"any save still in flight is abandoned; the same command resumes from {path}"
 
 
 def report(config: CfgNode | None, line: str) -> None:

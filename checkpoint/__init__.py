@@ -17,6 +17,7 @@ The names below are the package's interface; import them from ``checkpoint``.
 """
 from .files import (
                     atomic_save,
+                    freeze_saves,
                     is_safetensors,
                     load_file,
                     load_safetensors,
@@ -37,14 +38,23 @@ from .training import (
                     restore_training_state,
                     training_state,
 )
-from .weights import WeightFamily, extract_state_dict, load_model_weights, read_weights, register_family, weight_family
+from .weights import (
+                    WeightFamily,
+                    config_for_weights,
+                    extract_state_dict,
+                    load_model_weights,
+                    read_weights,
+                    register_family,
+                    weight_family,
+)
 from .writer import CheckpointWriter
 
 __all__ = [
-    'atomic_save', 'capture_rng_state', 'check_config_drift', 'checkpoint_name', 'Checkpointer', 'CheckpointWriter',
-    'extract_state_dict', 'find_resume_checkpoint', 'FORMAT_VERSION', 'imagenet22k_to_1k_indices', 'is_safetensors',
-    'is_timm_state_dict', 'load_file', 'load_model_weights', 'load_pretrained', 'load_safetensors',
-    'load_training_state', 'official_to_timm', 'read_weights', 'register_family', 'replace_atomically',
-    'restore_rng_state', 'restore_training_state', 'save_checkpoint', 'save_safetensors', 'timm_to_official',
-    'training_state', 'weight_family', 'WeightFamily', 'write_text_atomically',
+    'atomic_save', 'capture_rng_state', 'config_for_weights', 'check_config_drift', 'checkpoint_name', 'Checkpointer',
+    'CheckpointWriter', 'extract_state_dict', 'find_resume_checkpoint', 'freeze_saves', 'FORMAT_VERSION',
+    'imagenet22k_to_1k_indices', 'is_safetensors', 'is_timm_state_dict', 'load_file', 'load_model_weights',
+    'load_pretrained', 'load_safetensors', 'load_training_state', 'official_to_timm', 'read_weights',
+    'register_family', 'replace_atomically', 'restore_rng_state', 'restore_training_state', 'save_checkpoint',
+    'save_safetensors', 'timm_to_official', 'training_state', 'weight_family', 'WeightFamily',
+    'write_text_atomically',
 ]

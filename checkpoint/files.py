@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import shutil
+import threading
 import uuid
 import zipfile
 from collections.abc import Callable
@@ -49,6 +50,18 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
+_renames = threading.Lock()  # a rename and freeze_saves() never interleave
+_frozen = False
+
+
+def freeze_saves() -> None:
+    """From now on no file is replaced (a rename under way finishes first): what the folder holds when this
+    returns is what a rerun finds. For an exit at once, which can then say truthfully which checkpoint is kept."""
+    global _frozen
+    with _renames:
+        _frozen = True
+
+
 def replace_atomically(write: Callable[[str], None], path: str | os.PathLike) -> None:
     """Call write(temp_path), fsync, then rename onto path: path is either the old or the complete new file."""
     temp = temp_path(path)
@@ -56,7 +69,10 @@ def replace_atomically(write: Callable[[str], None], path: str | os.PathLike) ->
         write(temp)
         with open(temp, 'rb') as f:  # hard links and copies need their own flush to disk
             os.fsync(f.fileno())
-        os.replace(temp, path)
+        with _renames:
+            if _frozen:
+                raise CheckpointError(f"{path} not written: the run is stopping at once")
+            os.replace(temp, path)
     finally:
         if os.path.lexists(temp):  # a failed write, or a rename onto a link of the same file (a no-op)
             os.remove(temp)

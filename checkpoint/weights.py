@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from errors import CheckpointError
+from config import load_config
+from errors import CheckpointError, ConfigError
 from utils import unwrap_model
 
 from .files import is_safetensors, load_file, load_safetensors
@@ -120,8 +121,8 @@ def load_state_dict_strict(model: torch.nn.Module, sd: StateDict, source: str) -
 
 def read_weights(path: str | os.PathLike) -> Any:
     """The content of a weights file for every loader (eval, pretrained, resume, scripts): torch files through
-    ``load_file``; a .safetensors file as {'model': its tensors, 'class_names': [...]} (names from its metadata,
-    as scripts/convert_checkpoint.py writes them)."""
+    ``load_file``; a .safetensors file as {'model': its tensors, 'class_names': [...], 'config': YAML text or
+    None} (from its metadata, as scripts/convert_checkpoint.py writes them)."""
     if not is_safetensors(path):
         return load_file(path)
     sd, metadata = load_safetensors(path)
@@ -129,7 +130,7 @@ def read_weights(path: str | os.PathLike) -> Any:
         names = json.loads(metadata.get('class_names', '[]'))
     except ValueError:
         raise CheckpointError(f"checkpoint {os.fspath(path)}: its class_names metadata is not JSON") from None
-    return {'model': sd, 'class_names': [str(name) for name in names]}
+    return {'model': sd, 'class_names': [str(name) for name in names], 'config': metadata.get('config')}
 
 
 def load_model_weights(model: torch.nn.Module, path_or_state_dict: str | os.PathLike | dict, logger: logging.Logger,
@@ -147,3 +148,20 @@ def load_model_weights(model: torch.nn.Module, path_or_state_dict: str | os.Path
     sd = extract_state_dict(obj, source, model_type)
     load_state_dict_strict(model, sd, source)
     logger.info(f"loaded model weights from {source} ({len(sd)} tensors)")
+
+
+def config_for_weights(cfg_path: str | None, opts: list, weights: Any, source: str):
+    """The config that rebuilds the model of ``weights`` for the tools (predict, export): ``cfg_path`` (+ opts)
+    when given, else the config our checkpoints carry; a MODEL.NUM_CLASSES that neither sets (training took it
+    from the class folders) comes from the weights' head."""
+    saved = weights.get('config') if isinstance(weights, dict) else None
+    if not cfg_path and not saved:
+        raise ConfigError(f"{source} carries no config (an official or timm file?): give --cfg, the config of the "
+                          f"model (a run's config.yaml or the official file)")
+    config = load_config(cfg_path, opts, environ={}, saved=None if cfg_path else saved)
+    head = extract_state_dict(weights, source).get('head.weight')
+    if config.MODEL.NUM_CLASSES_FROM_DATA and head is not None and head.shape[0] != config.MODEL.NUM_CLASSES:
+        config.defrost()
+        config.MODEL.NUM_CLASSES = int(head.shape[0])
+        config.freeze()
+    return config

@@ -169,7 +169,18 @@ def _check_classes(config, dataset_train, dataset_val):
     if config.DATA.ZIP_MODE:
         dataset_val.classes = dataset_train.classes
     elif dataset_val.classes != dataset_train.classes:
-        raise DataError(f"class folders of {dataset_val.root} differ from those of {dataset_train.root}")
+        raise DataError(f"class folders of {dataset_val.root} differ from those of {dataset_train.root}: "
+                        f"{_missing(dataset_train.classes, dataset_val.classes, 'val')}; "
+                        f"{_missing(dataset_val.classes, dataset_train.classes, 'train')}")
+
+
+def _missing(present, other, side, shown=5):
+    """'missing in val: a, b, ... (N in all)' for the classes of ``present`` that ``other`` lacks."""
+    missing = [name for name in present if name not in set(other)]
+    if not missing:
+        return f"none missing in {side}"
+    more = f", ... ({len(missing)} in all)" if len(missing) > shown else ''
+    return f"missing in {side}: {', '.join(missing[:shown])}{more}"
 
 
 def _fill_cache(config, dataset, indices):

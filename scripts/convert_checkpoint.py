@@ -1,16 +1,18 @@
 """Convert Swin v1 / V2 weights between the official layout and timm's (>= 0.9) layout, and to / from safetensors.
 
-    python scripts/convert_checkpoint.py IN OUT --to official   # writes {'model': state_dict}, as the official releases
+    python scripts/convert_checkpoint.py IN OUT --to official   # {'model': state_dict}, as the official releases
     python scripts/convert_checkpoint.py IN OUT --to timm       # writes a bare state_dict, as timm's files
     python scripts/convert_checkpoint.py IN OUT.safetensors --to official|timm   # the weights as safetensors
 
 IN may be one of our training checkpoints (its model weights, or with --ema its EMA weights), an official
-checkpoint, a {'state_dict': ...} file, a bare state_dict in either layout, or a .safetensors file. Only
-weights are written (no optimizer state). relative_position_index / attn_mask (and V2's relative_coords_table)
-are not written to timm files (timm computes them) and are left out of official files converted from timm;
-every loader recomputes them from the model's config. V2 (timm's swinv2_*) moves the same keys as v1; Swin MLP
-has no timm layout. A .safetensors OUT holds the state_dict's tensors (no pickle: safe to load from anywhere)
-and, as string metadata, the layout and the checkpoint's class names (JSON), which predict.py shows.
+checkpoint, a {'state_dict': ...} file, a bare state_dict in either layout, or a .safetensors file. Only weights are
+written (no optimizer state), with the class names and training config of one of our checkpoints (official .pth:
+beside 'model'; .safetensors: as metadata), so that predict.py / export_onnx.py need no --cfg.
+relative_position_index / attn_mask (and V2's relative_coords_table) are not written to timm files (timm computes
+them) and are left out of official files converted from timm; every loader recomputes them from the model's config.
+V2 (timm's swinv2_*) moves the same keys as v1; Swin MLP has no timm layout. A .safetensors OUT holds the
+state_dict's tensors (no pickle: safe to load from anywhere) and, as string metadata, the layout, the checkpoint's
+class names (JSON), which predict.py shows, and its config.
 """
 import argparse
 import json
@@ -25,7 +27,7 @@ from errors import CheckpointError, exit_status
 
 def convert(src, dst, to, ema=False):
     """Read src, write dst in the `to` layout; returns the number of tensors written."""
-    obj = read_weights(src)
+    obj = source = read_weights(src)
     if ema:
         if not isinstance(obj, dict) or obj.get('model_ema') is None:
             raise CheckpointError(f"checkpoint {src} has no EMA weights (model_ema)")
@@ -41,11 +43,16 @@ def convert(src, dst, to, ema=False):
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(folder):
         raise CheckpointError(f"output folder does not exist: {folder}")
+    # what the tools need to rebuild the model from the file alone: its class names and training config
+    names, config = (source.get('class_names'), source.get('config')) if isinstance(source, dict) else (None, None)
     if is_safetensors(dst):
-        names = obj.get('class_names') if isinstance(obj, dict) and not ema else None
-        save_safetensors(sd, dst, {'format': 'pt', 'layout': to, 'class_names': json.dumps(list(names or []))})
+        metadata = {'format': 'pt', 'layout': to, 'class_names': json.dumps(list(names or []))}
+        save_safetensors(sd, dst, {**metadata, **({'config': config} if config else {})})
+    elif to == 'timm':
+        atomic_save(sd, dst)  # timm's layout is a bare state dict
     else:
-        atomic_save(sd if to == 'timm' else {'model': sd}, dst)
+        extra = {key: value for key, value in (('class_names', names), ('config', config)) if value}
+        atomic_save({'model': sd, **extra}, dst)
     return len(sd)
 
 

@@ -1,6 +1,6 @@
 """Export a Swin model (any family the project builds) to ONNX with a dynamic batch dimension, and check it.
 
-    python scripts/export_onnx.py CKPT --cfg CFG [--opts KEY VALUE ...] --output FILE.onnx [--opset N]
+    python scripts/export_onnx.py CKPT [--cfg CFG] [--opts KEY VALUE ...] --output FILE.onnx [--opset N]
 
 The model is built from the config and loads CKPT like --eval does (ours, official or timm weights; .pth or
 .safetensors). The graph takes ``images`` (batch, 3, IMG_SIZE, IMG_SIZE), normalized as by the validation
@@ -22,8 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from checkpoint import load_model_weights, replace_atomically
-from config import load_config
+from checkpoint import config_for_weights, load_model_weights, read_weights, replace_atomically
 from errors import ConfigError, SwinTrainError, exit_status
 from models import build_model
 
@@ -93,12 +92,13 @@ def run(args):
     require_packages()
     if args.opset < 14:
         raise ConfigError(f"--opset {args.opset}: scaled_dot_product_attention exports from opset 14 on")
-    config = load_config(args.cfg, (args.opts or []) + ['DEVICE', 'cpu'])
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
         raise ConfigError(f"--output {args.output}: folder {folder} does not exist")
+    weights = read_weights(args.checkpoint)
+    config = config_for_weights(args.cfg, (args.opts or []) + ['DEVICE', 'cpu'], weights, args.checkpoint)
     model = build_model(config)
-    load_model_weights(model, args.checkpoint, _logger, model_type=config.MODEL.TYPE)
+    load_model_weights(model, weights, _logger, name=args.checkpoint, model_type=config.MODEL.TYPE)
     model.eval()
     size = config.DATA.IMG_SIZE
     export(model, args.output, size, args.opset)
@@ -115,7 +115,7 @@ def run(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('checkpoint', metavar='CKPT', help='weights to load')
-    parser.add_argument('--cfg', required=True, metavar='FILE', help='config of the model')
+    parser.add_argument('--cfg', metavar='FILE', help="config of the model (default: the one the checkpoint carries)")
     parser.add_argument('--opts', default=None, nargs='+', help="override config options with 'KEY VALUE' pairs")
     parser.add_argument('--output', required=True, metavar='FILE.onnx', help='ONNX file to write')
     parser.add_argument('--opset', type=int, default=18, help='ONNX opset (default 18; 14-17 use the TorchScript '

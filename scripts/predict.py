@@ -1,17 +1,18 @@
 """Top-k predictions of a trained or released Swin model for image files, folders or glob patterns.
 
-    python scripts/predict.py CKPT INPUTS... --cfg CFG [--opts KEY VALUE ...] [--topk K]
+    python scripts/predict.py CKPT INPUTS... [--cfg CFG] [--opts KEY VALUE ...] [--topk K]
                               [--output FILE.csv|FILE.json] [--batch-size N] [--device D]
 
-INPUTS: image files, folders (searched recursively for common image extensions) or glob patterns (quote them;
-``**`` recurses). The model is built from the config; CKPT may be one of our checkpoints, an official release or
-timm weights (.pth or .safetensors). Images get exactly the validation transform of data/ and are read in batches
-by DATA.NUM_WORKERS workers; on CUDA the model runs under AMP (as validation does). Results stream to --output as
-they come (memory stays flat however many images): CSV with a header and one row per image, columns ``path``,
-then for k = 1..K ``index_k``, ``class_k``, ``prob_k``, then ``error``; JSON, a list of records with the same
-keys. Without --output a table is printed. An unreadable file gets a row with its error (and empty predictions);
-it never stops the run. Class names: those stored in the checkpoint, else the ImageNet-1K names when
-MODEL.NUM_CLASSES is 1000, else the class index. Progress (images/s) goes to stderr.
+INPUTS: image files, folders (searched recursively for common image extensions) or glob patterns (quote them; ``**``
+recurses). The model is built from --cfg, or without it from the config our checkpoints carry (an unset
+MODEL.NUM_CLASSES comes from the checkpoint's head); CKPT may be one of our checkpoints, an official release or timm
+weights (.pth or .safetensors). Images get exactly the validation transform of data/ and are read in batches by
+DATA.NUM_WORKERS workers; on CUDA the model runs under AMP (as validation does). Results stream to --output as they
+come (memory stays flat however many images): CSV with a header and one row per image, columns ``path``, then for k
+= 1..K ``index_k``, ``class_k``, ``prob_k``, then ``error``; JSON, a list of records with the same keys. Without
+--output a table is printed (after the progress bar has ended). An unreadable file gets a row with its error (and
+empty predictions); it never stops the run. Class names: those stored in the checkpoint, else the ImageNet-1K names
+when MODEL.NUM_CLASSES is 1000, else the class index. Progress (images/s) goes to stderr.
 """
 import argparse
 import csv
@@ -27,8 +28,7 @@ import torch
 from timm.data import ImageNetInfo
 from tqdm import tqdm
 
-from checkpoint import load_model_weights, read_weights
-from config import load_config
+from checkpoint import config_for_weights, load_model_weights, read_weights
 from data import build_val_transform, usable_workers
 from data.inference import find_images, image_files_loader
 from errors import ConfigError, exit_status
@@ -48,9 +48,8 @@ def class_names(checkpoint, num_classes):
     return None
 
 
-def load_model(checkpoint_path, config, device):
-    """(model in eval mode on device, class names or None) for a checkpoint file."""
-    checkpoint = read_weights(checkpoint_path)
+def load_model(checkpoint_path, checkpoint, config, device):
+    """(model in eval mode on device, class names or None) for a checkpoint's content (``read_weights``)."""
     model = build_model(config)
     load_model_weights(model, checkpoint, _logger, name=checkpoint_path, model_type=config.MODEL.TYPE)
     return model.to(device).eval(), class_names(checkpoint, config.MODEL.NUM_CLASSES)
@@ -121,14 +120,17 @@ class JsonWriter:
 
 class TableWriter:
     """A readable table on stdout: path, then 'class (prob%)' per rank, or the error. Paths are padded to
-    path_width (a longer one shifts its row, it is never cut)."""
+    path_width (a longer one shifts its row, it is never cut). With ``hold`` (a progress bar is drawn on the same
+    terminal) the rows wait for close(), after the bar has ended, so the two never interleave."""
 
-    def __init__(self, file, topk, path_width):
+    def __init__(self, file, topk, path_width, hold=False):
         self.file, self.topk, self.path_width = file, topk, path_width
+        self.held = [] if hold else None
         header = f"{'path':<{path_width}}  " + '  '.join(f"{f'top-{k}':<28}" for k in range(1, topk + 1))
-        print(header.rstrip(), file=file)
+        self._print([header.rstrip()])
 
     def write(self, records):
+        lines = []
         for record in records:
             path = record['path']
             if record['error']:
@@ -136,17 +138,28 @@ class TableWriter:
             else:
                 cells = [f"{record[f'class_{k}']} ({100 * record[f'prob_{k}']:.2f}%)"[:28].ljust(28)
                          for k in range(1, self.topk + 1)]
-            print(f"{path:<{self.path_width}}  " + '  '.join(cells).rstrip(), file=self.file)
+            lines.append(f"{path:<{self.path_width}}  " + '  '.join(cells).rstrip())
+        self._print(lines)
+
+    def _print(self, lines):
+        if not lines:
+            return
+        if self.held is not None:
+            self.held.extend(lines)
+            return
+        print(*lines, sep='\n', file=self.file)
         self.file.flush()
 
     def close(self):
-        pass
+        if self.held:
+            held, self.held = self.held, None
+            self._print(held)
 
 
-def open_writer(output, topk, paths):
-    """(writer, file to close or None) for --output (.csv or .json) or stdout."""
+def open_writer(output, topk, paths, hold=False):
+    """(writer, file to close or None) for --output (.csv or .json) or stdout (``hold``: see TableWriter)."""
     if not output:
-        return TableWriter(sys.stdout, topk, min(100, max(len(path) for path in paths))), None
+        return TableWriter(sys.stdout, topk, min(100, max(len(path) for path in paths)), hold), None
     kind = os.path.splitext(output)[1].lower()
     if kind not in ('.csv', '.json'):
         raise ConfigError(f"--output {output}: the file name must end in .csv or .json")
@@ -160,22 +173,23 @@ def open_writer(output, topk, paths):
 def run(args):
     if args.topk < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise ConfigError(f"--topk {args.topk} / --batch-size {args.batch_size}: both must be at least 1")
-    config = load_config(args.cfg, (args.opts or []) + ['DEVICE', args.device])
+    weights = read_weights(args.checkpoint)
+    config = config_for_weights(args.cfg, (args.opts or []) + ['DEVICE', args.device], weights, args.checkpoint)
     paths = find_images(args.inputs)
     device = resolve_device(config)
     precision = resolve_precision(config, device)
-    model, names = load_model(args.checkpoint, config, device)
+    model, names = load_model(args.checkpoint, weights, config, device)
     topk = min(args.topk, config.MODEL.NUM_CLASSES)
     loader = image_files_loader(paths, build_val_transform(config), args.batch_size or config.DATA.BATCH_SIZE,
                                 usable_workers(config.DATA.NUM_WORKERS), pin_memory=device.type == 'cuda')
-    writer, file = open_writer(args.output, topk, paths)
+    writer, file = open_writer(args.output, topk, paths, hold=not args.quiet)
     start = time.time()
     try:
         with tqdm(total=len(paths), unit='img', file=sys.stderr, mininterval=1.0, disable=args.quiet) as bar:
             reporter = _ReportErrors(writer, bar)
             for count in predict(model, loader, paths, names, topk, device, precision, reporter):
                 bar.update(count)
-        writer.close()
+        writer.close()  # after the bar has ended: a held table prints now
     finally:
         if file is not None:
             file.close()
@@ -205,7 +219,7 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('checkpoint', metavar='CKPT', help='weights to load')
     parser.add_argument('inputs', metavar='INPUTS', nargs='+', help='image files, folders or glob patterns')
-    parser.add_argument('--cfg', required=True, metavar='FILE', help='config of the model')
+    parser.add_argument('--cfg', metavar='FILE', help="config of the model (default: the one the checkpoint carries)")
     parser.add_argument('--opts', default=None, nargs='+', help="override config options with 'KEY VALUE' pairs")
     parser.add_argument('--topk', type=int, default=5, help='classes per image (default 5)')
     parser.add_argument('--output', metavar='FILE', help='results file, .csv or .json (default: a table on stdout)')

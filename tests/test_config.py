@@ -192,6 +192,33 @@ def test_unknown_key_in_opts(tmp_path):
         load_config(None, ['OUTPUT_DIR', '/x'], environ={})
 
 
+@pytest.mark.parametrize('where', ['file', 'opts'])
+@pytest.mark.parametrize('typo, suggestion', [('TRAIN.EPOCH', 'TRAIN.EPOCHS'), ('DATA.IMGSIZE', 'DATA.IMG_SIZE'),
+                                              ('TRAIN.OPTIMIZER.BETA', 'TRAIN.OPTIMIZER.BETAS'),
+                                              ('TRAN.EPOCHS', 'TRAIN.EPOCHS')])
+def test_a_misspelled_key_names_the_closest_valid_one(tmp_path, where, typo, suggestion):
+    source = '--opts'
+    if where == 'file':
+        *sections, leaf = typo.split('.')
+        text = ''.join('  ' * depth + f"{name}:\n" for depth, name in enumerate(sections))
+        cfg = write(tmp_path / 'typo.yaml', text + '  ' * len(sections) + f"{leaf}: 3\n")
+        source = str(cfg)
+        call = dict(path=cfg, opts=None)
+    else:
+        call = dict(path=None, opts=[typo, '3'])
+    with pytest.raises(ConfigError) as error:
+        load_config(call['path'], call['opts'], environ={})
+    if typo == 'TRAN.EPOCHS' and where == 'file':  # the section is what a file misspells: its name is suggested
+        typo, suggestion = 'TRAN', 'TRAIN'
+    assert str(error.value) == f"unknown config key {typo} in {source} (did you mean {suggestion}?)"
+
+
+def test_a_key_unlike_any_other_gets_no_guess():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ['ZZZ_QQQ', '1'], environ={})
+    assert str(error.value) == "unknown config key ZZZ_QQQ in --opts"
+
+
 def test_missing_file_and_bad_values(tmp_path):
     missing = str(tmp_path / 'nope.yaml')
     with pytest.raises(ConfigError, match=f"config file not found: {missing}"):

@@ -570,3 +570,17 @@ def test_data_benchmark_times_whole_waves_of_workers(tmp_path):
     assert 'each measurement: 2 warm-up + 2 timed batches (whole waves of the workers; in-process CPU time: 1 + 1)' \
         in out.stdout
     assert re.search(r'^val ours-u8 +[\d.]+ +[\d.]+x', out.stdout, re.M), out.stdout
+
+
+def test_class_folders_that_differ_are_named_on_each_side(tmp_path):
+    root = make_tree(tmp_path / 'ds')
+    os.rename(os.path.join(root, 'val', 'bee'), os.path.join(root, 'val', 'bees'))  # a typo in val
+    with pytest.raises(DataError) as error:
+        build_loader(config_for(root))
+    assert str(error.value).endswith(": missing in val: bee; missing in train: bees")
+    for name in ('dog', 'eel', 'fox', 'gnu', 'hen', 'ibis'):  # six train-only classes: the first five are named
+        os.makedirs(os.path.join(root, 'train', name))
+        _save(os.path.join(root, 'train', name, '00.jpg'), size=(40, 40), seed=1)
+    with pytest.raises(DataError) as error:
+        build_loader(config_for(root, 'MODEL.NUM_CLASSES', 9))
+    assert "missing in val: bee, dog, eel, fox, gnu, ... (7 in all); missing in train: bees" in str(error.value)

@@ -4,6 +4,7 @@ feedback, the ETA and throughput lines."""
 import glob
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,12 +305,34 @@ def test_second_ctrl_c_during_a_save_exits_130_and_keeps_the_last_checkpoint(tmp
     ctrl_c(process)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
-    assert 'Traceback' not in err and 'interrupted: stopped at once' in err
-    assert 'interrupted: stopped at once' in read(log)
+    assert 'Traceback' not in err
+    said = re.search(r'interrupted: stopped at once; any save still in flight is abandoned; the same command '
+                     r'resumes from (\S+)', err)
+    assert said, err
+    assert said.group(0) in read(log)
+    assert 'saved checkpoint' not in read(log).split('interrupted: stopped at once')[1]  # nothing lands after it
     last = torch.load(run_dir / 'last.pth', weights_only=True, map_location='cpu')
     assert (last['epoch'], last['micro_batch']) == (0, 0)  # the end of epoch 0: the last complete checkpoint
-    assert not glob.glob(str(run_dir / 'ckpt_epoch_1_step_*.pth'))
+    assert not glob.glob(str(run_dir / 'ckpt_epoch_1_step_*.pth'))  # the abandoned save never landed
 
     resumed = run_main('--cfg', config, '--output', str(output), *wide)
     assert resumed.returncode == 0, resumed.stderr
-    assert f'resumed from {run_dir / "ckpt_epoch_0.pth"}' in resumed.stdout or 'auto-resume' in resumed.stdout
+    assert f'auto-resume: {said.group(1)}' in resumed.stdout or f'resumed from {said.group(1)}' in resumed.stdout
+
+
+@pytest_slow
+def test_rerunning_a_finished_run_says_it_is_complete_and_exits_0(trained, tmp_path):
+    config, output, run_dir = trained
+    copy = tmp_path / 'out'
+    shutil.copytree(output, copy)  # the module's run stays as the other tests read it
+    config_yaml = read(copy / 'tiny' / 'default' / 'config.yaml')
+    best = float(re.findall(r'Max accuracy: ([0-9.]+)%', read(os.path.join(run_dir, 'log_rank0.txt')))[-1])
+    result = run_main('--cfg', config, '--output', str(copy))
+    assert result.returncode == 0, result.stderr
+    assert (f"run complete: 1/1 epochs trained (best Acc@1 {best:.2f}%; outputs in {copy / 'tiny' / 'default'})"
+            in result.stdout)
+    assert ' * Acc@1 ' not in result.stdout and 'Start training' not in result.stdout  # no re-validation
+    assert read(copy / 'tiny' / 'default' / 'config.yaml') == config_yaml
+    more = run_main('--cfg', config, '--output', str(copy), '--epochs', '2')  # asking for more still trains
+    assert more.returncode == 0, more.stderr
+    assert 'Train: [1/2]' in more.stdout and 'run complete' not in more.stdout

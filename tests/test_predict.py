@@ -4,6 +4,8 @@ import csv
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from PIL import Image
 from conftest import TINY_OPTS, make_tiny_config
 from data.inference import find_images
 from errors import DataError
-from helpers import CLASSES, load_script, make_image_folder, run_main, tiny_yaml
+from helpers import CLASSES, ROOT, child_env, load_script, make_image_folder, run_main, tiny_yaml
 from models import build_model
 
 predict = load_script('predict')
@@ -156,7 +158,8 @@ def test_rows_are_flushed_batch_by_batch(tmp_path):
     (so memory does not grow with the number of images)."""
     config = make_tiny_config(None, 'DATA.NUM_WORKERS', 2)
     paths = write_images(tmp_path / 'images', 300, size=(20, 20))
-    model, names = predict.load_model(save_checkpoint(tmp_path / 'ckpt.pth', 10), config, torch.device('cpu'))
+    ckpt = save_checkpoint(tmp_path / 'ckpt.pth', 10)
+    model, names = predict.load_model(ckpt, predict.read_weights(ckpt), config, torch.device('cpu'))
     loader = predict.image_files_loader(paths, predict.build_val_transform(config), 32, 2)
     out = tmp_path / 'out.csv'
     with open(out, 'w', newline='') as f:
@@ -167,3 +170,58 @@ def test_rows_are_flushed_batch_by_batch(tmp_path):
         assert [row['path'] for row in read_csv(out)] == paths[:32]  # read back through another handle
         assert sum(batches) == 300 - 32
     assert [row['path'] for row in read_csv(out)] == paths
+
+
+@pytest.mark.slow
+def test_tools_work_from_the_checkpoint_alone_for_a_model_whose_classes_came_from_the_folders(tmp_path, capsys):
+    """Trained with MODEL.NUM_CLASSES left to the class folders (3, not the default 1000): predict, export and
+    convert need no --cfg, and a --cfg that leaves the class count unset works too."""
+    data = make_image_folder(tmp_path / 'data', train_per_class=2)
+    config = tiny_yaml(tmp_path / 'tiny.yaml', data, extra='TRAIN:\n  EPOCHS: 1\n  WARMUP_EPOCHS: 0\n')
+    unset = tmp_path / 'unset.yaml'
+    unset.write_text(''.join(line + '\n' for line in open(config).read().splitlines() if 'NUM_CLASSES' not in line))
+    result = run_main('--cfg', str(unset), '--output', str(tmp_path / 'out'))
+    assert result.returncode == 0, result.stderr
+    best = str(tmp_path / 'out' / 'tiny' / 'default' / 'best.pth')
+    val = os.path.join(data, 'val')
+
+    tables = []
+    for args in ([], ['--cfg', str(unset)], ['--cfg', str(tmp_path / 'out' / 'tiny' / 'default' / 'config.yaml')]):
+        assert predict.main([best, val, '--device', 'cpu', '--quiet', '--topk', '2'] + args) == 0
+        tables.append(capsys.readouterr().out)
+    assert tables[0] == tables[1] == tables[2] and all(name in tables[0] for name in CLASSES)
+
+    converted = str(tmp_path / 'weights.safetensors')
+    official = str(tmp_path / 'weights.pth')
+    convert = load_script('convert_checkpoint')
+    assert convert.main([best, converted, '--to', 'official']) == 0
+    assert convert.main([best, official, '--to', 'official']) == 0
+    capsys.readouterr()
+    for path in (converted, official):
+        assert predict.main([path, val, '--device', 'cpu', '--quiet', '--topk', '2']) == 0
+        assert capsys.readouterr().out == tables[0]
+
+    onnx = str(tmp_path / 'model.onnx')
+    assert load_script('export_onnx').main([best, '--output', onnx]) == 0
+    assert 'logits (batch, 3)' in capsys.readouterr().out
+
+    bare = str(tmp_path / 'bare.pth')
+    torch.save({'model': torch.load(best, weights_only=True)['model']}, bare)  # as an official release: no config
+    assert predict.main([bare, val, '--device', 'cpu']) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{bare} carries no config" in error and 'give --cfg' in error
+
+
+def test_the_table_follows_the_progress_bar_on_a_shared_terminal(tmp_path, cfg):
+    """stdout and stderr into one stream, as on a terminal: the bar (stderr) ends before the table (stdout) starts."""
+    ckpt = save_checkpoint(tmp_path / 'ckpt.pth', 10)
+    paths = write_images(tmp_path / 'images', 40, size=(20, 20))
+    script = os.path.join(ROOT, 'scripts', 'predict.py')
+    result = subprocess.run([sys.executable, script, ckpt, *paths, '--cfg', cfg, '--batch-size', '4', '--topk', '1',
+                             '--device', 'cpu', *OPTS], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=child_env(), text=True, timeout=120)
+    assert result.returncode == 0, result.stdout
+    shared = result.stdout
+    header, bar_end = shared.index('path '), shared.rindex('img/s')  # tqdm's rate, on every redraw
+    assert bar_end < header, shared
+    assert all(path in shared[header:] for path in paths)
