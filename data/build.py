@@ -12,42 +12,47 @@ from yacs.config import CfgNode
 from errors import DataError
 
 from .datasets import FolderDataset, ImageDataset, UnlabeledFolderDataset, ZipDataset
+from .device_decode import DEVICE_DECODE, jpeg_decoder
+from .device_normalize import DEVICE_NORMALIZE
 from .digits import ensure_digits
+from .host_float import HOST_FLOAT
 from .imagenet22k import NUM_CLASSES as IMAGENET22K_CLASSES
 from .imagenet22k import ImageNet22KDataset
 from .loader import ImageLoader
+from .mode import DataMode
 from .samplers import DistributedEpochSampler, ShardSampler, ValSampler
 from .simmim import SimMIMTransform
-from .transforms import build_transform
 
 _logger = logging.getLogger('swin.data')
 
 
-def build_loader(config: CfgNode, device: torch.device | str = 'cpu', uint8: bool | None = None) -> tuple[
-        ImageDataset | None, ImageDataset, ImageLoader | None, ImageLoader, Mixup | None]:
+def build_loader(config: CfgNode, device: torch.device | str = 'cpu', normalize_on_device: bool | None = None
+                 ) -> tuple[ImageDataset | None, ImageDataset, ImageLoader | None, ImageLoader, Mixup | None]:
     """(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn) for a run computing on
     ``device``.
 
     In eval mode the train pieces are None (and train/ is not read). Loaders yield ``loader.Batch``es.
     Train batches hold exactly DATA.BATCH_SIZE samples, in the order ``data_loader_train.sampler.set_epoch``
     selects (see samplers.EpochSampler.set_epoch). Validation shards exactly (each image once over all
-    ranks). ``uint8``: loaders yield uint8 batches for ``data.to_device`` to normalize; by default when
-    DATA.DEVICE_NORMALIZE and ``device`` is a GPU.
+    ranks). ``normalize_on_device``: whether ``data.to_device`` normalizes (and, with DATA.GPU_DECODE, decodes)
+    on the device, the data mode of ``select_mode``; by default when DATA.DEVICE_NORMALIZE and ``device`` is a GPU.
     """
     on_cuda = torch.device(device).type == 'cuda'
-    if uint8 is None:
-        uint8 = config.DATA.DEVICE_NORMALIZE and on_cuda
+    if normalize_on_device is None:
+        normalize_on_device = config.DATA.DEVICE_NORMALIZE and on_cuda
+    mode = select_mode(config, normalize_on_device)
     root = data_root(config)
     if config.MODEL.TASK == 'simmim':
-        return build_pretrain_loader(config, root, on_cuda, uint8)
-    dataset_val = build_dataset(False, config, root, uint8)
-    dataset_train = None if config.EVAL_MODE else build_dataset(True, config, root, uint8)
+        return build_pretrain_loader(config, root, on_cuda, mode)
+    dataset_val = build_dataset(False, config, root, mode)
+    dataset_train = None if config.EVAL_MODE else build_dataset(True, config, root, mode)
     _check_classes(config, dataset_train, dataset_val)
 
     sampler_val = ValSampler(len(dataset_val), config.RANK, config.WORLD_SIZE, sequential=config.TEST.SEQUENTIAL,
                              shuffle=config.TEST.SHUFFLE, seed=config.SEED)
     _fill_cache(config, dataset_val, sampler_val.indices)
-    loader_val = _make_loader(config, dataset_val, sampler_val, on_cuda, drop_last=False)
+    loader_val = _make_loader(config, dataset_val, mode.for_split(False, config), sampler_val, on_cuda,
+                              drop_last=False)
     if dataset_train is None:
         return None, dataset_val, None, loader_val, None
 
@@ -62,32 +67,51 @@ def build_loader(config: CfgNode, device: torch.device | str = 'cpu', uint8: boo
         raise DataError(f"{dataset_train.root} gives each of {config.WORLD_SIZE} processes {len(sampler_train)} "
                         f"images, fewer than one optimizer step takes (DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} "
                         f"x TRAIN.ACCUMULATION_STEPS {config.TRAIN.ACCUMULATION_STEPS})")
-    loader_train = _make_loader(config, dataset_train, sampler_train, on_cuda, drop_last=True)
+    train_mode = mode.for_split(True, config)
+    loader_train = _make_loader(config, dataset_train, train_mode, sampler_train, on_cuda, drop_last=True)
     _logger.info(f"rank {config.RANK}: train {dataset_train}, {len(loader_train)} batches per epoch; "
-                 f"val {dataset_val}, {len(loader_val)} batches on this rank"
-                 f"{'; uint8 batches normalized on the device' if uint8 else ''}"
-                 f"{_decoding(config, uint8, dataset_train)}")
+                 f"val {dataset_val}, {len(loader_val)} batches on this rank{_where(config, mode, train_mode)}")
     return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)
 
 
-def _decoding(config, uint8, dataset_train):
-    """Where DATA.GPU_DECODE decodes, for the loader's log line."""
-    if not config.DATA.GPU_DECODE:
-        return ''
-    if not uint8:
-        return '; DATA.GPU_DECODE has no effect (it needs DATA.DEVICE_NORMALIZE on a CUDA run)'
-    from .device_decode import EncodeRandomResizedCrop, jpeg_decoder
-    if isinstance(dataset_train.transform, EncodeRandomResizedCrop):
-        return f"; JPEGs decoded on the device ({jpeg_decoder()[0]}): train and val"
-    return (f"; JPEGs decoded on the device ({jpeg_decoder()[0]}): val only (train crops stay on the CPU: "
+def select_mode(config: CfgNode, normalize_on_device: bool) -> DataMode:
+    """The run's data mode (data/mode.py): host_float, unless images are normalized on the device; then
+    device_decode with DATA.GPU_DECODE, else device_normalize."""
+    if not normalize_on_device:
+        return HOST_FLOAT
+    return DEVICE_DECODE if config.DATA.GPU_DECODE else DEVICE_NORMALIZE
+
+
+def split_mode(is_train: bool, config: CfgNode, normalize_on_device: bool = False) -> DataMode:
+    """The data mode that loads one split (select_mode's, or a simpler one where it cannot do that split)."""
+    return select_mode(config, normalize_on_device).for_split(is_train, config)
+
+
+def build_transform(is_train: bool, config: CfgNode, normalize_on_device: bool = False) -> Callable:
+    """The worker transform of a split in its data mode (``split_mode``): a lazily opened PIL image -> that
+    mode's image item (``collate(items, split_mode(...))`` stacks them)."""
+    return split_mode(is_train, config, normalize_on_device).transform(is_train, config)
+
+
+def _where(config, mode, train_mode):
+    """Where images are normalized and decoded, for the loader's log line."""
+    if mode == HOST_FLOAT:
+        return '; DATA.GPU_DECODE has no effect (it needs DATA.DEVICE_NORMALIZE on a CUDA run)' \
+            if config.DATA.GPU_DECODE else ''
+    where = '; uint8 batches normalized on the device'
+    if mode != DEVICE_DECODE:
+        return where
+    if train_mode == DEVICE_DECODE:
+        return f"{where}; JPEGs decoded on the device ({jpeg_decoder()[0]}): train and val"
+    return (f"{where}; JPEGs decoded on the device ({jpeg_decoder()[0]}): val only (train crops stay on the CPU: "
             f"PIL-only augmentations or tiny images)")
 
 
-def build_pretrain_loader(config, root, on_cuda, uint8):
+def build_pretrain_loader(config, root, on_cuda, mode):
     """SimMIM pre-training: (dataset_train, None, data_loader_train, None, None). Every image under
     ``root/train`` (class folders or not; labels unused), or train.zip in zip mode; batches carry the patch
     masks (``Batch.masks``) and are seeded and resumable like classification batches."""
-    transform = SimMIMTransform(config, uint8)
+    transform = SimMIMTransform(config, mode)
     if config.DATA.ZIP_MODE:
         dataset = ZipDataset(root, 'train', config.MODEL.NUM_CLASSES, transform)
     else:
@@ -97,7 +121,7 @@ def build_pretrain_loader(config, root, on_cuda, uint8):
     if len(sampler) < config.DATA.BATCH_SIZE:
         raise DataError(f"{dataset.root} gives each of {config.WORLD_SIZE} processes {len(sampler)} images, "
                         f"fewer than DATA.BATCH_SIZE {config.DATA.BATCH_SIZE}")
-    loader = _make_loader(config, dataset, sampler, on_cuda, drop_last=True)
+    loader = _make_loader(config, dataset, mode.decoded(), sampler, on_cuda, drop_last=True)
     _logger.info(f"rank {config.RANK}: SimMIM pre-training on {dataset}, {len(loader)} batches per epoch; "
                  f"{transform}")
     return dataset, None, loader, None, None
@@ -118,11 +142,12 @@ def data_root(config: CfgNode) -> str:
     return path
 
 
-def build_dataset(is_train: bool, config: CfgNode, root: str, uint8: bool = False) -> ImageDataset:
+def build_dataset(is_train: bool, config: CfgNode, root: str, mode: DataMode = HOST_FLOAT) -> ImageDataset:
     """The train or val split under ``root``: ``<split>/<class>/<image>``, or ``<split>.zip`` +
     ``<split>_map.txt`` with DATA.ZIP_MODE, or the official ImageNet-22K map files (DATA.DATASET imagenet22K).
-    (build_loader checks its classes against MODEL.NUM_CLASSES.)"""
-    transform = build_transform(is_train, config, uint8)
+    Images go through the worker transform of ``mode`` for this split. (build_loader checks its classes against
+    MODEL.NUM_CLASSES.)"""
+    transform = mode.for_split(is_train, config).transform(is_train, config)
     split = 'train' if is_train else 'val'
     if config.DATA.DATASET == 'imagenet22K':
         return ImageNet22KDataset(root, split, transform)
@@ -153,7 +178,7 @@ def dataset_num_classes(config: CfgNode) -> tuple[int, str]:
 def build_val_transform(config: CfgNode) -> Callable:
     """The validation transform of a config: a PIL image (any mode) -> normalized float CHW tensor, exactly
     as the val loader preprocesses (for tools that predict on single images)."""
-    return build_transform(False, config)
+    return HOST_FLOAT.transform(False, config)
 
 
 def _check_classes(config, dataset_train, dataset_val):
@@ -203,12 +228,12 @@ def usable_workers(requested: int) -> int:
     return cores
 
 
-def _make_loader(config, dataset, sampler, on_cuda, drop_last):
+def _make_loader(config, dataset, mode, sampler, on_cuda, drop_last):
     workers = usable_workers(config.DATA.NUM_WORKERS)
     worker_options = dict(persistent_workers=config.DATA.PERSISTENT_WORKERS,
                           prefetch_factor=config.DATA.PREFETCH_FACTOR) if workers > 0 else {}
     return ImageLoader(
-        dataset, config.DATA.MAX_BAD_FRACTION,
+        dataset, mode, config.DATA.MAX_BAD_FRACTION,
         sampler=sampler,
         batch_size=config.DATA.BATCH_SIZE,
         num_workers=workers,

@@ -1,15 +1,17 @@
 """Opt-in JPEG decoding on the device (DATA.GPU_DECODE): nvJPEG through TorchCodec, torchvision.io as fallback.
 
-Loader workers only parse the JPEG header and draw the crop (the same random draws as the CPU pipeline) and
-hand over the file's bytes with a :class:`CropPlan`; ``data.to_device`` decodes the whole batch in one call on
-the device, then crops, resizes (antialiased, PIL's filters), flips and rounds to uint8 there, before the usual
-normalization. The CPU decode, crop and resize (≈ 2.5-4 ms of a core per ImageNet image) leave the workers.
+The device-decode data mode. Loader workers only parse the JPEG header and draw the crop (the same random
+draws as the CPU pipeline) and hand over the file's bytes with a :class:`CropPlan`; ``to_device`` decodes the
+whole batch in one call on the device, then crops, resizes (antialiased, PIL's filters), flips and rounds to
+uint8 there, and normalizes as the device-normalize mode does. The CPU decode, crop and resize (≈ 2.5-4 ms of a
+core per ImageNet image) leave the workers.
 
 Pixels: the same regions as the CPU path; nvJPEG's IDCT and the float resampler round differently from
 libjpeg and torch's uint8 kernels, so nearly all values are within one level (measured by
 scripts/benchmark_decode.py, bounded by tests). What cannot be done on the device falls back to decoding in
 the worker (PIL) with the same plan: non-JPEG files, CMYK JPEGs. Training uses it only without PIL-only
-augmentations (AUG.AUTO_AUGMENT none, AUG.COLOR_JITTER 0): those need decoded pixels in the worker.
+augmentations (AUG.AUTO_AUGMENT none, AUG.COLOR_JITTER 0): those need decoded pixels in the worker, so such a
+train split loads in the device-normalize mode (``DeviceDecode.for_split``).
 """
 import random
 from typing import NamedTuple
@@ -20,7 +22,9 @@ from torchvision.transforms import InterpolationMode, RandomHorizontalFlip
 
 from errors import ConfigError
 
-from .transforms import BadImage, ErasePlan, ToDeferredImage, load_rgb
+from .device_normalize import DEVICE_NORMALIZE, ErasePlan, normalize_on_device, plan_erasing
+from .mode import DataMode
+from .transforms import BadImage, load_rgb, open_image, train_recipe, val_geometry
 
 _DEVICE_MODES = {InterpolationMode.BILINEAR: 'bilinear', InterpolationMode.BICUBIC: 'bicubic'}
 
@@ -62,13 +66,13 @@ def _pixels(img):
     return np.array(load_rgb(img))
 
 
-class EncodeRandomResizedCrop:
+class PlanRandomResizedCrop:
     """Train: timm's random resized crop and horizontal flip, drawn from the header only (same draws as the
-    CPU pipeline: crop, interpolation, flip, erasing), applied on the device."""
+    CPU pipeline: crop, interpolation, flip, erasing) into a plan that the device applies."""
 
     def __init__(self, crop, hflip, erasing=None):
         self.crop, self.hflip = crop, hflip  # crop: timm's RandomResizedCropAndInterpolation
-        self.erase_planner = ToDeferredImage(erasing)
+        self.erasing = erasing
 
     def __call__(self, img):
         i, j, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
@@ -77,13 +81,13 @@ class EncodeRandomResizedCrop:
             interpolation = random.choice(interpolation)
         flip = self.hflip > 0 and torch.rand(1).item() < self.hflip  # torchvision's flip draws from torch
         out_h, out_w = self.crop.size
-        erase = self.erase_planner._plan(out_h, out_w) if self.erase_planner.erasing is not None else None
+        erase = plan_erasing(self.erasing, out_h, out_w) if self.erasing is not None else None
         return _encode(img, CropPlan((i, j, h, w), (out_h, out_w), None, device_mode(interpolation), flip, erase))
 
 
-class EncodeResizeCenterCrop:
+class PlanResizeCenterCrop:
     """Validation: resize (shorter side to ``resize_size``, or straight to ``img_size``) and center crop,
-    the geometry of torchvision's Resize + CenterCrop, applied on the device."""
+    the geometry of torchvision's Resize + CenterCrop, planned here and applied on the device."""
 
     def __init__(self, img_size, resize_size, interpolation):
         self.img_size, self.resize_size = img_size, resize_size
@@ -102,7 +106,7 @@ class EncodeResizeCenterCrop:
 
 
 class EncodedBatch:
-    """A batch of EncodedImage as the loader yields it; ``data.to_device`` decodes it."""
+    """A batch of EncodedImage as the loader yields it; the mode's ``to_device`` decodes it."""
 
     def __init__(self, images):
         self.images = list(images)
@@ -202,24 +206,45 @@ def _decode_or_fallback(datas, device):
 
 
 def _pil_decode(data):
-    from .transforms import open_image
     try:
         return torch.from_numpy(_pixels(open_image(data.numpy().tobytes()))).permute(2, 0, 1)
     except BadImage as e:
         raise BadImage(f"undecodable JPEG in a GPU_DECODE batch: {e}") from None
 
 
-def device_transform(is_train, config, primary=None, secondary=None, erasing=None):
-    """The worker-side transform of DATA.GPU_DECODE, or None where the device cannot do the work: train
-    crops of tiny images (a padded random crop) or recipes with PIL-only augmentations (``secondary``:
-    RandAugment / AutoAugment / color jitter) or a vertical flip (timm's ``primary`` steps)."""
-    size = config.DATA.IMG_SIZE
-    if is_train:
-        crop, *flips = primary.transforms
-        if size <= 32 or secondary.transforms or any(not isinstance(t, RandomHorizontalFlip) for t in flips):
+class DeviceDecode(DataMode):
+    name = 'device_decode'
+
+    def for_split(self, is_train, config):
+        """Itself, except for train crops the device cannot make: those of tiny images (a padded random crop),
+        recipes with PIL-only augmentations (RandAugment / AutoAugment / color jitter) or a vertical flip."""
+        if is_train and self._train_crop(config) is None:
+            return DEVICE_NORMALIZE
+        return self
+
+    def decoded(self):
+        return DEVICE_NORMALIZE
+
+    def transform(self, is_train, config):
+        if is_train:
+            return self._train_crop(config)
+        size, resize_size, interpolation = val_geometry(config)
+        return PlanResizeCenterCrop(size, resize_size, interpolation)
+
+    def _train_crop(self, config):
+        recipe = train_recipe(config)
+        crop, *flips = recipe.steps
+        if (config.DATA.IMG_SIZE <= 32 or recipe.augment
+                or any(not isinstance(t, RandomHorizontalFlip) for t in flips)):
             return None
-        return EncodeRandomResizedCrop(crop, flips[0].p if flips else 0.0, erasing)
-    from .transforms import _val_interpolation
-    crop = config.TEST.CROP and size > 32
-    return EncodeResizeCenterCrop(size, int((256 / 224) * size) if crop else None,
-                                  _val_interpolation(config.DATA.INTERPOLATION))
+        return PlanRandomResizedCrop(crop, flips[0].p if flips else 0.0, recipe.erasing)
+
+    def collate_images(self, images):
+        return EncodedBatch(images), ()  # the erasing plans travel in the crop plans
+
+    def to_device(self, batch, device):
+        images, erase = decode_batch(batch.images, device)
+        return normalize_on_device(images, erase)
+
+
+DEVICE_DECODE = DeviceDecode()

@@ -1,49 +1,50 @@
 """What the engine iterates: :class:`Batch`, the loader that yields it, and the two calls made around it,
-``to_device`` for every batch and ``check_bad_images`` after every epoch.
+``to_device`` for every batch and ``check_bad_images`` after every epoch. What a batch's images are, and how
+they become the model's input, is its data mode's business (data/mode.py).
 
 Unreadable images are reported one way: the dataset puts each skipped file in its Sample (in a worker or in
 this process), ``collate`` gathers them into the batch, and ImageLoader logs and counts them in the main
 process, which alone decides when there are too many.
 """
+import functools
 import logging
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
 from errors import DataError
 
 from .datasets import BadImageReport, Sample
-from .device_decode import EncodedBatch, EncodedImage, decode_batch
+from .host_float import HOST_FLOAT
+from .mode import DataMode
 from .recovery import survive_worker_deaths
 from .simmim import MaskedImage
-from .transforms import DeferredImage, ErasePlan
 
 _logger = logging.getLogger('swin.data')
-_normalize_constants = {}  # device -> (mean, std), shaped (1, 3, 1, 1)
-_erase_generators = {}  # device -> torch.Generator for random-erasing noise
 
 
 @dataclass(frozen=True)
 class Batch:
     """One batch of a loader built by ``build_loader``.
 
-    images: NCHW, float and normalized; or uint8 pixels (a CUDA run with DATA.DEVICE_NORMALIZE) that
-        ``to_device`` converts, normalizes and random-erases on the device; or, with DATA.GPU_DECODE, an
-        EncodedBatch of JPEG bytes and crop plans that ``to_device`` decodes there first.
+    images: what ``mode`` collated: NCHW float, normalized (host_float); uint8 pixels (device_normalize); or an
+        EncodedBatch of JPEG bytes and crop plans (device_decode). ``to_device`` makes them the model's input.
     targets: int64 class indices.
-    erase: random-erasing plans of a uint8 batch, ``(position in batch, ErasePlan)``.
+    mode: the data mode that made the batch and finishes it on the device.
+    erase: random-erasing plans the mode applies on the device, ``(position in batch, ErasePlan)``.
     masks: SimMIM pre-training batches only: the patch masks, (N, H / patch, W / patch) int64, 1 = masked.
     bad_images: the unreadable files skipped (each replaced by the next readable sample) to fill this batch.
     error: set when a sample found no readable image (images and targets are then empty); the loader
         raises it as DataError in the main process.
     """
-    images: torch.Tensor | EncodedBatch
+    images: Any
     targets: torch.Tensor
-    erase: tuple[tuple[int, ErasePlan], ...] = ()
+    mode: DataMode = HOST_FLOAT
+    erase: tuple[tuple[int, Any], ...] = ()
     bad_images: tuple[BadImageReport, ...] = ()
     error: str = ''
     masks: torch.Tensor | None = None
@@ -57,29 +58,23 @@ class Batch:
         return replace(self, images=self.images.pin_memory(), targets=self.targets.pin_memory(), masks=masks)
 
 
-def collate(samples: Sequence[Sample]) -> Batch:
-    """The Batch of a list of dataset Samples (runs in the loader's workers)."""
+def collate(samples: Sequence[Sample], mode: DataMode) -> Batch:
+    """The Batch of a list of dataset Samples (runs in the loader's workers); ``mode`` stacks the images."""
     bad_images = tuple(report for sample in samples for report in sample.skipped)
     failed = next((sample for sample in samples if sample.image is None), None)
     if failed is not None:
         first, last = failed.skipped[0], failed.skipped[-1]
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), bad_images=bad_images,
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), mode, bad_images=bad_images,
                      error=f"{len(failed.skipped)} unreadable images in a row from {first.path} on "
                            f"(last: {last.reason})")
     images = [sample.image for sample in samples]
     targets = torch.tensor([sample.target for sample in samples], dtype=torch.long)
-    if isinstance(images[0], EncodedImage):  # DATA.GPU_DECODE: to_device decodes (erasing is in the plans)
-        return Batch(EncodedBatch(images), targets, bad_images=bad_images)
     masks = None
-    if isinstance(images[0], MaskedImage):
+    if isinstance(images[0], MaskedImage):  # SimMIM pre-training: any mode's image, and its patch mask
         masks = torch.stack([image.mask for image in images])
         images = [image.image for image in images]
-    if not isinstance(images[0], DeferredImage):
-        return Batch(default_collate(images), targets, bad_images=bad_images, masks=masks)
-    erase = tuple((i, image.erase) for i, image in enumerate(images) if image.erase is not None)
-    # stacked HWC (one plain copy per image), viewed as NCHW; to_device makes it contiguous
-    pixels = default_collate([image.pixels for image in images]).permute(0, 3, 1, 2)
-    return Batch(pixels, targets, erase=erase, bad_images=bad_images, masks=masks)
+    images, erase = mode.collate_images(images)
+    return Batch(images, targets, mode, erase=erase, bad_images=bad_images, masks=masks)
 
 
 class ImageLoader(DataLoader):
@@ -89,10 +84,11 @@ class ImageLoader(DataLoader):
     exceed DATA.MAX_BAD_FRACTION of this rank's epoch, since check_bad_images would fail anyway.
     Train loaders are ordered by ``sampler.set_epoch`` (see samplers.EpochSampler.set_epoch)."""
 
-    def __init__(self, dataset, max_bad_fraction: float, **kwargs):
+    def __init__(self, dataset, mode: DataMode, max_bad_fraction: float, **kwargs):
         if kwargs.get('num_workers'):
             kwargs.setdefault('worker_init_fn', _leave_stop_signals_to_main)
-        super().__init__(dataset, collate_fn=collate, **kwargs)
+        super().__init__(dataset, collate_fn=functools.partial(collate, mode=mode), **kwargs)
+        self.mode = mode
         self.max_bad_fraction = max_bad_fraction
         self.bad_images = 0
         self.images_loaded = 0
@@ -141,45 +137,8 @@ def check_bad_images(data_loader: DataLoader, logger: logging.Logger | None = No
 
 
 def to_device(batch: Batch, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, targets) of a batch on ``device`` (non_blocking), ready for the model. A uint8 batch is
-    converted, normalized with the ImageNet mean/std and random-erased there: the values the float host path
-    computes (ToTensor + Normalize), except that erasing noise comes from a device generator. A batch of
-    JPEG bytes (DATA.GPU_DECODE) is decoded, cropped and resized on the device first."""
-    images, erase = batch.images, batch.erase
-    if isinstance(images, EncodedBatch):
-        images, erase = decode_batch(images, device)
-    images = images.to(device, non_blocking=True)
-    targets = batch.targets.to(device, non_blocking=True)
-    if images.dtype != torch.uint8:
-        return images, targets
-    mean, std = _constants(images.device)
-    images = images.contiguous().float().div_(255).sub_(mean).div_(std)  # ToTensor, Normalize: same ops
-    if erase:
-        _erase(images, erase)
-    return images, targets
-
-
-def _constants(device):
-    if device not in _normalize_constants:
-        _normalize_constants[device] = tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-                                             for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    return _normalize_constants[device]
-
-
-def _erase(images, plans):
-    """Fill the boxes like timm's RandomErasing: per-pixel normal noise (pixel), one normal value per
-    channel (rand) or zeros (const); each image's noise comes from its own seed, not from the batch."""
-    if images.device not in _erase_generators:
-        _erase_generators[images.device] = torch.Generator(device=images.device)
-    generator = _erase_generators[images.device]
-    for i, plan in plans:
-        generator.manual_seed(plan.noise_seed)
-        for top, left, h, w in plan.boxes:
-            region = images[i, :, top:top + h, left:left + w]
-            if plan.mode == 'pixel':
-                region.normal_(generator=generator)
-            elif plan.mode == 'rand':
-                region.copy_(torch.empty((images.shape[1], 1, 1), device=images.device)
-                             .normal_(generator=generator).expand_as(region))
-            else:
-                region.zero_()
+    """(images, targets) of a batch on ``device`` (non_blocking), ready for the model: the batch's data mode
+    finishes its images there (a uint8 batch is converted, normalized and random-erased; JPEG bytes are decoded,
+    cropped and resized first)."""
+    device = torch.device(device)
+    return batch.mode.to_device(batch, device), batch.targets.to(device, non_blocking=True)

@@ -11,12 +11,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
 from errors import ConfigError
 
-from .transforms import DecodeRandomResizedCrop, ToDeferredImage
+from .host_float import HOST_FLOAT
+from .mode import DataMode
+from .transforms import DecodeRandomResizedCrop
 
 # the official SimMIM pre-training crop
 CROP_SCALE = (0.67, 1.)
@@ -24,7 +25,8 @@ CROP_RATIO = (3. / 4., 4. / 3.)
 
 
 class MaskedImage(NamedTuple):
-    """One pre-training sample: the image (normalized tensor, or a transforms.DeferredImage) and its mask."""
+    """One pre-training sample: the image (the data mode's item: a normalized tensor, or uint8 pixels for the
+    device to normalize) and its mask."""
     image: Any
     mask: torch.Tensor
 
@@ -74,18 +76,15 @@ def build_mask_generator(config):
 class SimMIMTransform:
     """image -> MaskedImage: random resized crop (scale 0.67-1, ratio 3/4-4/3, bilinear), horizontal flip
     (AUG.HFLIP, 0.5 as officially), ImageNet normalization; and a fresh MaskGenerator draw. The crop takes the
-    decode-aware fast path of the classification pipeline unless DATA.FAST_CROP is False. ``uint8``: the image
-    stays uint8 (a DeferredImage) for ``data.to_device`` to normalize on the GPU."""
+    decode-aware fast path of the classification pipeline unless DATA.FAST_CROP is False. ``mode`` (data/mode.py)
+    ends the image: normalized here (host_float), or uint8 for the device to normalize."""
 
-    def __init__(self, config, uint8=False):
+    def __init__(self, config, mode: DataMode = HOST_FLOAT):
         size = config.DATA.IMG_SIZE
         steps = [DecodeRandomResizedCrop((size, size), CROP_SCALE, CROP_RATIO, 'bilinear', config.DATA.FAST_CROP)]
         if config.AUG.HFLIP > 0:
             steps.append(transforms.RandomHorizontalFlip(config.AUG.HFLIP))
-        if uint8:
-            steps.append(ToDeferredImage())
-        else:
-            steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+        steps += mode.decoded().finish_steps()  # the crop decodes in the worker, whatever the mode
         self.transform_img = transforms.Compose(steps)
         self.mask_generator = build_mask_generator(config)
 

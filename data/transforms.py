@@ -6,16 +6,14 @@
   level of PIL's, bicubic overshoot on high-contrast content more), DATA.FAST_DECODE decodes a JPEG at 1/2..1/8
   scale (PIL ``draft``: libjpeg scales in the DCT domain) when the crop still keeps at least IMG_SIZE pixels per
   side, DATA.VAL_FAST_RESIZE does both for validation.
-* uint8 output: with ``uint8=True`` a transform ends in a :class:`DeferredImage` (HWC uint8 pixels and the
-  random-erasing boxes) instead of a normalized float tensor; ``data.to_device`` converts, normalizes and
-  erases on the device. The same values as the float path (erasing noise aside), less host work and 4x
-  smaller batches to pass between processes and copy to the GPU.
+* The pieces a data mode composes into its worker transform (data/mode.py): ``train_recipe`` (timm's recipe in
+  three parts), ``val_steps`` / ``val_geometry`` and ``normalize_steps``. Where normalization happens (in the
+  worker, or on the device) is the mode's choice, not this module's.
 
 Every transform starts from a *lazily opened* PIL image (header parsed, pixels not decoded), so the decoder
 can be told the size it needs. Decoding failures raise :class:`BadImage`.
 """
 import io
-import math
 import random
 from typing import NamedTuple
 
@@ -165,58 +163,6 @@ class FastResizeCenterCrop:
         return img.resize((size, size), pil_modes_mapping[self.interpolation], box=box)
 
 
-class ErasePlan(NamedTuple):
-    """Random-erasing boxes (top, left, height, width) of one image, filled on the device."""
-    mode: str
-    noise_seed: int
-    boxes: tuple[tuple[int, int, int, int], ...]
-
-
-class DeferredImage(NamedTuple):
-    """uint8 HWC pixels whose normalization (and random erasing) happen in ``data.to_device``."""
-    pixels: torch.Tensor
-    erase: ErasePlan | None
-
-
-class ToDeferredImage:
-    """Final step of a uint8 pipeline: the pixels as a HWC uint8 tensor, plus the erasing boxes that timm's
-    RandomErasing (given as ``erasing``) would have drawn, from the same Python random draws."""
-
-    def __init__(self, erasing=None):
-        self.erasing = erasing
-
-    def __call__(self, img):
-        pixels = torch.from_numpy(np.array(img))  # np.array: a writable copy (asarray's is read-only)
-        erase = self._plan(img.size[1], img.size[0]) if self.erasing is not None else None
-        return DeferredImage(pixels, erase)
-
-    def _plan(self, img_h, img_w):
-        # mirrors timm.data.random_erasing.RandomErasing._erase draw for draw
-        re = self.erasing
-        if random.random() > re.probability:
-            return None
-        area = img_h * img_w
-        count = re.min_count if re.min_count == re.max_count else random.randint(re.min_count, re.max_count)
-        boxes = []
-        for _ in range(count):
-            for _attempt in range(10):
-                target_area = random.uniform(re.min_area, re.max_area) * area / count
-                aspect_ratio = math.exp(random.uniform(*re.log_aspect_ratio))
-                h = int(round(math.sqrt(target_area * aspect_ratio)))
-                w = int(round(math.sqrt(target_area / aspect_ratio)))
-                if w < img_w and h < img_h:
-                    top = random.randint(0, img_h - h)
-                    left = random.randint(0, img_w - w)
-                    boxes.append((top, left, h, w))
-                    break
-        if not boxes:
-            return None
-        return ErasePlan(re.mode, random.getrandbits(63), tuple(boxes))
-
-    def __repr__(self):
-        return f"{self.__class__.__name__}(erasing={self.erasing})"
-
-
 def _posterize(img, bits_to_keep, **__):
     """timm's posterize op. PosterizeIncreasing at the top magnitude keeps 0 bits: old Pillow returned a
     black image, Pillow 13 raises ValueError (which would kill a worker), so give the old result."""
@@ -238,66 +184,77 @@ def fix_posterize(transform):
             op.aug_fn = _posterize
 
 
-def _val_interpolation(name):
-    # 'random' (timm picks per image in training) falls back to bilinear in validation, as in the official code
+def val_interpolation(name: str) -> InterpolationMode:
+    """DATA.INTERPOLATION for validation: 'random' (timm picks per image in training) falls back to bilinear, as
+    in the official code."""
     return InterpolationMode.BILINEAR if name == 'random' else InterpolationMode(name)
 
 
-def build_transform(is_train: bool, config: CfgNode, uint8: bool = False) -> transforms.Compose:
-    """The official Swin transforms (timm create_transform for train; resize + center crop for val), each
-    starting with the decode step. ``uint8`` ends them in a DeferredImage instead of a float tensor."""
+class TrainRecipe(NamedTuple):
+    """The official train augmentation (timm's create_transform) in the three parts a data mode composes:
+    ``steps`` decode, crop and flip a lazily opened image (PIL out); ``augment`` are the PIL-only augmentations
+    (RandAugment / AutoAugment / AugMix, color jitter); ``final`` is timm's ToTensor, Normalize and RandomErasing,
+    whose eraser (None when AUG.REPROB is 0) is also ``erasing``, for modes that erase elsewhere."""
+    steps: list
+    augment: list
+    final: list
+    erasing: object | None
+
+
+def train_recipe(config: CfgNode) -> TrainRecipe:
+    """The official Swin train transform (timm create_transform), starting with a decode-aware crop."""
+    size, aug = config.DATA.IMG_SIZE, config.AUG
+    primary, secondary, final = create_transform(
+        input_size=size,
+        is_training=True,
+        color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
+        auto_augment=aug.AUTO_AUGMENT if aug.AUTO_AUGMENT not in ('', 'none') else None,
+        re_prob=aug.REPROB,
+        re_mode=aug.REMODE,
+        re_count=aug.RECOUNT,
+        hflip=aug.HFLIP,
+        interpolation=config.DATA.INTERPOLATION,
+        separate=True,
+    )
+    crop = primary.transforms[0]
+    if size > 32:
+        primary.transforms[0] = DecodeRandomResizedCrop(
+            crop.size, crop.scale, crop.ratio, config.DATA.INTERPOLATION,
+            fast_resize=config.DATA.FAST_CROP, fast_decode=config.DATA.FAST_DECODE)
+    else:  # tiny inputs (CIFAR-like): the official code replaces the random resized crop
+        primary.transforms[0:1] = [Decode(), transforms.RandomCrop(size, padding=4, pad_if_needed=True)]
+    for step in secondary.transforms:
+        fix_posterize(step)
+    erasing = final.transforms[-1] if aug.REPROB > 0 else None
+    return TrainRecipe(primary.transforms, secondary.transforms, final.transforms, erasing)
+
+
+class ValGeometry(NamedTuple):
+    """The validation resize: shorter side to ``resize_size`` then a center crop of ``img_size``, or (resize_size
+    None) straight to img_size x img_size."""
+    img_size: int
+    resize_size: int | None
+    interpolation: InterpolationMode
+
+
+def val_geometry(config: CfgNode) -> ValGeometry:
+    """TEST.CROP: the official 256/224 resize + center crop (not for tiny images, which are resized directly)."""
     size = config.DATA.IMG_SIZE
-    if is_train:
-        aug = config.AUG
-        primary, secondary, final = create_transform(
-            input_size=size,
-            is_training=True,
-            color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
-            auto_augment=aug.AUTO_AUGMENT if aug.AUTO_AUGMENT not in ('', 'none') else None,
-            re_prob=aug.REPROB,
-            re_mode=aug.REMODE,
-            re_count=aug.RECOUNT,
-            hflip=aug.HFLIP,
-            interpolation=config.DATA.INTERPOLATION,
-            separate=True,
-        )
-        crop = primary.transforms[0]
-        if size > 32:
-            primary.transforms[0] = DecodeRandomResizedCrop(
-                crop.size, crop.scale, crop.ratio, config.DATA.INTERPOLATION,
-                fast_resize=config.DATA.FAST_CROP, fast_decode=config.DATA.FAST_DECODE)
-        else:  # tiny inputs (CIFAR-like): the official code replaces the random resized crop
-            primary.transforms[0:1] = [Decode(), transforms.RandomCrop(size, padding=4, pad_if_needed=True)]
-        for step in secondary.transforms:
-            fix_posterize(step)
-        steps = primary.transforms + secondary.transforms
-        if uint8:
-            erasing = final.transforms[-1] if aug.REPROB > 0 else None
-            on_device = _device_decode(True, config, primary, secondary, erasing)
-            return on_device or transforms.Compose(steps + [ToDeferredImage(erasing)])
-        return transforms.Compose(steps + final.transforms)
-
-    on_device = _device_decode(False, config) if uint8 else None
-    if on_device is not None:
-        return on_device
-    interpolation = _val_interpolation(config.DATA.INTERPOLATION)
     crop = config.TEST.CROP and size > 32
-    resize_size = int((256 / 224) * size) if crop else None
+    return ValGeometry(size, int((256 / 224) * size) if crop else None, val_interpolation(config.DATA.INTERPOLATION))
+
+
+def val_steps(config: CfgNode) -> list:
+    """The validation steps of a lazily opened image up to the resized PIL image."""
+    size, resize_size, interpolation = val_geometry(config)
     if config.DATA.VAL_FAST_RESIZE:
-        steps = [FastResizeCenterCrop(size, resize_size, interpolation)]
-    elif crop:
-        steps = [Decode(), transforms.Resize(resize_size, interpolation=interpolation), transforms.CenterCrop(size)]
-    else:  # direct resize; a no-op copy for images already at size (the official code skips it at <= 32 px)
-        steps = [Decode(), transforms.Resize((size, size), interpolation=interpolation)]
-    if uint8:
-        return transforms.Compose(steps + [ToDeferredImage()])
-    return transforms.Compose(steps + [transforms.ToTensor(),
-                                       transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+        return [FastResizeCenterCrop(size, resize_size, interpolation)]
+    if resize_size is not None:
+        return [Decode(), transforms.Resize(resize_size, interpolation=interpolation), transforms.CenterCrop(size)]
+    # direct resize; a no-op copy for images already at size (the official code skips it at <= 32 px)
+    return [Decode(), transforms.Resize((size, size), interpolation=interpolation)]
 
 
-def _device_decode(is_train, config, *args):
-    """DATA.GPU_DECODE: the transform that leaves decoding to the device (data/device_decode.py), or None."""
-    if not config.DATA.GPU_DECODE:
-        return None
-    from .device_decode import device_transform  # it builds on this module
-    return device_transform(is_train, config, *args)
+def normalize_steps() -> list:
+    """PIL image -> float CHW tensor normalized with the ImageNet mean and std (the official preprocessing)."""
+    return [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]

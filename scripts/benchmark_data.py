@@ -179,8 +179,8 @@ def main():
     for kind, kind_opts in (('wall', opts), ('cpu', opts + ['DATA.NUM_WORKERS', 0])):
         cfg = load_config(None, kind_opts, environ={})
         base_train, base_val = baseline_loaders(cfg, root, cfg.DATA.NUM_WORKERS, args.batch_size)
-        ours_float = data.build_loader(cfg, args.device, uint8=False)
-        ours_u8 = data.build_loader(cfg, args.device, uint8=True)
+        ours_float = data.build_loader(cfg, args.device, normalize_on_device=False)
+        ours_u8 = data.build_loader(cfg, args.device, normalize_on_device=True)
         if len(base_train.dataset) < needed:
             sys.exit(f"{root} has {len(base_train.dataset)} train images; this run needs {needed}")
         entries = {
@@ -193,7 +193,8 @@ def main():
         }
         if args.val_fast_resize:
             fast = load_config(None, kind_opts + ['DATA.VAL_FAST_RESIZE', True, 'EVAL_MODE', True], environ={})
-            entries['val ours-u8-fast'] = (data.build_loader(fast, args.device, uint8=True)[3], u8_move[kind])
+            fast_loader = data.build_loader(fast, args.device, normalize_on_device=True)[3]
+            entries['val ours-u8-fast'] = (fast_loader, u8_move[kind])
         for name, entry in entries.items():
             pipelines.setdefault(name, {})[kind] = entry
 

@@ -32,10 +32,11 @@ for path in (ROOT, os.path.join(ROOT, 'scripts')):
 from benchmark_data import synthetic_jpeg  # noqa: E402
 
 from config import load_config  # noqa: E402
+from data import build_transform, collate  # noqa: E402
 from data.datasets import Sample, seeded  # noqa: E402
-from data.device_decode import decode_batch, jpeg_decoder, pil_fallbacks  # noqa: E402
-from data.loader import collate  # noqa: E402
-from data.transforms import build_transform, open_image  # noqa: E402
+from data.device_decode import DEVICE_DECODE, decode_batch, jpeg_decoder, pil_fallbacks  # noqa: E402
+from data.device_normalize import DEVICE_NORMALIZE  # noqa: E402
+from data.transforms import open_image  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -54,8 +55,9 @@ def transforms_for(is_train, img_size):
     """(CPU-path transform, device-path transform) of one split, both ending in uint8 for the device."""
     opts = ['DATA.IMG_SIZE', img_size, 'AUG.AUTO_AUGMENT', 'none', 'AUG.COLOR_JITTER', 0.0, 'AUG.REPROB', 0.0,
             'DATA.FAST_CROP', False]
-    cpu = build_transform(is_train, load_config(None, opts, environ={}), uint8=True)
-    device = build_transform(is_train, load_config(None, opts + ['DATA.GPU_DECODE', True], environ={}), uint8=True)
+    cpu = build_transform(is_train, load_config(None, opts, environ={}), normalize_on_device=True)
+    device = build_transform(is_train, load_config(None, opts + ['DATA.GPU_DECODE', True], environ={}),
+                             normalize_on_device=True)
     return cpu, device
 
 
@@ -77,12 +79,12 @@ def run_pass(transforms, jpegs, args, device):
     for start in range(0, len(jpegs), args.batch_size):
         chunk = jpegs[start:start + args.batch_size]
         t = time.process_time()
-        images = collate(worker_share(cpu_tf, chunk, start)).images
+        images = collate(worker_share(cpu_tf, chunk, start), DEVICE_NORMALIZE).images
         times['cpu_path'] += time.process_time() - t
         outputs[0].append(images)
 
         t = time.process_time()
-        encoded = collate(worker_share(device_tf, chunk, start)).images
+        encoded = collate(worker_share(device_tf, chunk, start), DEVICE_DECODE).images
         wall = time.perf_counter()
         decoded, _ = decode_batch(encoded, device)
         times['device_cpu'] += time.process_time() - t  # not the wait below: a training step waits anyway

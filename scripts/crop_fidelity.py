@@ -22,7 +22,8 @@ from timm.data import create_transform
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import load_config  # noqa: E402
-from data.transforms import build_transform, open_image  # noqa: E402
+from data import build_transform  # noqa: E402
+from data.transforms import open_image  # noqa: E402
 
 MODES = {'default': (), 'FAST_CROP': ('DATA.FAST_CROP', True), 'FAST_DECODE': ('DATA.FAST_DECODE', True),
          'both': ('DATA.FAST_CROP', True, 'DATA.FAST_DECODE', True)}
@@ -70,7 +71,7 @@ def main():
         reference, timm_seconds = run(timm, data, seeds)
         for mode, opts in MODES.items():
             config = load_config(None, ['DATA.INTERPOLATION', args.interpolation, *PLAIN, *opts], environ={})
-            transform = build_transform(True, config, uint8=True)
+            transform = build_transform(True, config, normalize_on_device=True)
             outputs, seconds = run(lambda d, t=transform: t(open_image(d)).pixels, data, seeds)
             diffs = torch.stack([(o.to(torch.int16) - r.to(torch.int16)).abs()
                                  for o, r in zip(outputs, reference, strict=True)])

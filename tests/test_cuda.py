@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import make_tiny_config
+from data import collate, split_mode, to_device
 from data.datasets import Sample, seeded
-from data.loader import collate, to_device
-from data.transforms import build_transform, open_image
+from data.transforms import open_image
 from helpers import (
     ROOT,
     assert_same_weights,
@@ -190,13 +190,14 @@ def test_device_normalization_equals_the_cpu_transform(is_train):
     samples = [jpeg_bytes(seed) for seed in range(4)]
     batches = []
     for uint8 in (False, True):
-        transform = build_transform(is_train, config, uint8=uint8)
+        mode = split_mode(is_train, config, normalize_on_device=uint8)
+        transform = mode.transform(is_train, config)
         items = []
         for i, data in enumerate(samples):  # seeded per sample, as a train dataset does
             with seeded(i):
                 items.append(Sample(transform(open_image(data)), i))
         device = DEVICE if uint8 else 'cpu'
-        batches.append(to_device(collate(items), torch.device(device))[0].cpu())
+        batches.append(to_device(collate(items, mode), torch.device(device))[0].cpu())
     host, device = batches
     assert device.dtype == torch.float32 and device.shape == host.shape == (4, 3, 64, 64)
     assert (device - host).abs().max().item() < 1e-5

@@ -25,6 +25,7 @@ from data import (
     Batch,
     build_loader,
     build_mixup,
+    build_transform,
     build_val_transform,
     check_bad_images,
     dataset_num_classes,
@@ -35,7 +36,7 @@ from data import (
 from data.datasets import BadImageReport
 from data.digits import MARKER
 from data.samplers import DistributedEpochSampler, ShardSampler, ValSampler
-from data.transforms import build_transform, open_image
+from data.transforms import open_image
 from errors import DataError
 
 CLASSES = ('ant', 'bee', 'cat')
@@ -301,7 +302,7 @@ def test_uint8_batches_normalized_by_to_device_match_the_float_path(tmp_path):
     root = make_tree(tmp_path / 'ds')
     for reprob in (0.0, 1.0):
         config = config_for(root, 'AUG.REPROB', reprob)
-        floats, uint8s = build_loader(config, uint8=False), build_loader(config, uint8=True)
+        floats, uint8s = build_loader(config, normalize_on_device=False), build_loader(config, normalize_on_device=True)
         pairs = list(zip(epoch_batches(floats[2], 0), epoch_batches(uint8s[2], 0), strict=True))
         pairs += list(zip(floats[3], uint8s[3], strict=True))
         erased = 0
@@ -365,7 +366,7 @@ def test_grayscale_rgba_palette_cmyk_and_tiny_images_load(tmp_path):
 def _pixels(transform, data, seed):
     random.seed(seed)
     torch.manual_seed(seed)
-    return transform(open_image(data)).pixels.int()  # uint8 pipelines end in a DeferredImage
+    return transform(open_image(data)).pixels.int()  # device-normalize pipelines end in a DeferredImage
 
 
 def _near(a, b):
@@ -389,8 +390,8 @@ def test_fast_crops_stay_within_a_level_of_the_reference(tmp_path, monkeypatch):
             images[name] = f.read()
     plain = ('AUG.REPROB', 0.0, 'AUG.AUTO_AUGMENT', 'none', 'AUG.COLOR_JITTER', 0.0)  # crop + flip only
     fast = build_transform(True, config_for(tmp_path, *plain, 'DATA.FAST_CROP', True, 'DATA.FAST_DECODE', True),
-                           uint8=True)
-    exact = build_transform(True, config_for(tmp_path, *plain), uint8=True)
+                           normalize_on_device=True)
+    exact = build_transform(True, config_for(tmp_path, *plain), normalize_on_device=True)
     reduced = 0
     for seed in range(6):
         # 90x80: no crop can be decoded at reduced size, so only the resampler differs: torch's uint8
@@ -404,8 +405,8 @@ def test_fast_crops_stay_within_a_level_of_the_reference(tmp_path, monkeypatch):
         reduced += drafts[0] is not None  # the fast transform's decode
     assert reduced >= 3  # 400x360: most crops keep >= 96 px, decoded at 1/2 or less
 
-    val_exact = build_transform(False, config_for(tmp_path), uint8=True)
-    val_fast = build_transform(False, config_for(tmp_path, 'DATA.VAL_FAST_RESIZE', True), uint8=True)
+    val_exact = build_transform(False, config_for(tmp_path), normalize_on_device=True)
+    val_fast = build_transform(False, config_for(tmp_path, 'DATA.VAL_FAST_RESIZE', True), normalize_on_device=True)
     drafts.clear()
     assert _near(_pixels(val_fast, images['small'], 0), _pixels(val_exact, images['small'], 0))
     assert (_pixels(val_fast, images['big'], 0) - _pixels(val_exact, images['big'], 0)).abs().float().mean() < 3
@@ -413,8 +414,8 @@ def test_fast_crops_stay_within_a_level_of_the_reference(tmp_path, monkeypatch):
 
     # interpolations torch has no uint8 kernel for take timm's own path: identical pixels
     nearest = ('DATA.INTERPOLATION', 'nearest') + plain
-    fast = build_transform(True, config_for(tmp_path, *nearest, 'DATA.FAST_CROP', True), uint8=True)
-    exact = build_transform(True, config_for(tmp_path, *nearest), uint8=True)
+    fast = build_transform(True, config_for(tmp_path, *nearest, 'DATA.FAST_CROP', True), normalize_on_device=True)
+    exact = build_transform(True, config_for(tmp_path, *nearest), normalize_on_device=True)
     assert torch.equal(_pixels(fast, images['big'], 3), _pixels(exact, images['big'], 3))
 
 

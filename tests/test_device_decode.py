@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from conftest import make_tiny_config
-from data import build_loader, to_device
+from data import build_loader, build_transform, collate, split_mode, to_device
 from data.datasets import Sample, seeded
-from data.device_decode import EncodedBatch, EncodedImage, decode_batch
-from data.loader import collate
-from data.transforms import build_transform, open_image
+from data.device_decode import DEVICE_DECODE, EncodedBatch, EncodedImage, decode_batch
+from data.device_normalize import DEVICE_NORMALIZE, DeferredImage
+from data.transforms import open_image
 from errors import ConfigError
 
 PLAIN = ('DATA.IMG_SIZE', 64, 'AUG.AUTO_AUGMENT', 'none', 'AUG.COLOR_JITTER', 0.0, 'AUG.REPROB', 0.0,
@@ -37,13 +37,14 @@ def both_paths(is_train, device, samples, *opts):
     """uint8 batches of the CPU pipeline and of the device-decode pipeline, same per-sample seeds."""
     batches = []
     for gpu_decode in (False, True):
-        transform = build_transform(is_train, make_tiny_config(None, *PLAIN, *opts, 'DATA.GPU_DECODE', gpu_decode),
-                                    uint8=True)
+        config = make_tiny_config(None, *PLAIN, *opts, 'DATA.GPU_DECODE', gpu_decode)
+        mode = split_mode(is_train, config, normalize_on_device=True)
+        transform = mode.transform(is_train, config)
         items = []
         for i, data in enumerate(samples):
             with seeded(i):
                 items.append(Sample(transform(open_image(data)), i))
-        images = collate(items).images
+        images = collate(items, mode).images
         if gpu_decode:
             assert isinstance(images, EncodedBatch)
             images, _ = decode_batch(images, device)
@@ -73,7 +74,8 @@ def test_nvjpeg_decode_matches_the_cpu_path(is_train):
 
 def test_files_the_device_cannot_decode_are_decoded_in_the_worker():
     samples = [photo(0), photo(1, fmt='PNG'), photo(2)]
-    transform = build_transform(False, make_tiny_config(None, *PLAIN, 'DATA.GPU_DECODE', True), uint8=True)
+    transform = build_transform(False, make_tiny_config(None, *PLAIN, 'DATA.GPU_DECODE', True),
+                                normalize_on_device=True)
     items = [transform(open_image(data)) for data in samples]
     assert [item.encoded for item in items] == [True, False, True] and isinstance(items[1], EncodedImage)
     expected, got = both_paths(False, 'cpu', samples)
@@ -81,14 +83,19 @@ def test_files_the_device_cannot_decode_are_decoded_in_the_worker():
 
 
 def test_recipes_the_device_cannot_run_keep_the_cpu_path():
+    """A train split with PIL-only augmentations loads in the device-normalize mode (decoded in the worker); its
+    val split still decodes on the device; without DATA.GPU_DECODE nothing does."""
     with_randaugment = make_tiny_config(None, 'DATA.IMG_SIZE', 64, 'DATA.GPU_DECODE', True)
-    assert not isinstance(build_transform(True, with_randaugment, uint8=True)(open_image(photo(0))), EncodedImage)
-    assert isinstance(build_transform(False, with_randaugment, uint8=True)(open_image(photo(0))), EncodedImage)
+    for is_train, mode, item in ((True, DEVICE_NORMALIZE, DeferredImage), (False, DEVICE_DECODE, EncodedImage)):
+        assert split_mode(is_train, with_randaugment, normalize_on_device=True) == mode
+        image = build_transform(is_train, with_randaugment, normalize_on_device=True)(open_image(photo(0)))
+        assert isinstance(image, item)
     off = make_tiny_config(None, *PLAIN)
-    assert not isinstance(build_transform(False, off, uint8=True)(open_image(photo(0))), EncodedImage)
+    assert split_mode(False, off, normalize_on_device=True) == DEVICE_NORMALIZE
+    assert isinstance(build_transform(False, off, normalize_on_device=True)(open_image(photo(0))), DeferredImage)
     with pytest.raises(ConfigError, match="DATA.INTERPOLATION 'nearest'"):
         build_transform(False, make_tiny_config(None, *PLAIN, 'DATA.GPU_DECODE', True,
-                                                'DATA.INTERPOLATION', 'nearest'), uint8=True)
+                                                'DATA.INTERPOLATION', 'nearest'), normalize_on_device=True)
 
 
 def test_loader_batches_decode_normalize_and_erase_in_to_device(tmp_path):
@@ -101,7 +108,7 @@ def test_loader_batches_decode_normalize_and_erase_in_to_device(tmp_path):
     config = make_tiny_config(None, *PLAIN, 'DATA.GPU_DECODE', True, 'DATA.DATA_PATH', str(root),
                               'MODEL.NUM_CLASSES', 2, 'DATA.BATCH_SIZE', 4, 'AUG.REPROB', 1.0,
                               'AUG.REMODE', 'const', 'DATA.NUM_WORKERS', 1)
-    _, _, train, val, _ = build_loader(config, uint8=True)
+    _, _, train, val, _ = build_loader(config, normalize_on_device=True)
     train.sampler.set_epoch(0)
     for loader, erased in ((train, True), (val, False)):
         batch = next(iter(loader))

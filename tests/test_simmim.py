@@ -22,6 +22,8 @@ from config import load_config
 from conftest import ROOT, make_tiny_config
 from data import build_loader, to_device
 from data.datasets import FolderDataset
+from data.device_normalize import DEVICE_NORMALIZE
+from data.host_float import HOST_FLOAT
 from data.loader import collate
 from data.samplers import sample_seed
 from data.simmim import MaskGenerator, SimMIMTransform, build_mask_generator
@@ -490,9 +492,9 @@ def test_uint8_pretraining_batches_normalize_on_the_device_like_the_float_path(t
     root = make_image_folder(tmp_path, train_per_class=2, val_per_class=1, size=80)
     keys = [(i, sample_seed(0, 0, i)) for i in range(4)]
     batches = []
-    for uint8 in (False, True):
-        dataset = FolderDataset(os.path.join(root, 'train'), SimMIMTransform(config, uint8))
-        batches.append(collate([dataset[key] for key in keys]))
+    for mode in (HOST_FLOAT, DEVICE_NORMALIZE):
+        dataset = FolderDataset(os.path.join(root, 'train'), SimMIMTransform(config, mode))
+        batches.append(collate([dataset[key] for key in keys], mode))
     float_batch, uint8_batch = batches
     assert uint8_batch.images.dtype == torch.uint8 and torch.equal(float_batch.masks, uint8_batch.masks)
     images, _ = to_device(uint8_batch, 'cpu')

@@ -10,7 +10,8 @@ from PIL import Image
 from timm.data import create_transform
 
 from conftest import make_tiny_config
-from data.transforms import build_transform, open_image
+from data import build_transform
+from data.transforms import open_image
 
 SIZES = ((1600, 1200), (1200, 1600), (500, 375), (224, 224), (120, 90))
 PLAIN = ('AUG.REPROB', 0.0, 'AUG.AUTO_AUGMENT', 'none', 'AUG.COLOR_JITTER', 0.0)  # crop + flip: the part we own
@@ -53,7 +54,7 @@ def max_diffs(transform, reference, data, seeds):
 def test_default_train_crop_is_within_one_level_of_timm_at_every_size(interpolation):
     config = make_tiny_config(None, 'DATA.IMG_SIZE', 224, 'DATA.INTERPOLATION', interpolation, *PLAIN)
     assert not config.DATA.FAST_CROP and not config.DATA.FAST_DECODE
-    ours, reference = build_transform(True, config, uint8=True), timm_crop(interpolation)
+    ours, reference = build_transform(True, config, normalize_on_device=True), timm_crop(interpolation)
     for width, height in SIZES:
         data = photo_jpeg(width, height, seed=width + height)
         assert max(max_diffs(ours, reference, data, range(4))) <= 1, (width, height)
@@ -62,6 +63,6 @@ def test_default_train_crop_is_within_one_level_of_timm_at_every_size(interpolat
 def test_reduced_decode_is_opt_in_and_changes_large_jpeg_crops():
     """What the default avoids: FAST_DECODE resamples from a 1/2..1/8 decode, several levels off on 1600x1200."""
     config = make_tiny_config(None, 'DATA.IMG_SIZE', 224, 'DATA.FAST_DECODE', True, *PLAIN)
-    diffs = max_diffs(build_transform(True, config, uint8=True), timm_crop('bicubic'),
+    diffs = max_diffs(build_transform(True, config, normalize_on_device=True), timm_crop('bicubic'),
                       photo_jpeg(1600, 1200, seed=1), range(6))
     assert max(diffs) > 1
