@@ -62,11 +62,13 @@ _C.DATA.FAST_CROP = False
 _C.DATA.FAST_DECODE = False
 # Val: the same fast resize for the val resize + center crop (opt-in: pixels may differ from PIL's by a level)
 _C.DATA.VAL_FAST_RESIZE = False
-# With CUDA: loaders yield uint8 images that data.to_device normalizes (and random-erases) on the GPU
+# Where images are finished is a data mode (data/mode.py); the device is the GPU, as these two keys say.
+# With CUDA: loaders yield uint8 images that the GPU normalizes and random-erases (the device_normalize mode)
 _C.DATA.DEVICE_NORMALIZE = True
-# With DEVICE_NORMALIZE: JPEGs are decoded, cropped and resized on the GPU (nvJPEG via TorchCodec, else
-# torchvision.io); workers only read files and draw crops. Validation always; training when the recipe has no
-# PIL-only augmentation (AUG.AUTO_AUGMENT none, AUG.COLOR_JITTER 0). Pixels within about a level of the CPU path
+# With DEVICE_NORMALIZE (the device_decode mode): JPEGs are decoded, cropped and resized on the GPU (nvJPEG via
+# TorchCodec, else torchvision.io); workers only read files and draw crops. Validation always; training when the
+# recipe has no PIL-only augmentation (AUG.AUTO_AUGMENT none, AUG.COLOR_JITTER 0). Pixels within about a level of
+# the CPU path
 _C.DATA.GPU_DECODE = False
 
 # -----------------------------------------------------------------------------
@@ -162,8 +164,8 @@ _C.MODEL_EMA_DECAY = 0.9999
 # Training settings
 # -----------------------------------------------------------------------------
 _C.TRAIN = CN()
-# First epoch of a fresh run (official meaning: training starts at this epoch; a resumed run continues from
-# its checkpoint's epoch instead). Not honoured yet: training starts at epoch 0 or at the resume point
+# First epoch of a fresh run, from scratch or --pretrained (as officially: training starts at this epoch, the LR
+# schedule at its first step, START_EPOCH x steps per epoch); a resumed run continues from its checkpoint instead
 _C.TRAIN.START_EPOCH = 0
 # Total training epochs
 _C.TRAIN.EPOCHS = 300
@@ -185,13 +187,22 @@ _C.TRAIN.CLIP_GRAD = 5.0
 _C.TRAIN.AUTO_RESUME = True
 # Gradient accumulation steps (micro-batches per optimizer step)
 _C.TRAIN.ACCUMULATION_STEPS = 1
-# Gradient checkpointing: recompute activations in backward to save memory
+# Activation recomputation (the official name says checkpoint: torch.utils.checkpoint; nothing is written to disk):
+# each block's activations are recomputed in backward to save memory
 _C.TRAIN.USE_CHECKPOINT = False
 # torch.compile the DDP-wrapped model (graphs split for DDP) with COMPILE_BACKEND: inductor | aot_eager (debugging)
 _C.TRAIN.COMPILE = False
 _C.TRAIN.COMPILE_BACKEND = 'inductor'
 # Layer-wise learning rate decay for fine-tuning (1.0: off)
 _C.TRAIN.LAYER_DECAY = 1.0
+# Partial fine-tuning: what does not train (no gradients, no optimizer state, no weight decay); one log line says
+# what trains. PATCH_EMBED: the patch embedding (and absolute position embedding); STAGES: the first N stages
+# (their blocks and the patch merging that closes each) and the patch embedding before them, as detection
+# backbones' frozen_stages; ALL_BUT_HEAD: everything but the classifier (a linear probe)
+_C.TRAIN.FREEZE = CN()
+_C.TRAIN.FREEZE.PATCH_EMBED = False
+_C.TRAIN.FREEZE.STAGES = 0
+_C.TRAIN.FREEZE.ALL_BUT_HEAD = False
 
 # LR scheduler
 _C.TRAIN.LR_SCHEDULER = CN()

@@ -20,7 +20,7 @@ _ANY_CASE = ('TRAIN.OPTIMIZER.NAME', 'TRAIN.LR_SCHEDULER.NAME', 'AUG.REMODE')  #
 _MINIMUMS = {'DATA.BATCH_SIZE': 1, 'DATA.NUM_WORKERS': 0, 'DATA.IMG_SIZE': 1, 'TRAIN.ACCUMULATION_STEPS': 1,
              'TRAIN.EPOCHS': 0, 'SAVE_FREQ': 1, 'SAVE_EVERY_MINUTES': 0, 'PRINT_FREQ': 1, 'MODEL.NUM_CLASSES': 1,
              'DIST.TIMEOUT': 1, 'DIST.PEER_TIMEOUT': 1,
-             'THROUGHPUT.WARMUP_PASSES': 1, 'THROUGHPUT.TIMED_PASSES': 1}
+             'THROUGHPUT.WARMUP_PASSES': 1, 'THROUGHPUT.TIMED_PASSES': 1, 'TRAIN.FREEZE.STAGES': 0}
 
 
 def get_value(config: CfgNode, key: str):
@@ -52,6 +52,11 @@ def validate(config: CfgNode) -> None:
             f"{config.AUG.MIXUP_MODE!r} (Mixup/CutMix pair samples)")
     name = f"MODEL.{config.MODEL.TYPE.upper()}"  # the family's parameters: MODEL.SWIN, MODEL.SWINV2, ...
     swin = config.MODEL[config.MODEL.TYPE.upper()]
+    freeze = config.TRAIN.FREEZE
+    require(freeze.STAGES <= len(swin.DEPTHS), f"TRAIN.FREEZE.STAGES {freeze.STAGES} is more than the "
+            f"{len(swin.DEPTHS)} stages of {name}.DEPTHS {list(swin.DEPTHS)}")
+    require(config.MODEL.TASK != 'simmim' or not (freeze.PATCH_EMBED or freeze.STAGES or freeze.ALL_BUT_HEAD),
+            "TRAIN.FREEZE applies to fine-tuning a classifier, not to MODEL.TASK simmim pre-training")
     require(len(swin.DEPTHS) == len(swin.NUM_HEADS),
             f"{name}.DEPTHS {list(swin.DEPTHS)} and {name}.NUM_HEADS {list(swin.NUM_HEADS)} "
             f"must have the same length")

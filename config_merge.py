@@ -1,10 +1,13 @@
 """Where settings come from, merged into config.py's defaults: YAML files (with ``BASE:`` inheritance), the
 command-line flags (the official main.py names) and ``--opts KEY VALUE`` pairs.
 
-yacs's own ``merge_from_file`` / ``merge_from_list`` are not used because a user's mistake should end in one
-line naming the key and the file: yacs reports an unknown key without the file, keeps the last of two equal
-keys silently, rejects ``1e-8`` (a string in YAML 1.1) for a float key, and has no ``BASE`` lists. Every
-error here is a ConfigError naming the key and where it was set.
+yacs's own ``merge_from_file`` / ``merge_from_list`` are not used. Like them, this reads values given as text
+as Python literals (``1e-8``, a string in YAML 1.1, is a number) and converts list <-> tuple; unlike them it
+ - converts a YAML ``1`` for a float key (yacs wants the default's exact type: int -> float is a "Type mismatch"),
+ - keeps ``--opts TAG 123`` a string and reads ``--opts ... true`` as a boolean (yacs refuses both),
+ - follows ``BASE:`` lists of files (yacs has none) and refuses a key set twice in one file (PyYAML keeps the last),
+ - ends every mistake in one ConfigError line naming the key and the file or --opts that set it, with the closest
+   key for a misspelled one (yacs raises KeyError / ValueError / AssertionError naming the key only).
 """
 import argparse
 import ast
@@ -144,7 +147,7 @@ def coerce(current: Any, value: Any, full_key: str, where: str) -> Any:
     if current is None or value is None:
         return value
     if isinstance(value, str) and not isinstance(current, str):
-        value = parse_value(value)  # YAML 1.1 reads 1e-8 as a string; yacs reads it as a number
+        value = parse_value(value)  # YAML 1.1 reads 1e-8 as a string; yacs (and this) read it as a number
     if isinstance(current, bool):
         if isinstance(value, bool):
             return value

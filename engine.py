@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from yacs.config import CfgNode
 
+from coordinator import Action
 from data import to_device
 from errors import TrainingError
 from logger import format_accuracy, format_eta, format_meter, format_throughput
@@ -135,17 +136,11 @@ def memory_field(device, name='mem'):
     return f"\t{name} {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f}MB"
 
 
-def raise_if_nonfinite(step, lr):
-    """step: -1 while every loss was finite, else the first optimizer step with a non-finite loss."""
-    if step >= 0:
-        raise TrainingError(f"loss became NaN/inf at optimizer step {step} (lr {lr:.3g}); the last good "
-                            f"checkpoint is kept. Lower TRAIN.BASE_LR, set TRAIN.CLIP_GRAD, or use "
-                            f"AMP_DTYPE bfloat16 instead of float16")
-
-
-def _forward_backward(objects, inputs, accumulation, sync, precision):
-    """One micro-batch: the task's loss (forward) and backward of loss / accumulation. Returns the (unscaled)
-    loss, detached."""
+def forward_backward(objects: TrainingObjects, inputs, accumulation: int, sync: bool, precision: Precision
+                     ) -> torch.Tensor:
+    """One micro-batch of an optimizer step: the task's loss (forward, under autocast) and backward of
+    loss / accumulation; ``sync``: the step's last micro-batch, whose backward all-reduces DDP's gradients.
+    Returns the (unscaled) loss, detached."""
     model, scaler = objects.model, objects.scaler
     # DDP all-reduces gradients on every backward unless told not to: only a step's last micro-batch syncs
     no_sync = model.no_sync() if (not sync and hasattr(model, 'no_sync')) else contextlib.nullcontext()
@@ -160,8 +155,9 @@ def _forward_backward(objects, inputs, accumulation, sync, precision):
     return loss.detach().float()
 
 
-def _optimizer_step(objects, clip_grad):
-    """Unscale, measure (and clip) the gradients, step, zero them. Returns the gradient norm (device tensor)."""
+def optimizer_step(objects: TrainingObjects, clip_grad: float | None) -> torch.Tensor:
+    """The end of an optimizer step: unscale, measure (and clip) the gradients, step, zero them. Returns the
+    gradient norm (a device tensor). scripts/benchmark.py times these two functions, so it times this loop's step."""
     optimizer, scaler = objects.optimizer, objects.scaler
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -175,25 +171,15 @@ def _optimizer_step(objects, clip_grad):
     return grad_norm
 
 
-def _agree_to_stop(stop, meter, logged, lr):
-    """The per-step agreement of all ranks: True to stop for a signal; raises the same TrainingError on every
-    rank when any rank's loss was non-finite. Losses are read (a host sync) only on logged steps, and before a
-    stop or a periodic checkpoint, which must not hold the weights of an unread non-finite step."""
-    stopping = stop.should_stop(meter.bad_step() if logged else -1)
-    if (stopping or stop.checkpoint_due) and not logged:
-        stopping = stop.should_stop(meter.bad_step())
-    raise_if_nonfinite(stop.nonfinite_step, lr)
-    return stopping
-
-
 def train_one_epoch(config: CfgNode, objects: TrainingObjects, data_loader: Iterable, state: RunState,
                     steps_per_epoch: int, runtime: Runtime) -> EpochResult:
     """Train epoch ``state.epoch`` from micro-batch ``state.micro_batch`` on (non-zero on a mid-epoch resume),
     advancing ``state.micro_batch`` and ``state.global_step`` as it goes.
 
     ``steps_per_epoch`` counts optimizer steps; each is ``TRAIN.ACCUMULATION_STEPS`` micro-batches, and the
-    last partial group of the loader is skipped so every step sees the same number of samples. Stops early,
-    at a step boundary, when ``runtime.stop`` says so (the caller then saves ``state``).
+    last partial group of the loader is skipped so every step sees the same number of samples. After each step
+    ``runtime.coordinator`` answers for all ranks: continue, save a periodic checkpoint, or stop early at this
+    step boundary (the caller then saves ``state``); a non-finite loss raises TrainingError.
     """
     objects.model.train()
     accumulation = config.TRAIN.ACCUMULATION_STEPS
@@ -207,12 +193,12 @@ def train_one_epoch(config: CfgNode, objects: TrainingObjects, data_loader: Iter
         inputs = objects.task.prepare(batch, runtime.device)
         state.micro_batch += 1
         ends_step = state.micro_batch % accumulation == 0
-        loss = _forward_backward(objects, inputs, accumulation, ends_step, runtime.precision)
+        loss = forward_backward(objects, inputs, accumulation, ends_step, runtime.precision)
         meter.add_micro_batch(loss, accumulation)
         if not ends_step:
             continue
 
-        grad_norm = _optimizer_step(objects, config.TRAIN.CLIP_GRAD)
+        grad_norm = optimizer_step(objects, config.TRAIN.CLIP_GRAD)
         state.global_step += 1
         objects.lr_scheduler.step_update(state.global_step)
         if objects.model_ema is not None:
@@ -223,18 +209,14 @@ def train_one_epoch(config: CfgNode, objects: TrainingObjects, data_loader: Iter
         logged = step_in_epoch % config.PRINT_FREQ == 0 or step_in_epoch == steps_per_epoch
         if logged:
             log_train_window(config, objects, state, meter.read_window(), steps_per_epoch, runtime, scale_meter)
-        if runtime.stop is None:
-            if logged:
-                raise_if_nonfinite(meter.bad_step(), objects.optimizer.param_groups[0]['lr'])
-        elif _agree_to_stop(runtime.stop, meter, logged, objects.optimizer.param_groups[0]['lr']):
+        action = runtime.coordinator.after_step(meter.bad_step, logged, objects.optimizer.param_groups[0]['lr'])
+        if action is Action.STOP:
             stopped = True
             break
-        if runtime.stop is not None and runtime.stop.checkpoint_due and runtime.checkpoint is not None:
-            runtime.checkpoint(state)  # periodic, at this step boundary: every rank takes part
+        if action is Action.SAVE:
+            runtime.coordinator.save(state)
 
-    loss = meter.epoch_loss()
-    if runtime.stop is None:  # with a stop request every step up to here has been agreed on
-        raise_if_nonfinite(meter.bad_step(), objects.optimizer.param_groups[0]['lr'])
+    loss = meter.epoch_loss()  # every step's loss has been read: the epoch's last step is always logged
     if not stopped:
         runtime.logger.info(f"EPOCH {state.epoch} training takes {format_eta(time.time() - meter.epoch_start)}")
     return EpochResult(stopped, loss)

@@ -14,7 +14,7 @@ resumed run only has to call it with the step it resumes at. A group's lr is mul
 """
 from __future__ import annotations
 
-import bisect
+from typing import Any
 
 import torch
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
@@ -95,11 +95,28 @@ class LinearLRScheduler(Scheduler):
 
 
 class _MultiStepLRScheduler(MultiStepLRScheduler):
-    """timm's multistep with the official (and torch MultiStepLR) milestone rule: the decay applies from step m."""
+    """timm's multistep with the official (and torch MultiStepLR) milestone rule: the decay applies from step m.
 
-    def get_curr_decay_steps(self, t):
-        # timm applies milestone m one step early (at t == m - 1), kept there for compatibility
-        return bisect.bisect_right(self.decay_t, t)
+    timm applies milestone m one step early (at t == m - 1, kept so for compatibility), so timm's public class is
+    given the milestones m + 1: the same rates, exactly. The subclass only keeps the checkpoint format: its
+    state_dict holds the milestone steps themselves (``decay_t`` m, as checkpoints always did); with m + 1 saved, a
+    checkpoint written before would resume with its decays one step early.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, decay_t: list[int], **kwargs):
+        super().__init__(optimizer, decay_t=_timm_milestones(decay_t), **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(super().state_dict(), decay_t=[m - 1 for m in self.decay_t])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if 'decay_t' in state_dict:
+            state_dict = dict(state_dict, decay_t=_timm_milestones(state_dict['decay_t']))
+        super().load_state_dict(state_dict)
+
+
+def _timm_milestones(milestones):
+    return [m + 1 for m in milestones]
 
 
 def schedule_warnings(config: CfgNode) -> list[str]:

@@ -10,6 +10,7 @@ The story of a run, in order: config -> processes -> logging -> model -> data ->
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import inspect
 import logging
@@ -29,6 +30,7 @@ import checkpoint
 import process_group
 import utils
 from config import build_parser, get_config, not_implemented_warning
+from coordinator import StepCoordinator
 from data import build_loader, check_bad_images, dataset_num_classes, to_device
 from engine import throughput, train_one_epoch, validate
 from errors import SwinTrainError, print_line
@@ -44,7 +46,7 @@ from logger import (
 )
 from lr_scheduler import build_scheduler, schedule_warnings
 from models import build_model
-from optimizer import build_optimizer
+from optimizer import build_optimizer, freeze_parameters
 from run_state import RunState, Runtime, TrainingObjects
 from tasks import build_task
 
@@ -110,8 +112,10 @@ def run_throughput(config: CfgNode, model: torch.nn.Module, runtime: Runtime) ->
     else:
         runtime.logger.info("no --data-path: measuring throughput on random input")
         images = torch.randn(config.DATA.BATCH_SIZE, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
-    throughput(images, model, runtime.precision, runtime.logger,
-               warmup=config.THROUGHPUT.WARMUP_PASSES, iterations=config.THROUGHPUT.TIMED_PASSES)
+    from models import cpu_linear  # the oneDNN CPU path is on for this benchmark only (models/cpu_linear.py)
+    with cpu_linear.enabled():
+        throughput(images, model, runtime.precision, runtime.logger,
+                   warmup=config.THROUGHPUT.WARMUP_PASSES, iterations=config.THROUGHPUT.TIMED_PASSES)
     return 0
 
 
@@ -149,7 +153,9 @@ def validate_and_report(config: CfgNode, loader_val: DataLoader, model: torch.nn
 
 
 def build_training_objects(config, model, mixup_fn, steps_per_epoch, precision, logger):
-    """Task (batch -> loss), optimizer, per-step LR schedule, gradient scaler (float16 only) and EMA."""
+    """Task (batch -> loss), optimizer over what trains (TRAIN.FREEZE), per-step LR schedule, gradient scaler
+    (float16 only) and EMA."""
+    freeze_parameters(config, model, logger)
     optimizer = build_optimizer(config, model, logger)
     return TrainingObjects(
         model=model, task=build_task(config, mixup_fn), optimizer=optimizer,
@@ -194,10 +200,10 @@ def resume_or_start(config, objects, steps_per_epoch, logger):
     start_epoch = config.TRAIN.START_EPOCH
     state = RunState(epoch=start_epoch, global_step=start_epoch * steps_per_epoch)
     if resume_path:
-        ckpt = checkpoint.load_training_state(resume_path, config, logger)
+        ckpt = checkpoint.read_checkpoint(resume_path, config, logger)
         if not config.MODEL.RESUME:
             check_auto_resume_origin(config, RunState.from_dict(ckpt).pretrained_from, resume_path)
-        state = checkpoint.restore_training_state(ckpt, objects, logger, rank=config.RANK,
+        state = checkpoint.restore_from_checkpoint(ckpt, objects, logger, rank=config.RANK,
                                                   steps_per_epoch=steps_per_epoch)
         logger.info(f"resumed from {resume_path}: epoch {state.epoch}, micro-batch {state.micro_batch} "
                     f"(step {state.steps_in_epoch(config.TRAIN.ACCUMULATION_STEPS)}), "
@@ -245,10 +251,11 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
         validate_and_report(config, loader_val, model, runtime)
     objects.lr_scheduler.step_update(state.global_step)
     objects.model, eval_model = wrap_model(config, model, runtime.device, logger)
-    checkpoints = checkpoint.Checkpointer(config, objects, list(loader_train.dataset.classes), logger)
-    runtime.checkpoint = checkpoints.save_periodic
-    runtime.writer = writer = MetricWriter(config.OUTPUT_DIR, enabled=utils.is_main_process())
-    runtime.stop = stop = utils.StopRequest(checkpoint_due=checkpoints.due).install()
+    checkpoints = checkpoint.CheckpointSaver(config, objects, list(loader_train.dataset.classes), logger)
+    # the training runtime: TensorBoard, and after each step one answer for all ranks (continue, save, stop)
+    runtime = dataclasses.replace(runtime, writer=MetricWriter(config.OUTPUT_DIR, enabled=utils.is_main_process()),
+                                  coordinator=StepCoordinator(checkpoints).install())
+    writer, coordinator = runtime.writer, runtime.coordinator
     acc1 = None
     logger.info(f"Start training: epochs {state.epoch}..{config.TRAIN.EPOCHS - 1}")
     start_time = time.time()
@@ -259,14 +266,14 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
             result = train_one_epoch(config, objects, loader_train, state, steps_per_epoch, runtime)
             check_bad_images(loader_train, logger)
             if result.stopped:
-                logger.info(f"{stop.signal_name} received: saving a checkpoint at epoch {epoch} step "
+                logger.info(f"{coordinator.signal_name} received: saving a checkpoint at epoch {epoch} step "
                             f"{state.steps_in_epoch(accumulation)}/{steps_per_epoch}, then exit")
                 path = checkpoints.save(state)
                 checkpoints.finish()
-                logger.info(f"{stop.signal_name} received: stopped at epoch {epoch} step "
+                logger.info(f"{coordinator.signal_name} received: stopped at epoch {epoch} step "
                             f"{state.steps_in_epoch(accumulation)}/{steps_per_epoch}, "
                             f"checkpoint {path or 'written by rank 0'}; run the same command to resume")
-                return stop.exit_code
+                return coordinator.exit_code
 
             acc1 = validate_epoch(config, objects, loader_val, eval_model, epoch, result.loss, runtime)
             is_best = state.finish_epoch(acc1)
@@ -276,7 +283,7 @@ def run_training(config: CfgNode, model: torch.nn.Module, loader_train: DataLoad
                 checkpoints.save(state, is_best=is_best)
         checkpoints.finish()
     finally:
-        stop.uninstall()
+        coordinator.uninstall()
         writer.close()
 
     logger.info(f"weights checksum {utils.weights_checksum(model):.12e}")

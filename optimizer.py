@@ -39,11 +39,15 @@ def build_optimizer(config: CfgNode, model: torch.nn.Module,
     if name == 'sgd':
         return torch.optim.SGD(groups, lr=lr, momentum=config.TRAIN.OPTIMIZER.MOMENTUM, nesterov=True,
                                weight_decay=config.TRAIN.WEIGHT_DECAY)
-    # The fused kernel is the fastest on CUDA; elsewhere the multi-tensor (foreach) path is.
-    on_cuda = all(p.is_cuda for group in groups for p in group['params'])
-    kernel = {'fused': True} if on_cuda else {'foreach': True}
+    kernel = adamw_kernel({p.device.type for group in groups for p in group['params']})
     return torch.optim.AdamW(groups, lr=lr, eps=config.TRAIN.OPTIMIZER.EPS, betas=tuple(config.TRAIN.OPTIMIZER.BETAS),
                              weight_decay=config.TRAIN.WEIGHT_DECAY, **kernel)
+
+
+def adamw_kernel(device_types: Collection[str]) -> dict[str, bool]:
+    """AdamW's implementation for parameters on these device types (``torch.optim.AdamW`` keyword arguments):
+    the fused kernel when they are all on CUDA, the fastest there; elsewhere the multi-tensor (foreach) path."""
+    return {'fused': True} if set(device_types) == {'cuda'} else {'foreach': True}
 
 
 def skip_weight_decay(name: str, param: torch.Tensor, skip: Collection[str] = (),
@@ -114,3 +118,36 @@ def _log_groups(logger, groups, names):
         logger.info(f"param group (weight_decay {group['weight_decay']}{scale}): "
                     f"{len(group_names)} tensors, {count} parameters")
         logger.debug(f"  {', '.join(group_names)}")
+
+
+def freeze_parameters(config: CfgNode, model: torch.nn.Module, logger: logging.Logger | None = None) -> list[str]:
+    """Partial fine-tuning (TRAIN.FREEZE, checked by config_checks): turn off ``requires_grad`` of what the config
+    freezes (frozen stages imply the patch embedding before them, as detection backbones' ``frozen_stages``),
+    before the optimizer is built, so frozen parameters get no gradient, no optimizer state and no weight
+    decay (param_groups leaves them out); Swin has no BatchNorm, so nothing else needs freezing. Logs one line
+    listing what trains. Returns the names of the frozen parameters."""
+    freeze = config.TRAIN.FREEZE
+    frozen_stages = tuple(f'layers.{i}.' for i in range(freeze.STAGES))
+    frozen, trained = [], []
+    for name, param in unwrap_model(model).named_parameters():
+        if ((freeze.ALL_BUT_HEAD and not name.startswith('head.'))
+                or ((freeze.PATCH_EMBED or freeze.STAGES) and name.startswith(('patch_embed.', 'absolute_pos_embed')))
+                or name.startswith(frozen_stages)):
+            param.requires_grad_(False)
+            frozen.append(name)
+        elif param.requires_grad:
+            trained.append((name, param.numel()))
+    if frozen and logger is not None:
+        count = sum(numel for _, numel in trained)
+        logger.info(f"partial fine-tuning (TRAIN.FREEZE): training {', '.join(_modules(n for n, _ in trained))} "
+                    f"({count} parameters); {len(frozen)} tensors frozen")
+    return frozen
+
+
+def _modules(names):
+    """The modules that parameter names belong to, in order: 'layers.2', 'norm', 'head' (stages by number)."""
+    seen = {}
+    for name in names:
+        parts = name.split('.')
+        seen.setdefault('.'.join(parts[:2]) if parts[0] == 'layers' else parts[0], None)
+    return list(seen)

@@ -8,11 +8,12 @@ TRAIN.ACCUMULATION_STEPS micro-batches.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from coordinator import StepCoordinator
 
 if TYPE_CHECKING:
     from timm.scheduler.scheduler import Scheduler
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
     from logger import MetricWriter
     from tasks import ClassificationTask, SimMIMTask
-    from utils import Precision, StopRequest
+    from utils import Precision
 
 
 @dataclass
@@ -93,5 +94,5 @@ class Runtime:
     precision: Precision
     logger: logging.Logger
     writer: MetricWriter | None = None   # TensorBoard (rank 0); None: no scalars
-    stop: StopRequest | None = None      # polled once per optimizer step; None: never stops early
-    checkpoint: Callable[[RunState], Any] | None = None  # saves a mid-epoch checkpoint when stop.checkpoint_due
+    # answers after every optimizer step: continue, save, stop (the default never saves nor stops early)
+    coordinator: StepCoordinator = field(default_factory=StepCoordinator)

@@ -1,11 +1,8 @@
-"""Runtime helpers: processes and devices, seeding, mixed precision, preemption signals, small reductions."""
+"""Runtime helpers: processes and devices, seeding, mixed precision, small reductions."""
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-import signal
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +60,9 @@ def init_distributed(config: CfgNode) -> torch.device:
 
 def set_tf32(enabled: bool) -> None:
     """float32 matmuls and convolutions on TF32 tensor cores (Ampere and later) or in full float32. CUDA-only
-    flags, so CPU math is untouched; the legacy flags, which torch 2.4 and later all read."""
+    flags, so CPU math is untouched; the legacy flags, which torch 2.4 and later all read (the matmul flag is what
+    ``torch.get_float32_matmul_precision()`` reports: 'high' on, 'highest' off). Not
+    ``torch.set_float32_matmul_precision``: since torch 2.9 its 'high' also lets oneDNN run CPU matmuls in TF32."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
 
@@ -191,84 +190,3 @@ def resolve_precision(config: CfgNode, device: torch.device) -> Precision:
     if config.AMP_DTYPE == 'bfloat16':
         return Precision(device.type, torch.bfloat16)
     return Precision(device.type)
-
-
-# -----------------------------------------------------------------------------
-# Preemption
-# -----------------------------------------------------------------------------
-_NO_STEP = torch.iinfo(torch.int64).min  # "no non-finite loss": loses every MAX
-
-
-class StopRequest:
-    """Turns SIGTERM/SIGINT (what clusters send before preemption) into a flag the loop polls.
-
-    ``should_stop()`` must be called at the same steps on every rank: it takes the max over a CPU (gloo)
-    group, so all ranks agree without a host sync on the GPU stream, and no rank is left waiting. It carries
-    the ranks' non-finite loss reports too (``nonfinite_step``).
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self, checkpoint_due: Callable[[], bool] | None = None):
-        self.signum = 0  # what all ranks agreed on; written only by should_stop()
-        self.nonfinite_step = -1  # likewise: the earliest optimizer step with a non-finite loss on any rank
-        # the same all-reduce agrees on periodic checkpoints: checkpoint_due() is this rank's clock, and
-        # checkpoint_due (the attribute) is True on every rank once any rank's clock says so
-        self._checkpoint_clock = checkpoint_due
-        self.checkpoint_due = False
-        # this process's own signal, written only by the handler: a signal whose handler runs while
-        # should_stop() is inside the all-reduce must not be overwritten by the (older) reduced value
-        self._received = 0
-        self._previous = {}
-        self._group = None
-        if is_distributed():
-            self._group = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else dist.group.WORLD
-
-    def install(self) -> StopRequest:
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self._received and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C means "now"
-        if not self._received and get_rank() == 0:
-            # at once, before the step ends; os.write: a signal handler must not re-enter a buffered stream
-            again = ' (Ctrl-C again: exit now, keeping the last complete checkpoint)' if signum == signal.SIGINT else ''
-            os.write(2, f"{signal.Signals(signum).name} received: finishing the current step, saving a checkpoint, "
-                        f"then exit{again}\n".encode())
-        self._received = signum
-
-    def should_stop(self, nonfinite_step: int = -1) -> bool:
-        """True on every rank once any rank got a signal; then ``signal_name``/``exit_code`` say which.
-
-        The same all-reduce agrees on two more things. Non-finite losses: ``nonfinite_step`` is this rank's first
-        optimizer step with a NaN/inf loss (-1: none, or not read at this step); afterwards
-        ``self.nonfinite_step`` is the earliest such step over all ranks (-1: none), so every rank can stop at
-        once with the same message. Periodic checkpoints: ``checkpoint_due`` says whether every rank saves one
-        at this step.
-        """
-        due = self._checkpoint_clock is not None and self._checkpoint_clock()
-        # one MAX over [signal, -(first non-finite step), checkpoint due]: negated, the max is the earliest step
-        flags = torch.tensor([self._received, -nonfinite_step if nonfinite_step >= 0 else _NO_STEP, int(due)],
-                             dtype=torch.int64)
-        if self._group is not None:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
-        received, negated_step, due = flags.tolist()
-        self.signum = max(self.signum, received)
-        self.nonfinite_step = -negated_step if negated_step != _NO_STEP else -1
-        self.checkpoint_due = bool(due) and self.signum == 0
-        return self.signum != 0
-
-    @property
-    def signal_name(self) -> str | None:
-        return signal.Signals(self.signum).name if self.signum else None
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum if self.signum else 0  # the shell's convention for "ended by a signal"

@@ -27,16 +27,16 @@ from .files import (
 )
 from .folder import checkpoint_name, find_resume_checkpoint, save_checkpoint
 from .pretrained import imagenet22k_to_1k_indices, load_pretrained
-from .saver import Checkpointer
+from .saver import CheckpointSaver
 from .swin import is_timm_state_dict, official_to_timm, timm_to_official  # and registers MODEL.TYPE swin
 from .training import (
                     FORMAT_VERSION,
                     capture_rng_state,
                     check_config_drift,
-                    load_training_state,
+                    checkpoint_contents,
+                    read_checkpoint,
+                    restore_from_checkpoint,
                     restore_rng_state,
-                    restore_training_state,
-                    training_state,
 )
 from .weights import (
                     WeightFamily,
@@ -50,11 +50,12 @@ from .weights import (
 from .writer import CheckpointWriter
 
 __all__ = [
-    'atomic_save', 'capture_rng_state', 'config_for_weights', 'check_config_drift', 'checkpoint_name', 'Checkpointer',
-    'CheckpointWriter', 'extract_state_dict', 'find_resume_checkpoint', 'freeze_saves', 'FORMAT_VERSION',
+    'atomic_save', 'capture_rng_state', 'config_for_weights', 'check_config_drift', 'checkpoint_name',
+    'CheckpointSaver', 'CheckpointWriter', 'extract_state_dict', 'find_resume_checkpoint', 'freeze_saves',
+    'FORMAT_VERSION',
     'imagenet22k_to_1k_indices', 'is_safetensors', 'is_timm_state_dict', 'load_file', 'load_model_weights',
-    'load_pretrained', 'load_safetensors', 'load_training_state', 'official_to_timm', 'read_weights',
-    'register_family', 'replace_atomically', 'restore_rng_state', 'restore_training_state', 'save_checkpoint',
-    'save_safetensors', 'timm_to_official', 'training_state', 'weight_family', 'WeightFamily',
+    'load_pretrained', 'load_safetensors', 'read_checkpoint', 'official_to_timm', 'read_weights',
+    'register_family', 'replace_atomically', 'restore_rng_state', 'restore_from_checkpoint', 'save_checkpoint',
+    'save_safetensors', 'timm_to_official', 'checkpoint_contents', 'weight_family', 'WeightFamily',
     'write_text_atomically',
 ]

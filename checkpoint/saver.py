@@ -17,11 +17,11 @@ import utils
 from run_state import RunState, TrainingObjects
 
 from .folder import checkpoint_name, save_checkpoint
-from .training import capture_rng_state, training_state
+from .training import capture_rng_state, checkpoint_contents
 from .writer import CheckpointWriter
 
 
-class Checkpointer:
+class CheckpointSaver:
     """The checkpoints of one training run (create it on every rank)."""
 
     def __init__(self, config: CfgNode, objects: TrainingObjects, class_names: list[str], logger: logging.Logger):
@@ -43,7 +43,7 @@ class Checkpointer:
         if self.writer is None:
             return None
         self.check()
-        ckpt = training_state(self.config, self.objects, state, self.class_names, rng_states)
+        ckpt = checkpoint_contents(self.config, self.objects, state, self.class_names, rng_states)
         path = os.path.join(self.config.OUTPUT_DIR, checkpoint_name(ckpt, self.config.TRAIN.ACCUMULATION_STEPS))
         self.writer.submit(lambda snapshot: save_checkpoint(self.config, snapshot, self.logger, is_best), ckpt, path)
         return path

@@ -14,7 +14,7 @@ import re
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table_levit
 
 from errors import CheckpointError
 
@@ -54,6 +54,9 @@ def timm_to_official(sd: StateDict) -> OrderedDict[str, torch.Tensor]:
 def official_to_timm(sd: StateDict) -> OrderedDict[str, torch.Tensor]:
     """Official key layout -> timm >= 0.9 (a state_dict timm's SwinTransformer loads strictly).
 
+    timm's swin_transformer.checkpoint_filter_fn moves the same keys but needs a timm model and resizes the bias
+    tables by its own (non-official) rule; this needs no model and changes no tensor.
+
     relative_position_index / attn_mask are dropped (timm computes them, they are not in its state_dict), so
     official -> timm -> official gives back every parameter and drops only those derived buffers.
     """
@@ -68,20 +71,20 @@ def official_to_timm(sd: StateDict) -> OrderedDict[str, torch.Tensor]:
     return out
 
 
+# The official load_pretrained resizes both tables with plain bicubic interpolation (align_corners False, no
+# antialiasing). timm gives exactly that (float32 math, the tensor's dtype back) with antialias=False: its default
+# antialias=True uses another bicubic kernel, and resize_rel_pos_bias_table (BEiT's geometric spacing, what timm's
+# own Swin checkpoint filter calls) gives another table; resize_rel_pos_bias_table_simple matches only in float32
+# (it interpolates in the table's dtype). tests/test_checkpoint.py measures these differences.
 def resize_bias_table(table: torch.Tensor, rows: int) -> torch.Tensor:
     """(2W-1)^2 x heads -> rows x heads by bicubic interpolation of each head's (2W-1) x (2W-1) grid."""
-    old_side, new_side, heads = math.isqrt(table.shape[0]), math.isqrt(rows), table.shape[1]
-    grid = table.float().t().reshape(1, heads, old_side, old_side)
-    grid = F.interpolate(grid, size=(new_side, new_side), mode='bicubic', align_corners=False)
-    return grid.reshape(heads, rows).t().contiguous().to(table.dtype)
+    return resize_rel_pos_bias_table_levit(table.contiguous(), (rows, table.shape[1]), antialias=False).contiguous()
 
 
 def resize_pos_embed(embed: torch.Tensor, tokens: int) -> torch.Tensor:
     """1 x (S*S) x C absolute position embedding -> 1 x tokens x C, bicubic on the S x S patch grid."""
-    old_side, new_side, channels = math.isqrt(embed.shape[1]), math.isqrt(tokens), embed.shape[2]
-    grid = embed.float().reshape(1, old_side, old_side, channels).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(new_side, new_side), mode='bicubic', align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, tokens, channels).to(embed.dtype)
+    side = math.isqrt(tokens)
+    return resample_abs_pos_embed(embed, [side, side], num_prefix_tokens=0, antialias=False)
 
 
 class SwinWeights(WeightFamily):
@@ -111,5 +114,8 @@ register_family('swin', SwinWeights())
 # V2: timm's swinv2_* files move the same keys (and leave out relative_coords_table, a derived buffer rebuilt for
 # the model's window like the index and the masks); the continuous position bias MLP fits any window size as it is.
 register_family('swinv2', SwinWeights())
-# Swin MLP: official layout only (timm has none); spatial_mlp is tied to the window size, so it must match.
+# Swin MLP: the v1 family as it is. timm has no Swin MLP, so real files are in the official layout and pass
+# to_official unchanged (one in timm's v1 key layout would still be converted; scripts/convert_checkpoint.py
+# refuses --to timm); adapt_pretrained resizes absolute_pos_embed (MODEL.SWIN_MLP.APE) to a new image size.
+# spatial_mlp is tied to the window size: a pretrained window must match the model's (check_fit names it).
 register_family('swin_mlp', SwinWeights())

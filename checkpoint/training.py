@@ -92,7 +92,7 @@ def _check_plain(obj, where):
                               f"with weights_only=True (use tensors and built-in types)")
 
 
-def training_state(config: CfgNode, objects: TrainingObjects, state: RunState, class_names: list[str] | None,
+def checkpoint_contents(config: CfgNode, objects: TrainingObjects, state: RunState, class_names: list[str] | None,
                    rng_states: list[dict] | None) -> dict[str, Any]:
     """The dict that save_checkpoint writes (see the module docstring); checked to load with weights_only."""
     scaler, model_ema = objects.scaler, objects.model_ema
@@ -171,10 +171,10 @@ def check_config_drift(saved_yaml: str, config: CfgNode, path: str, logger: logg
                        f"state, hyper-parameters included, come from the checkpoint)")
 
 
-def load_training_state(path: str, config: CfgNode, logger: logging.Logger) -> dict[str, Any]:
+def read_checkpoint(path: str, config: CfgNode, logger: logging.Logger) -> dict[str, Any]:
     """Load a checkpoint to resume from: ours (config drift checked), official Swin, or bare/timm weights.
 
-    Foreign formats are normalized to ours; pieces they lack are None (restore_training_state starts those
+    Foreign formats are normalized to ours; pieces they lack are None (restore_from_checkpoint starts those
     fresh with a warning).
     """
     ckpt = read_weights(path)
@@ -206,7 +206,7 @@ def load_training_state(path: str, config: CfgNode, logger: logging.Logger) -> d
 # -----------------------------------------------------------------------------
 # Restoring
 # -----------------------------------------------------------------------------
-def restore_training_state(ckpt: dict[str, Any], objects: TrainingObjects, logger: logging.Logger, rank: int = 0,
+def restore_from_checkpoint(ckpt: dict[str, Any], objects: TrainingObjects, logger: logging.Logger, rank: int = 0,
                            steps_per_epoch: int | None = None) -> RunState:
     """Put a loaded checkpoint into the training objects; returns where training goes on (RunState.from_dict:
     ``steps_per_epoch`` gives the global step of official checkpoints, which do not record it)."""

@@ -8,13 +8,17 @@ top/left and ``shift`` on the bottom/right instead of rolling it (no mask needed
 
 Windows and head groups are cut in one permute copy of the (padded) map and put back in one, where the
 official code partitions, transposes and reshapes in separate copies (same results).
+
+Any input size, as v1 (models/swin_transformer.py): at the config size nothing changes; at another size a block
+keeps its built window (the spatial MLP is tied to it) and its any-size shift (``block_windows``), zero-pads the
+map right/bottom to a multiple of the window, and on top of that by the shift padding, then crops back.
 """
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 from . import swin_transformer as swin
-from .swin_transformer import Mlp, PatchMerging, fit_window
+from .swin_transformer import Mlp, PatchMerging, block_windows, is_config_size
 
 
 class SwinMLPBlock(nn.Module):
@@ -37,7 +41,8 @@ class SwinMLPBlock(nn.Module):
                  drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm):
         super().__init__()
         self.dim, self.input_resolution, self.num_heads, self.mlp_ratio = dim, input_resolution, num_heads, mlp_ratio
-        self.window_size, self.shift_size = fit_window(input_resolution, window_size, shift_size)
+        self.window_size, self.shift_size, self.any_size_shift = block_windows(input_resolution, window_size,
+                                                                               shift_size)
         # left, right, top, bottom
         self.padding = [self.window_size - self.shift_size, self.shift_size,
                         self.window_size - self.shift_size, self.shift_size]
@@ -59,8 +64,10 @@ class SwinMLPBlock(nn.Module):
         x = self.spatial_mlp(x)
         return x.view(B, nh, nw, heads, ws, ws, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, H, W, C)
 
-    def forward(self, x):
-        """x: (B, H * W, C) -> (B, H * W, C)."""
+    def forward(self, x, size=None):
+        """x: (B, H * W, C) -> (B, H * W, C); size: the map's (H, W), None for ``input_resolution``."""
+        if not is_config_size(size, self.input_resolution):
+            return self.forward_any_size(x, size)
         H, W = self.input_resolution
         B, L, C = x.shape
         assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
@@ -72,6 +79,25 @@ class SwinMLPBlock(nn.Module):
             x = self.spatial(F.pad(x, [0, 0, left, right, top, bottom]))[:, top:top + H, left:left + W]
         else:
             x = self.spatial(x)
+        x = shortcut + self.drop_path(x.reshape(B, L, C))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward_any_size(self, x, size):
+        """x: (B, H * W, C) of an (H, W) map of any size -> (B, H * W, C): the map zero-padded right/bottom to a
+        multiple of the window, plus the shift padding of ``any_size_shift`` (window - shift before, shift after)
+        in one pad, the spatial MLP, the (H, W) map cut back out."""
+        H, W = size
+        B, L, C = x.shape
+        assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
+        ws, shift = self.window_size, self.any_size_shift
+        before = ws - shift if shift > 0 else 0
+        after_h, after_w = (-H % ws, -W % ws) if shift == 0 else (shift + -H % ws, shift + -W % ws)
+
+        shortcut = x
+        x = self.norm1(x).view(B, H, W, C)
+        if before or after_h or after_w:
+            x = F.pad(x, [0, 0, before, after_w, before, after_h])
+        x = self.spatial(x)[:, before:before + H, before:before + W]
         x = shortcut + self.drop_path(x.reshape(B, L, C))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -135,7 +161,7 @@ class SwinMLP(swin.SwinTransformer):
         norm_layer: Normalization layer.
         ape: Add an absolute position embedding to the patch embedding.
         patch_norm: LayerNorm after the patch embedding.
-        use_checkpoint: Gradient checkpointing per block (saves memory, recomputes in backward).
+        use_checkpoint: Activation recomputation per block (torch.utils.checkpoint; saves memory).
     """
 
     def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96, depths=(2, 2, 6, 2),

@@ -14,7 +14,23 @@ What differs is how window attention is computed (same results):
 * ``fused_attn=True`` hands q, k, v and that mask to ``scaled_dot_product_attention``; ``fused_attn=False`` is
   the explicit softmax path. Both give the same outputs and gradients.
 * Attention output goes back to the (B, H, W, C) map in one permute copy before ``proj`` (a per-token linear).
+
+Any input size (a backbone for detection / segmentation), as the official detection backbone
+(SwinTransformer/Swin-Transformer-Object-Detection ``mmdet/models/backbones/swin_transformer.py``) computes it:
+
+* At the config size (DATA.IMG_SIZE) nothing changes: every block runs the code above with its ``attn_mask``
+  buffer, and a map not larger than the window is one unshifted window (the classification rule, ``fit_window``).
+* At any other size the image is zero-padded right/bottom to a multiple of the patch, the absolute position
+  embedding is resized bicubically to the token map, and the model passes each stage's (H, W) down
+  (``layer(x, size)``, ``block(x, size)``, ``downsample(x, size)``). A block whose map is not its config map
+  zero-pads it right/bottom (after norm1) to a multiple of its built window, rolls by its any-size shift (the
+  shift the layer asked for; window // 2 of the built window where the window was shrunk), attends with a shift
+  mask built once per (padded size, device) and cached, rolls back and crops. PatchMerging zero-pads an odd side
+  by one: the next map is ceil(H / 2) x ceil(W / 2). Where every config map is larger than the window (Swin-T
+  stages 0-2), the results are the detection backbone's at every size.
 """
+from collections import OrderedDict
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,6 +49,10 @@ _MASK_VALUE = -100.0
 # mask on every call (N = 49 rows; or, for N = 144, a permuted view). The strides are tested on CPU; the kernel's
 # acceptance only on CUDA (tests/test_cuda.py).
 _MASK_ALIGN = 8
+# Shift masks a block keeps for sizes other than its config size, the most recently used first out last: a
+# detection run cycles through a few padded sizes; more than this rebuild their mask (the official code builds
+# it on every call).
+_MASK_CACHE_SIZE = 8
 
 
 class Mlp(nn.Module):
@@ -77,16 +97,50 @@ def relative_position_index(window_size):
     return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
 
 
-def shifted_window_mask(input_resolution, window_size, shift_size):
+def shifted_window_mask(input_resolution, window_size, shift_size, device=None):
     """(nW, N, N) additive mask: -100 between tokens that the cyclic shift brought together from apart."""
     H, W = input_resolution
-    region = torch.zeros(1, H, W, 1)
+    region = torch.zeros(1, H, W, 1, device=device)
     slices = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
     for i, (h, w) in enumerate((h, w) for h in slices for w in slices):
         region[:, h, w, :] = i
-    region = window_partition(region, window_size).view(-1, window_size * window_size)
+    region = window_partition(region, window_size).reshape(-1, window_size * window_size)
     same = region.unsqueeze(1) == region.unsqueeze(2)
-    return torch.zeros(same.shape).masked_fill_(~same, _MASK_VALUE)
+    return torch.zeros(same.shape, device=device).masked_fill_(~same, _MASK_VALUE)
+
+
+def merged_size(size):
+    """(H, W) of a map -> (H, W) after PatchMerging, which pads an odd side by one: ceil(H / 2) x ceil(W / 2)."""
+    return (size[0] + 1) // 2, (size[1] + 1) // 2
+
+
+class ShiftMasks:
+    """The shift masks of one block at sizes other than its config size: one per (padded size, device), built
+    on first use (``shifted_window_mask``) and kept, at most ``capacity`` (least recently used dropped).
+    Not a buffer: the state_dict stays the official one."""
+
+    def __init__(self, window_size, shift_size, capacity=_MASK_CACHE_SIZE):
+        self.window_size, self.shift_size, self.capacity = window_size, shift_size, capacity
+        self.masks = OrderedDict()
+
+    def get(self, padded_size, device):
+        key = (tuple(padded_size), torch.device(device))
+        mask = self.masks.get(key)
+        if mask is None:
+            with torch.inference_mode(False):  # a normal tensor even if first built under inference_mode
+                mask = shifted_window_mask(key[0], self.window_size, self.shift_size, device=key[1])
+            self.masks[key] = mask
+            while len(self.masks) > self.capacity:
+                self.masks.popitem(last=False)
+        else:
+            self.masks.move_to_end(key)
+        return mask
+
+    def __len__(self):
+        return len(self.masks)
+
+    def __repr__(self):
+        return f'ShiftMasks(window_size={self.window_size}, shift_size={self.shift_size}, sizes={list(self.masks)})'
 
 
 def aligned_rows(x):
@@ -206,11 +260,37 @@ def fit_window(input_resolution, window_size, shift_size):
     return window_size, shift_size
 
 
+def block_windows(input_resolution, window_size, shift_size):
+    """(window, shift, any-size shift) of a block. Window and shift at the config map are ``fit_window``'s; at
+    any other map the block keeps that (built) window, the size of its position bias, and shifts by what the
+    layer asked for (window // 2 of the built window where the config map shrank the window), as the detection
+    backbone shifts every odd block whatever the map."""
+    built, shift = fit_window(input_resolution, window_size, shift_size)
+    if built == window_size:
+        any_size_shift = shift_size
+    else:
+        any_size_shift = built // 2 if shift_size > 0 else 0
+    return built, shift, any_size_shift
+
+
+def is_config_size(size, input_resolution):
+    """Whether a map of ``size`` (None: the config map) takes a module's config-size code path."""
+    return size is None or tuple(size) == tuple(input_resolution)
+
+
+def pad_map(x, window_size):
+    """(B, H, W, C) zero-padded right/bottom to multiples of the window (as the detection backbone pads)."""
+    H, W = x.shape[1:3]
+    pad_b, pad_r = -H % window_size, -W % window_size
+    return F.pad(x, (0, 0, 0, pad_r, 0, pad_b)) if pad_b or pad_r else x
+
+
 class SwinTransformerBlock(nn.Module):
     """Swin Transformer block: (shifted) window attention and an MLP, each with a residual.
 
     When the map is not larger than the window (``min(input_resolution) <= window_size``) the window covers
-    the whole map and is not shifted, as in the official code.
+    the whole map and is not shifted, as in the official code. ``forward(x, size)`` takes maps of any size:
+    at ``input_resolution`` (or size None) the code above, at any other size ``forward_any_size``.
     """
 
     def __init__(self, dim, input_resolution, num_heads, window_size=7, shift_size=0, mlp_ratio=4.,
@@ -218,7 +298,7 @@ class SwinTransformerBlock(nn.Module):
                  norm_layer=nn.LayerNorm, fused_window_process=False, fused_attn=True):
         super().__init__()
         self.dim, self.input_resolution, self.num_heads, self.mlp_ratio = dim, input_resolution, num_heads, mlp_ratio
-        self.window_size, self.shift_size = fit_window(input_resolution, window_size, shift_size)
+        self.init_windows(window_size, shift_size)
         # accepted for the official signature; the official CUDA kernel computes what forward() computes
         self.fused_window_process = fused_window_process
 
@@ -231,14 +311,23 @@ class SwinTransformerBlock(nn.Module):
 
         self.register_shift_mask()
 
+    def init_windows(self, window_size, shift_size):
+        """``window_size`` / ``shift_size`` at the config map, ``any_size_shift`` at others (``block_windows``),
+        and the cache of the shift masks of other sizes."""
+        self.window_size, self.shift_size, self.any_size_shift = block_windows(self.input_resolution, window_size,
+                                                                               shift_size)
+        self.shift_masks = ShiftMasks(self.window_size, self.any_size_shift)
+
     def register_shift_mask(self):
         mask = None
         if self.shift_size > 0:
             mask = shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
         self.register_buffer('attn_mask', mask)  # persistent (even when None) like the official block
 
-    def forward(self, x):
-        """x: (B, H * W, C) -> (B, H * W, C)."""
+    def forward(self, x, size=None):
+        """x: (B, H * W, C) -> (B, H * W, C); size: the map's (H, W), None for ``input_resolution``."""
+        if not is_config_size(size, self.input_resolution):
+            return self.forward_any_size(x, size)
         H, W = self.input_resolution
         B, L, C = x.shape
         assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
@@ -252,6 +341,30 @@ class SwinTransformerBlock(nn.Module):
             x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
         x = shortcut + self.drop_path(x.view(B, L, C))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward_any_size(self, x, size):
+        """x: (B, H * W, C) of an (H, W) map of any size -> (B, H * W, C), as the detection backbone's block."""
+        H, W = size
+        B, L, C = x.shape
+        assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
+        shortcut = x
+        x = self.windowed_attention(self.norm1(x).view(B, H, W, C))
+        x = shortcut + self.drop_path(x.reshape(B, L, C))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def windowed_attention(self, x):
+        """(B, H, W, C) -> (B, H, W, C) at any size: zero-pad right/bottom to multiples of the window, roll by
+        ``any_size_shift`` with that padded size's (cached) mask, attend, roll back, crop."""
+        H, W = x.shape[1:3]
+        x = pad_map(x, self.window_size)
+        shift, mask = self.any_size_shift, None
+        if shift > 0:
+            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+            mask = self.shift_masks.get(x.shape[1:3], x.device)
+        x = self.attn(x, mask=mask)
+        if shift > 0:
+            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+        return x[:, :H, :W]
 
     def extra_repr(self):
         return f'dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, ' \
@@ -277,16 +390,20 @@ class PatchMerging(nn.Module):
         self.reduction = Linear(4 * dim, 2 * dim, bias=False)
         self.norm = norm_layer(4 * dim)
 
-    def merge(self, x):
-        """(B, H*W, C) -> (B, H/2*W/2, 4C): each 2x2 group's tokens side by side."""
-        H, W = self.input_resolution
+    def merge(self, x, size=None):
+        """(B, H*W, C) -> (B, ceil(H/2)*ceil(W/2), 4C): each 2x2 group's tokens side by side; size: the map's
+        (H, W), None for ``input_resolution``. An odd side is zero-padded by one (detection backbone)."""
+        H, W = self.input_resolution if size is None else size
         B, L, C = x.shape
         assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
+        if H % 2 or W % 2:
+            x = F.pad(x.view(B, H, W, C), (0, 0, 0, W % 2, 0, H % 2))
+            H, W = H + H % 2, W + W % 2
         # official concat [x(0,0), x(1,0), x(0,1), x(1,1)] over (row, col) offsets = column offset outer
         return x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, -1, 4 * C)
 
-    def forward(self, x):
-        return self.reduction(self.norm(self.merge(x)))
+    def forward(self, x, size=None):
+        return self.reduction(self.norm(self.merge(x, size)))
 
     def extra_repr(self):
         return f'input_resolution={self.input_resolution}, dim={self.dim}'
@@ -319,20 +436,27 @@ class BasicLayer(nn.Module):
             for i in range(depth)])
         self.downsample = downsample(input_resolution, dim=dim, norm_layer=norm_layer) if downsample else None
 
-    def forward(self, x):
-        x = self.forward_blocks(x)
+    def forward(self, x, size=None):
+        """x: (B, H * W, C); size: the map's (H, W), None for ``input_resolution``. The downsampled tokens (their
+        map is ``merged_size(size)``), or the blocks' output in the last stage."""
+        x = self.forward_blocks(x, size)
         if self.downsample is not None:
-            x = self.downsample(x)
+            x = self.downsample(x, size)
         return x
 
-    def forward_blocks(self, x):
+    def forward_blocks(self, x, size=None):
         """The blocks without the downsample: this stage's feature map as (B, H * W, C) tokens."""
         for blk in self.blocks:
             if self.use_checkpoint and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, size, use_reentrant=False)
             else:
-                x = blk(x)
+                x = blk(x, size)
         return x
+
+    def output_size(self, size=None):
+        """(H, W) of ``forward``'s output for an input map of ``size`` (None: ``input_resolution``)."""
+        size = tuple(self.input_resolution) if size is None else tuple(size)
+        return merged_size(size) if self.downsample is not None else size
 
     def extra_repr(self):
         return f'dim={self.dim}, input_resolution={self.input_resolution}, depth={self.depth}'
@@ -360,10 +484,20 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = norm_layer(embed_dim) if norm_layer is not None else None
 
+    def grid_size(self, image_size):
+        """(H, W) of the token map for an (H, W) image: ``patches_resolution`` at ``img_size``, otherwise
+        ceil(H / patch) x ceil(W / patch) (the image is zero-padded right/bottom to a multiple of the patch)."""
+        H, W = image_size
+        if (H, W) == tuple(self.img_size):
+            return tuple(self.patches_resolution)
+        return -(-H // self.patch_size[0]), -(-W // self.patch_size[1])
+
     def forward(self, x):
+        """(B, C, H, W) of any size -> (B, Gh * Gw, embed_dim) tokens, (Gh, Gw) = ``grid_size((H, W))``."""
         H, W = x.shape[2:]
-        if (H, W) != tuple(self.img_size):
-            raise ValueError(f"input image size ({H}*{W}) doesn't match model ({self.img_size[0]}*{self.img_size[1]})")
+        pad_r, pad_b = -W % self.patch_size[1], -H % self.patch_size[0]
+        if (pad_r or pad_b) and (H, W) != tuple(self.img_size):  # the config size runs as it always did
+            x = F.pad(x, (0, pad_r, 0, pad_b))
         x = self.proj(x).flatten(2).transpose(1, 2)  # B, Ph*Pw, C
         if self.norm is not None:
             x = self.norm(x)
@@ -432,7 +566,7 @@ class SwinTransformer(nn.Module):
         norm_layer: Normalization layer.
         ape: Add an absolute position embedding to the patch embedding.
         patch_norm: LayerNorm after the patch embedding.
-        use_checkpoint: Gradient checkpointing per block (saves memory, recomputes in backward).
+        use_checkpoint: Activation recomputation per block (torch.utils.checkpoint; saves memory).
         fused_window_process: Official CUDA-kernel switch; accepted, same results without it.
         fused_attn: Window attention through ``scaled_dot_product_attention`` (False: explicit softmax).
     """
@@ -515,16 +649,30 @@ class SwinTransformer(nn.Module):
 
     def embed(self, x):
         """(B, in_chans, H, W) -> patch tokens (B, H/p * W/p, embed_dim) entering the first stage."""
+        return self.embed_with_size(x)[0]
+
+    def embed_with_size(self, x):
+        """(B, in_chans, H, W) of any size -> (patch tokens (B, Gh * Gw, embed_dim), their map (Gh, Gw))."""
+        size = self.patch_embed.grid_size(x.shape[2:])
         x = self.patch_embed(x)
         if self.ape:
-            x = x + self.absolute_pos_embed
-        return self.pos_drop(x)
+            x = x + self.position_embedding(size)
+        return self.pos_drop(x), size
+
+    def position_embedding(self, size):
+        """The absolute position embedding for a (Gh, Gw) token map, (1, Gh * Gw, embed_dim): as trained at the
+        config map, otherwise resized bicubically (as the detection backbone resizes it)."""
+        if tuple(size) == tuple(self.patches_resolution):
+            return self.absolute_pos_embed
+        grid = self.absolute_pos_embed.view(1, *self.patches_resolution, -1).permute(0, 3, 1, 2).contiguous()
+        grid = F.interpolate(grid, size=tuple(size), mode='bicubic', align_corners=False)
+        return grid.flatten(2).transpose(1, 2)
 
     def forward_features(self, x):
-        """(B, in_chans, H, W) -> pooled features (B, num_features)."""
-        x = self.embed(x)
+        """(B, in_chans, H, W) of any size -> pooled features (B, num_features) (the mean over all tokens)."""
+        x, size = self.embed_with_size(x)
         for layer in self.layers:
-            x = layer(x)
+            x, size = layer(x, size), layer.output_size(size)
         x = self.norm(x)  # B, L, C
         x = self.avgpool(x.transpose(1, 2))  # B, C, 1
         return torch.flatten(x, 1)
@@ -538,6 +686,8 @@ class SwinTransformer(nn.Module):
 
         Stage i's map is taken after its blocks and before its PatchMerging (which timm counts as the start of
         stage i + 1): (B, embed_dim * 2**i, H / (p * 2**i), W / (p * 2**i)), strides 4/8/16/32 for patch 4.
+        Any input size: H / p and W / p round up (the image is padded to the patch), and so does every halving
+        (PatchMerging pads an odd side); the maps are un-padded.
 
         Args:
             x: Input images (B, in_chans, H, W).
@@ -559,21 +709,19 @@ class SwinTransformer(nn.Module):
         last = len(self.layers) - 1
         stages = range(max_index + 1) if stop_early else range(len(self.layers))
         intermediates = []
-        x = self.embed(x)
+        x, size = self.embed_with_size(x)
         for i in stages:
             if i > 0:  # downsample where timm's stage i starts, so an early stop ends on a stage's map as timm does
-                x = self.layers[i - 1].downsample(x)
-            x = self.layers[i].forward_blocks(x)
+                x, size = self.layers[i - 1].downsample(x, size), merged_size(size)
+            x = self.layers[i].forward_blocks(x, size)
             if i in take_indices:
                 feature = self.norm(x) if norm and i == last else x
-                H, W = self.layers[i].input_resolution
-                intermediates.append(feature.view(x.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous())
+                intermediates.append(feature.view(x.shape[0], *size, -1).permute(0, 3, 1, 2).contiguous())
         if intermediates_only:
             return intermediates
         if i == last:
             x = self.norm(x)
-        H, W = self.layers[i].input_resolution
-        return x.view(x.shape[0], H, W, -1), intermediates
+        return x.view(x.shape[0], *size, -1), intermediates
 
     def flops(self):
         """Multiply-accumulates of one forward pass for one image, counted like the official code."""

@@ -18,6 +18,10 @@ How attention is computed differs (same results), as in v1 (models/swin_transfor
   every image of the batch.
 * ``fused_attn=True`` hands q, k, v and that mask to ``scaled_dot_product_attention`` (``scale=1.0``);
   ``fused_attn=False`` is the explicit softmax path. Both give the same outputs and gradients.
+
+Any input size works as in v1 (its module docstring): at the config size nothing changes; at another size a block
+zero-pads its map right/bottom to a multiple of its window, shifts with a cached per-size mask and crops back,
+and PatchMerging pads an odd side. The continuous position bias is per window: the same at every size.
 """
 import math
 
@@ -32,7 +36,7 @@ from .swin_transformer import (
     Mlp,
     _sdpa_is_faster,
     aligned_rows,
-    fit_window,
+    is_config_size,
     relative_position_index,
 )
 
@@ -169,7 +173,7 @@ class SwinTransformerBlock(swin.SwinTransformerBlock):
                  pretrained_window_size=0, fused_attn=True):
         nn.Module.__init__(self)  # not v1's constructor: it would build v1's attention
         self.dim, self.input_resolution, self.num_heads, self.mlp_ratio = dim, input_resolution, num_heads, mlp_ratio
-        self.window_size, self.shift_size = fit_window(input_resolution, window_size, shift_size)
+        self.init_windows(window_size, shift_size)
 
         self.norm1 = norm_layer(dim)
         self.attn = WindowAttention(dim, window_size=self.window_size, num_heads=num_heads, qkv_bias=qkv_bias,
@@ -181,8 +185,10 @@ class SwinTransformerBlock(swin.SwinTransformerBlock):
 
         self.register_shift_mask()
 
-    def forward(self, x):
-        """x: (B, H * W, C) -> (B, H * W, C)."""
+    def forward(self, x, size=None):
+        """x: (B, H * W, C) -> (B, H * W, C); size: the map's (H, W), None for ``input_resolution``."""
+        if not is_config_size(size, self.input_resolution):
+            return self.forward_any_size(x, size)
         H, W = self.input_resolution
         B, L, C = x.shape
         assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
@@ -197,6 +203,15 @@ class SwinTransformerBlock(swin.SwinTransformerBlock):
         x = shortcut + self.drop_path(self.norm1(x.view(B, L, C)))
         return x + self.drop_path(self.norm2(self.mlp(x)))
 
+    def forward_any_size(self, x, size):
+        """x: (B, H * W, C) of an (H, W) map of any size -> (B, H * W, C): v1's ``windowed_attention`` (pad,
+        shift with the cached mask, crop) on the un-normed map, then V2's post-norm residuals."""
+        H, W = size
+        B, L, C = x.shape
+        assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
+        x = x + self.drop_path(self.norm1(self.windowed_attention(x.view(B, H, W, C)).reshape(B, L, C)))
+        return x + self.drop_path(self.norm2(self.mlp(x)))
+
 
 class PatchMerging(swin.PatchMerging):
     """Merge each 2x2 patch group: (B, H*W, C) -> (B, H/2*W/2, 2C); V2 reduces first, then normalizes 2C."""
@@ -205,8 +220,8 @@ class PatchMerging(swin.PatchMerging):
         super().__init__(input_resolution, dim, norm_layer)
         self.norm = norm_layer(2 * dim)  # same key (norm.*), V2's size
 
-    def forward(self, x):
-        return self.norm(self.reduction(self.merge(x)))
+    def forward(self, x, size=None):
+        return self.norm(self.reduction(self.merge(x, size)))
 
     def flops(self):
         H, W = self.input_resolution
@@ -269,7 +284,7 @@ class SwinTransformerV2(swin.SwinTransformer):
         norm_layer: Normalization layer.
         ape: Add an absolute position embedding to the patch embedding.
         patch_norm: LayerNorm after the patch embedding.
-        use_checkpoint: Gradient checkpointing per block (saves memory, recomputes in backward).
+        use_checkpoint: Activation recomputation per block (torch.utils.checkpoint; saves memory).
         pretrained_window_sizes: Window size of each stage in pre-training (0: this model's window).
         fused_attn: Window attention through ``scaled_dot_product_attention`` (False: explicit softmax).
     """

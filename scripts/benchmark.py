@@ -6,7 +6,8 @@ ratio is the median of the per-round ratios, so that load from other processes h
 alike. Two measurements:
 
 * infer: eval mode, ``torch.inference_mode``, forward only.
-* train: the step training runs (engine.train_one_epoch): forward + cross-entropy under autocast, backward
+* train: the step training runs, by calling the training loop's own ``engine.forward_backward`` and
+  ``engine.optimizer_step`` (one micro-batch): forward + cross-entropy under autocast, backward
   (through a GradScaler for fp16), gradient-norm clipping at TRAIN.CLIP_GRAD, and the optimizer training builds
   (``optimizer.build_optimizer``: AdamW over decay / no-decay groups, fused on CUDA). fp32 weights, as in training.
 
@@ -39,18 +40,20 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from config import load_config  # noqa: E402
-from engine import grad_norm_and_clip  # noqa: E402
+from engine import forward_backward, optimizer_step  # noqa: E402
 from errors import SwinTrainError  # noqa: E402
+from lr_scheduler import build_scheduler  # noqa: E402
 from models import build_model, cpu_linear  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
-from utils import synchronize  # noqa: E402
+from run_state import TrainingObjects  # noqa: E402
+from tasks import ClassificationTask  # noqa: E402
+from utils import Precision, synchronize  # noqa: E402
 
 # MODEL.TYPE -> input size and window of its reference configs, timm's model name per size, official file/class
 FAMILIES = {
@@ -232,34 +235,24 @@ def without_cpu_linear(step):
 
 def make_step(model, mode, device, dtype, images, labels, config):
     """A closure running one step of ``mode`` on ``model`` (already on the device)."""
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    precision = Precision(device.type, dtype)
     if mode == 'infer':
         model.eval()
 
         def step():
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), precision.autocast():
                 model(images)
         return step
 
     model.train()
     optimizer = build_optimizer(config, model)  # fused AdamW on CUDA, as in training
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    objects = TrainingObjects(model, ClassificationTask(torch.nn.CrossEntropyLoss()), optimizer,
+                              build_scheduler(config, optimizer, 1),
+                              scaler=torch.amp.GradScaler(device.type) if precision.needs_scaler else None)
 
-    def step():  # engine.train_one_epoch's optimizer step, without the logging
-        with autocast:
-            loss = F.cross_entropy(model(images), labels)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        grad_norm_and_clip(model.parameters(), config.TRAIN.CLIP_GRAD)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step():  # the training loop's own optimizer step (engine.py), one micro-batch, without the logging
+        forward_backward(objects, (images, labels), 1, True, precision)
+        optimizer_step(objects, config.TRAIN.CLIP_GRAD)
     return step
 
 

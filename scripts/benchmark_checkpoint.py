@@ -44,7 +44,7 @@ def training_objects(cfg, device, output):
 
 
 def checkpoint_of(config, objects, epoch, micro_batch):
-    return checkpoint.training_state(config, objects, RunState(epoch, micro_batch, 100 * epoch), [],
+    return checkpoint.checkpoint_contents(config, objects, RunState(epoch, micro_batch, 100 * epoch), [],
                                      [checkpoint.capture_rng_state()])
 
 

@@ -215,3 +215,25 @@ def load_script(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_git_module(repo, path_in_repo, folder, module_name, stubs=None, what='the repository'):
+    """Import one file of a git repository (bare or not), written to ``folder``, as ``module_name`` (dotted, so
+    that its relative imports resolve against that package), with ``stubs`` ({name: module}) in sys.modules for
+    the imports it needs only while it loads; the calling test is skipped without the repository."""
+    import importlib.util
+    from unittest import mock
+
+    import pytest
+    result = subprocess.run(['git', '-C', repo, 'show', f'HEAD:{path_in_repo}'], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f'{what} is not available at {repo}')
+    path = os.path.join(folder, module_name.replace('.', '_') + '.py')
+    with open(path, 'w') as f:
+        f.write(result.stdout)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    with mock.patch.dict(sys.modules, stubs or {}), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # old files import timm.models.layers (deprecated)
+        spec.loader.exec_module(module)
+    return module

@@ -1,11 +1,13 @@
 """checkpoint.py and its scripts, on real files: atomic saves, resume, weight layouts, fine-tuning loads."""
 import logging
+import math
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import astuple
 
@@ -13,6 +15,13 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from timm.layers import (
+    resample_abs_pos_embed,
+    resize_rel_pos_bias_table,
+    resize_rel_pos_bias_table_levit,
+    resize_rel_pos_bias_table_simple,
+)
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
@@ -20,6 +29,7 @@ import checkpoint
 from config import load_config
 from conftest import ROOT, make_tiny_config
 from errors import CheckpointError
+from helpers import rel_diff
 from models import build_model
 from run_state import RunState, TrainingObjects
 
@@ -66,12 +76,12 @@ class Run(TrainingObjects):
         """The checkpoint after `epoch` (micro_batch 0), or `micro_batch` micro-batches into it."""
         state = RunState(epoch + 1 if micro_batch == 0 else epoch, micro_batch, 10 * epoch + micro_batch,
                          max_accuracy)
-        return checkpoint.training_state(self.config, self, state, [f'class{i}' for i in range(10)],
+        return checkpoint.checkpoint_contents(self.config, self, state, [f'class{i}' for i in range(10)],
                                          [checkpoint.capture_rng_state()])
 
     def restore(self, state, **kwargs):
         """(epoch, micro_batch, global_step, max_accuracy) where training goes on."""
-        return astuple(checkpoint.restore_training_state(state, self, LOG, **kwargs))[:4]
+        return astuple(checkpoint.restore_from_checkpoint(state, self, LOG, **kwargs))[:4]
 
 
 def assert_same_tensors(a, b):
@@ -231,7 +241,7 @@ def test_resume_restores_everything(tiny_config):
     path = checkpoint.find_resume_checkpoint(config.OUTPUT_DIR, LOG)
 
     fresh = Run(config, seed=1, scaler=True, ema=True)
-    state = checkpoint.load_training_state(path, config, LOG)
+    state = checkpoint.read_checkpoint(path, config, LOG)
     assert fresh.restore(state) == (3, 0, 20, 50.0)
     assert torch.equal(torch.rand(4), expected_rng)
     assert_same_tensors(fresh.model.state_dict(), run.model.state_dict())
@@ -260,7 +270,7 @@ def test_format_1_checkpoints_still_resume(tiny_config):
     assert path.endswith('ckpt_epoch_2_step_6.pth')  # mid-epoch 2 is further than the end of epoch 1
 
     fresh = Run(config, seed=1)
-    assert fresh.restore(checkpoint.load_training_state(path, config, LOG)) == (2, 6, 26, 50.0)
+    assert fresh.restore(checkpoint.read_checkpoint(path, config, LOG)) == (2, 6, 26, 50.0)
     assert_same_tensors(fresh.model.state_dict(), run.model.state_dict())
     assert fresh.restore(as_format_1(run.state(1))) == (2, 0, 10, 50.0)
 
@@ -272,13 +282,13 @@ def test_resume_from_official_checkpoint_and_bare_weights(tiny_config, tmp_path,
     torch.save({'model': run.model.state_dict(), 'optimizer': run.optimizer.state_dict(),
                 'lr_scheduler': run.lr_scheduler.state_dict(), 'max_accuracy': 70.0, 'epoch': 4}, official)
     fresh = Run(config, seed=1)
-    state = checkpoint.load_training_state(str(official), config, LOG)
+    state = checkpoint.read_checkpoint(str(official), config, LOG)
     assert fresh.restore(state, steps_per_epoch=10) == (5, 0, 50, 70.0)
     assert_same_tensors(fresh.model.state_dict(), run.model.state_dict())
 
     bare = tmp_path / 'timm.pth'
     torch.save(checkpoint.official_to_timm(run.model.state_dict()), bare)
-    state = checkpoint.load_training_state(str(bare), config, LOG)
+    state = checkpoint.read_checkpoint(str(bare), config, LOG)
     assert Run(config, seed=1).restore(state) == (0, 0, 0, 0.0)
     assert 'optimizer state: the optimizer starts fresh' in caplog.text
 
@@ -289,13 +299,13 @@ def test_config_drift(tiny_config, caplog):
 
     changed = tiny_config('MODEL.SWIN.EMBED_DIM', 48, 'MODEL.SWIN.WINDOW_SIZE', 8, 'TRAIN.BASE_LR', 1e-3)
     with pytest.raises(CheckpointError) as error:
-        checkpoint.load_training_state(path, changed, LOG)
+        checkpoint.read_checkpoint(path, changed, LOG)
     message = str(error.value)
     assert path in message and '\n' not in message
     assert 'MODEL.SWIN.EMBED_DIM 24→48' in message and 'MODEL.SWIN.WINDOW_SIZE 4→8' in message
     assert 'BASE_LR' not in message
 
-    checkpoint.load_training_state(path, tiny_config('DATA.BATCH_SIZE', 16, 'TRAIN.BASE_LR', 1e-3), LOG)
+    checkpoint.read_checkpoint(path, tiny_config('DATA.BATCH_SIZE', 16, 'TRAIN.BASE_LR', 1e-3), LOG)
     assert 'DATA.BATCH_SIZE 8→16' in caplog.text and 'TRAIN.BASE_LR 0.0005→0.001' in caplog.text
 
 
@@ -352,6 +362,21 @@ def test_layout_round_trips_are_exact():
     assert checkpoint.is_timm_state_dict(headless)
     with pytest.raises(CheckpointError, match='already in the official layout'):
         checkpoint.timm_to_official(official)
+
+
+def test_official_to_timm_is_timms_checkpoint_filter_without_its_resizing():
+    """Where the shapes fit, timm's own filter (official -> timm, it needs the model) gives the same tensors; for
+    another window it resizes the tables by its geometric rule, not the official bicubic one: ours moves keys only."""
+    from timm.models.swin_transformer import checkpoint_filter_fn
+    official = tiny_model(make_tiny_config()).state_dict()
+    assert_same_tensors(checkpoint.official_to_timm(official), checkpoint_filter_fn(official, make_timm_small()))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch deprecation warnings from inside timm
+        resized = checkpoint_filter_fn(official, timm.models.swin_transformer.SwinTransformer(
+            **dict(TIMM_TINY_KWARGS, window_size=8)))
+    key = 'layers.0.blocks.0.attn.relative_position_bias_table'
+    expected = official_bias_table(official[key], 225)
+    assert (resized[key] - expected).abs().max() > 0.1 * expected.abs().max()  # measured: 0.92x
 
 
 def test_wrong_checkpoint_names_tensor_and_shapes(tmp_path):
@@ -439,6 +464,113 @@ def test_pretrained_absolute_pos_embed_is_resized(tmp_path):
     assert torch.equal(model.head.weight, source.head.weight)  # same class count: the head is kept
 
 
+def official_bias_table(table, rows):
+    """The official load_pretrained rule for relative_position_bias_table: bicubic on each head's grid."""
+    heads, old_side, new_side = table.shape[1], math.isqrt(table.shape[0]), math.isqrt(rows)
+    grid = F.interpolate(table.permute(1, 0).view(1, heads, old_side, old_side), size=(new_side, new_side),
+                         mode='bicubic')
+    return grid.view(heads, rows).permute(1, 0)
+
+
+def official_pos_embed(embed, tokens):
+    """The official load_pretrained rule for absolute_pos_embed: bicubic on the patch grid."""
+    channels, old_side, new_side = embed.shape[2], math.isqrt(embed.shape[1]), math.isqrt(tokens)
+    grid = embed.reshape(-1, old_side, old_side, channels).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new_side, new_side), mode='bicubic')
+    return grid.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+def window_of(rows):
+    return (math.isqrt(rows) + 1) // 2
+
+
+def timm_geometric_table(table, rows):
+    """timm's resize_rel_pos_bias_table (BEiT's geometric spacing), what timm's own Swin checkpoint filter uses."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch deprecation warnings from inside timm
+        return resize_rel_pos_bias_table(table, (window_of(rows),) * 2, (rows, table.shape[1]))
+
+
+@pytest.mark.parametrize('old_window, new_window', [(7, 12), (12, 7), (4, 8), (12, 24)])
+def test_resized_bias_table_is_the_official_bicubic_rule(old_window, new_window):
+    """checkpoint.swin resizes through timm's resize_rel_pos_bias_table_levit (antialias off): equal to the last
+    bit to the official rule in float32, and to the float32-then-cast rule of our earlier code in half precision.
+    timm's other rules give other tables."""
+    torch.manual_seed(old_window)
+    table, rows = torch.randn((2 * old_window - 1) ** 2, 6), (2 * new_window - 1) ** 2
+    ours = checkpoint.swin.resize_bias_table(table, rows)
+    assert ours.shape == (rows, 6) and ours.is_contiguous()
+    assert torch.equal(ours, official_bias_table(table, rows))
+    assert torch.equal(checkpoint.swin.resize_bias_table(table.t().contiguous().t(), rows), ours)  # any strides
+    half = table.half()
+    resized = checkpoint.swin.resize_bias_table(half, rows)
+    assert resized.dtype == torch.float16 and torch.equal(resized, official_bias_table(half.float(), rows).half())
+
+    # timm's defaults differ from the official tables by far more than rounding
+    assert (resize_rel_pos_bias_table_levit(table, (rows, 6)) - ours).abs().max() > 0.1  # antialias=True
+    assert (timm_geometric_table(table, rows) - ours).abs().max() > 1.0
+    simple = resize_rel_pos_bias_table_simple(half, (new_window, new_window), (rows, 6))  # interpolates in half
+    assert torch.equal(resize_rel_pos_bias_table_simple(table, (new_window, new_window), (rows, 6)), ours)
+    assert not torch.equal(simple, resized)
+
+
+@pytest.mark.parametrize('old_side, new_side', [(16, 32), (56, 96), (32, 16)])
+def test_resized_pos_embed_is_the_official_bicubic_rule(old_side, new_side):
+    """timm's resample_abs_pos_embed (no prefix token, antialias off) is the official rule, in every dtype;
+    its default antialias=True is not."""
+    torch.manual_seed(old_side)
+    embed, tokens = torch.randn(1, old_side ** 2, 24), new_side ** 2
+    ours = checkpoint.swin.resize_pos_embed(embed, tokens)
+    assert ours.shape == (1, tokens, 24) and torch.equal(ours, official_pos_embed(embed, tokens))
+    half = embed.half()
+    resized = checkpoint.swin.resize_pos_embed(half, tokens)
+    assert resized.dtype == torch.float16 and torch.equal(resized, official_pos_embed(half.float(), tokens).half())
+    assert (resample_abs_pos_embed(embed, [new_side] * 2, num_prefix_tokens=0) - ours).abs().max() > 0.1
+
+
+def test_fine_tuned_logits_are_the_official_ones_and_timm_defaults_are_not(tmp_path):
+    """--pretrained at window 4 / 32 px (APE) into window 8 / 64 px gives bit for bit the weights and logits of
+    the official resizing rule; timm's default rules would change the logits by 0.3-2.4% (measured: geometric
+    table 2.4e-2, antialiased table 2.8e-3, antialiased embedding 6.0e-3 of the largest logit)."""
+    torch.manual_seed(0)
+    source = build_model(make_tiny_config(None, 'MODEL.SWIN.APE', True)).eval()
+    with torch.no_grad():
+        for name, param in source.named_parameters():  # trained-like magnitudes, tables of a few units
+            scale = 1.0 if 'relative_position_bias_table' in name else 0.5 if 'absolute' in name else 0.2
+            param.add_(torch.randn_like(param) * scale)
+    path = save_pretrained(tmp_path, source)
+    config = make_tiny_config(None, 'MODEL.SWIN.APE', True, 'MODEL.SWIN.WINDOW_SIZE', 8, 'DATA.IMG_SIZE', 64,
+                              'MODEL.PRETRAINED', path)
+    model = tiny_model(config, seed=1)
+    checkpoint.load_pretrained(config, model, LOG)
+    model_sd = model.state_dict()
+
+    def loaded_with(table_rule, embed_rule):
+        reference = tiny_model(config, seed=2)
+        sd = {k: v for k, v in source.state_dict().items() if not checkpoint.weights.is_derived(k)}
+        for key in sd:
+            if key.endswith('relative_position_bias_table'):
+                sd[key] = table_rule(sd[key], model_sd[key].shape[0])
+            elif key == 'absolute_pos_embed':
+                sd[key] = embed_rule(sd[key], model_sd[key].shape[1])
+        missing, unexpected = reference.load_state_dict(sd, strict=False)
+        assert not unexpected and all(checkpoint.weights.is_derived(k) for k in missing)
+        return reference
+
+    x = torch.randn(2, 3, 64, 64)
+    official = loaded_with(official_bias_table, official_pos_embed)
+    assert_same_tensors(official.state_dict(), model_sd)
+    with torch.no_grad():
+        logits = model(x)
+        assert torch.equal(official(x), logits)
+        for table_rule, embed_rule in [
+                (timm_geometric_table, official_pos_embed),
+                (lambda t, rows: resize_rel_pos_bias_table_levit(t, (rows, t.shape[1])), official_pos_embed),
+                (official_bias_table,
+                 lambda e, n: resample_abs_pos_embed(e, [math.isqrt(n)] * 2, num_prefix_tokens=0))]:
+            assert rel_diff(loaded_with(table_rule, embed_rule)(x), logits) > 1e-3
+
+
 def test_pretrained_22k_head_maps_to_1k_rows(tmp_path, caplog):
     source = tiny_model(make_tiny_config())
     rows = torch.arange(21841.0)
@@ -481,7 +613,7 @@ def test_safetensors_weights_load_everywhere(tmp_path, caplog):
 
         config = make_tiny_config()
         fresh = Run(config, seed=1)
-        assert fresh.restore(checkpoint.load_training_state(path, config, LOG)) == (0, 0, 0, 0.0)
+        assert fresh.restore(checkpoint.read_checkpoint(path, config, LOG)) == (0, 0, 0, 0.0)
         assert_same_tensors(fresh.model.state_dict(), source.state_dict())
 
     broken = tmp_path / 'broken.safetensors'

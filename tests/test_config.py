@@ -5,7 +5,15 @@ import pytest
 import torch
 from yacs.config import CfgNode
 
-from config import build_parser, config_from_yaml_text, get_config, load_config, not_implemented_settings
+from config import (
+    build_parser,
+    config_from_yaml_text,
+    get_config,
+    get_defaults,
+    load_config,
+    not_implemented_settings,
+)
+from config_merge import merge_file, merge_opts
 from errors import ConfigError
 from utils import resolve_precision
 
@@ -74,6 +82,49 @@ def test_base_inheritance_and_override(tmp_path):
     assert config.DATA.IMG_SIZE == 192        # from the base file
     assert config.DATA.BATCH_SIZE == 32       # the child wins
     assert config.TRAIN.EPOCHS == 90
+
+
+def test_the_yacs_gaps_config_merge_names(tmp_path):
+    """config_merge.py's reasons for not using yacs' merge_from_file / merge_from_list hold: what yacs does
+    with each case, next to what config_merge does."""
+    def yacs_file(text):
+        node = get_defaults()
+        node.merge_from_file(write(tmp_path / 'yacs.yaml', text))
+        return node
+
+    def ours_file(text):
+        node = get_defaults()
+        merge_file(node, write(tmp_path / 'ours.yaml', text))
+        return node
+
+    # both read 1e-8 (a string in YAML 1.1) as a number
+    assert yacs_file("TRAIN:\n  MIN_LR: 1e-8\n").TRAIN.MIN_LR == ours_file("TRAIN:\n  MIN_LR: 1e-8\n").TRAIN.MIN_LR
+    # an int for a float key
+    with pytest.raises(ValueError, match='Type mismatch'):
+        yacs_file("TRAIN:\n  MIN_LR: 0\n")
+    assert ours_file("TRAIN:\n  MIN_LR: 0\n").TRAIN.MIN_LR == 0.0
+    # --opts TAG 123 and a lower-case boolean
+    for opts in (['TAG', '123'], ['TRAIN.AUTO_RESUME', 'false']):
+        with pytest.raises(ValueError, match='Type mismatch'):
+            get_defaults().merge_from_list(opts)
+    node = get_defaults()
+    merge_opts(node, ['TAG', '123', 'TRAIN.AUTO_RESUME', 'false'])
+    assert node.TAG == '123' and node.TRAIN.AUTO_RESUME is False
+    # BASE lists
+    write(tmp_path / 'base.yaml', "TRAIN:\n  EPOCHS: 7\n")
+    child = "BASE: ['base.yaml']\nDATA:\n  IMG_SIZE: 192\n"
+    assert yacs_file(child).TRAIN.EPOCHS == 300 and ours_file(child).TRAIN.EPOCHS == 7
+    # a key set twice in one file
+    twice = "TRAIN:\n  EPOCHS: 7\n  EPOCHS: 8\n"
+    assert yacs_file(twice).TRAIN.EPOCHS == 8
+    with pytest.raises(ConfigError, match='appears twice'):
+        ours_file(twice)
+    # an unknown key: yacs names the key only
+    with pytest.raises(KeyError) as error:
+        yacs_file("TRAIN:\n  EPOCH: 7\n")
+    assert 'TRAIN.EPOCH' in str(error.value) and 'yacs.yaml' not in str(error.value)
+    with pytest.raises(ConfigError, match=r'unknown config key TRAIN\.EPOCH in .*ours\.yaml \(did you mean'):
+        ours_file("TRAIN:\n  EPOCH: 7\n")
 
 
 def test_opts_and_flags_override_yaml(tmp_path):

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from conftest import make_tiny_config
+from coordinator import Action, StepCoordinator
 from helpers import (
     ROOT,
     assert_same_weights,
@@ -29,7 +30,7 @@ from helpers import (
 )
 from main import wrap_model
 from models import build_model
-from utils import StopRequest, unwrap_model
+from utils import unwrap_model
 
 pytestmark = pytest.mark.slow
 
@@ -148,16 +149,16 @@ def test_sigterm_to_one_rank_stops_both_and_resumes_exactly(tmp_path, config_pat
 
 
 def _poll_while_signalled(rank, port, results):
-    """Rank 1 is already waiting inside should_stop()'s all-reduce when its SIGTERM arrives."""
+    """Rank 1 is already waiting inside the coordinator's all-reduce when its SIGTERM arrives."""
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
-    stop = StopRequest().install()
+    coordinator = StepCoordinator().install()
     if rank == 0:
         time.sleep(1.0)  # hold the all-reduce open
     else:
         threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
-    polls = [stop.should_stop(), stop.should_stop()]
-    results[rank] = (polls, stop.signal_name, stop.exit_code)
-    stop.uninstall()
+    polls = [coordinator.after_step(lambda: -1, True, 0.1) is Action.STOP for _ in range(2)]
+    results[rank] = (polls, coordinator.signal_name, coordinator.exit_code)
+    coordinator.uninstall()
     dist.destroy_process_group()
 
 

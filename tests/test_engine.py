@@ -11,20 +11,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 import engine
+from coordinator import StepCoordinator
 from data import Batch
 from engine import throughput, topk_correct, train_one_epoch, validate
 from errors import TrainingError
+from helpers import assert_same_weights, load_script
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
 from run_state import RunState, Runtime, TrainingObjects
 from tasks import ClassificationTask
-from utils import Precision, StopRequest, resolve_precision
+from utils import Precision, resolve_precision
 
 LOGGER = logging.getLogger('test_engine')
 
 
-def one_epoch(config, loader, criterion=None, seed=0, scaler=None, stop=None, checkpoint=None):
+def one_epoch(config, loader, criterion=None, seed=0, scaler=None, coordinator=None):
     """Train a freshly seeded tiny model for one epoch over loader; returns (model, run state, result)."""
     torch.manual_seed(seed)
     model = build_model(config)
@@ -37,8 +39,8 @@ def one_epoch(config, loader, criterion=None, seed=0, scaler=None, stop=None, ch
                               scaler)
     state = RunState()
     result = train_one_epoch(config, objects, loader, state, steps,
-                             Runtime(device, resolve_precision(config, device), LOGGER, stop=stop,
-                                     checkpoint=checkpoint))
+                             Runtime(device, resolve_precision(config, device), LOGGER,
+                                     coordinator=coordinator or StepCoordinator()))
     return model, state, result
 
 
@@ -124,12 +126,25 @@ def test_steps_the_scaler_skips_are_counted_and_left_out_of_the_grad_norm(tiny_c
 def test_periodic_checkpoint_never_holds_an_unread_nonfinite_step(tiny_config):
     # a checkpoint is due at every step; losses are logged (read) only every 100 steps
     config = tiny_config('DATA.BATCH_SIZE', 4, 'AUG.MIXUP', 0.0, 'AUG.CUTMIX', 0.0, 'PRINT_FREQ', 100)
-    saved = []
-    stop = StopRequest(checkpoint_due=lambda: True)
+    saver = AlwaysDue()
     with pytest.raises(TrainingError, match=r"NaN/inf at optimizer step 2 "):
-        one_epoch(config, fixed_batches(4), criterion=CorruptLossAt(2, nan_loss), stop=stop,
-                  checkpoint=lambda state: saved.append(state.global_step))
-    assert saved == [1]   # the step-2 weights (after a NaN loss) were never saved
+        one_epoch(config, fixed_batches(4), criterion=CorruptLossAt(2, nan_loss),
+                  coordinator=StepCoordinator(saver))
+    assert saver.saved == [1]   # the step-2 weights (after a NaN loss) were never saved
+
+
+class AlwaysDue:
+    """A checkpoint saver whose clock says a checkpoint is due at every step; records the steps it saved."""
+
+    def __init__(self):
+        self.saved = []
+
+    def due(self):
+        return True
+
+    def save_periodic(self, state):
+        self.saved.append(state.global_step)
+
 
 
 def test_topk_correct_counts():
@@ -268,3 +283,18 @@ def test_throughput_runs_the_configured_passes_and_says_how_to_shorten_a_long_ru
     first = [m for m in messages(caplog) if m.startswith('throughput: ')][0]
     assert first.startswith('throughput: 3 warm-up + 4 timed forward passes of batch 2 (float32')
     assert ('THROUGHPUT.WARMUP_PASSES 5 THROUGHPUT.TIMED_PASSES 10' in first) is long_run
+
+
+def test_the_benchmark_times_the_training_loops_own_step(tiny_config):
+    """scripts/benchmark.py's train step is engine's: one step there and one step of train_one_epoch, from the same
+    weights on the same batch, leave identical weights (clipping and the optimizer included)."""
+    benchmark = load_script('benchmark')
+    config = tiny_config('DATA.BATCH_SIZE', 8, 'AUG.MIXUP', 0.0, 'AUG.CUTMIX', 0.0, 'TRAIN.CLIP_GRAD', 0.5,
+                         'MODEL.DROP_PATH_RATE', 0.0, 'TRAIN.WARMUP_EPOCHS', 0)
+    (batch,) = list(fixed_batches(8, count=8))
+    model, state, _ = one_epoch(config, [batch])
+    assert state.global_step == 1
+    torch.manual_seed(0)
+    timed = build_model(config)
+    benchmark.make_step(timed, 'train', torch.device('cpu'), torch.float32, batch.images, batch.targets, config)()
+    assert_same_weights(timed.state_dict(), model.state_dict())

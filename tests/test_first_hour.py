@@ -11,8 +11,10 @@ import sys
 
 import pytest
 import torch
+from timm.data import auto_augment
 
 from config import load_config
+from data import build_transform
 from errors import ConfigError
 from helpers import ROOT, child_env, main_command, make_image_folder, read, run_main, tiny_yaml, wait_for
 from lr_scheduler import schedule_warnings
@@ -23,10 +25,47 @@ ONE_EPOCH = "TRAIN:\n  EPOCHS: 1\n  WARMUP_EPOCHS: 0\n  LINEAR_SCALE_LR: False\n
 # -----------------------------------------------------------------------------
 # Config: the augmentation policy and the LR warnings (no process needed)
 # -----------------------------------------------------------------------------
+POLICY_TYPES = (auto_augment.RandAugment, auto_augment.AutoAugment, auto_augment.AugMixAugment)
+
+
+def policy_steps(transform):
+    """The RandAugment / AutoAugment / AugMix steps anywhere in a (nested) transform."""
+    found, stack = [], [transform]
+    while stack:
+        step = stack.pop()
+        if isinstance(step, POLICY_TYPES):
+            found.append(step)
+        stack.extend(getattr(step, 'transforms', None) or [])
+    return found
+
+
+def describe(step):
+    """What a policy step does: its kind, its settings and every op (name, probability, magnitude and its std)."""
+    def ops(sequence):
+        return [(op.name, op.prob, op.magnitude, op.magnitude_std) for op in sequence]
+    if isinstance(step, auto_augment.RandAugment):
+        weights = None if step.choice_weights is None else [round(float(w), 6) for w in step.choice_weights]
+        return 'rand', step.num_layers, weights, ops(step.ops)
+    if isinstance(step, auto_augment.AugMixAugment):
+        return 'augmix', step.alpha, step.width, step.depth, step.blended, ops(step.ops)
+    return 'auto', [ops(sub_policy) for sub_policy in step.policy]
+
+
 @pytest.mark.parametrize('policy', ['rand-m9-mstd0.5-inc1', 'rand-m9-n3-mstd0.5-tweights', 'original', 'v0',
                                     'original-mstd0.5', 'augmix-m5-w3', 'none', ''])
 def test_timm_augmentation_policies_are_accepted(policy):
-    assert load_config(None, ['AUG.AUTO_AUGMENT', policy]).AUG.AUTO_AUGMENT == policy
+    """A policy the config accepts is one the train transform applies: timm's step for exactly that string
+    (what timm's own parser makes of it), and no policy step for 'none' / ''."""
+    config = load_config(None, ['AUG.AUTO_AUGMENT', policy])
+    assert config.AUG.AUTO_AUGMENT == policy
+    steps = policy_steps(build_transform(True, config))
+    if policy in ('none', ''):
+        assert steps == []
+        return
+    parse = (auto_augment.rand_augment_transform if policy.startswith('rand') else
+             auto_augment.augment_and_mix_transform if policy.startswith('augmix') else
+             auto_augment.auto_augment_transform)
+    assert [describe(step) for step in steps] == [describe(parse(policy, {}))]
 
 
 @pytest.mark.parametrize('policy', ['rand-m9-mstd0.5-icn1', 'orignal', 'augmix-q3', 'randaugment'])

@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+from timm.scheduler import MultiStepLRScheduler
 
 from errors import ConfigError
+from helpers import load_official_module
 from lr_scheduler import build_scheduler, lr_at
 
 STEPS = 5  # optimizer steps per epoch: 10 epochs = 50 steps, 2 warmup epochs = 10 steps
@@ -117,6 +119,73 @@ def test_multistep(schedule_config):
     expected = {0: warmup_lr(config, 0), 5: warmup_lr(config, 5)}
     expected.update({10: lr, 19: lr, 20: lr * 0.1, 34: lr * 0.1, 35: lr * 0.01, 50: lr * 0.01})
     check(config, expected)
+
+
+def multistep_config(schedule_config, *opts):
+    return schedule_config('TRAIN.LR_SCHEDULER.NAME', 'multistep', 'TRAIN.LR_SCHEDULER.MULTISTEPS', [4, 7, 7],
+                           'TRAIN.LR_SCHEDULER.GAMMA', 0.1, *opts)
+
+
+def test_multistep_matches_torch_multisteplr_at_every_step(schedule_config):
+    """The official rule (and torch's MultiStepLR): milestone m decays the lr from step m on; a repeated
+    milestone decays twice. timm's own rule (milestone m at step m - 1) fails this comparison at steps 19, 34."""
+    config = multistep_config(schedule_config, 'TRAIN.WARMUP_EPOCHS', 0)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.TRAIN.EFFECTIVE_LR)
+    reference = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[20, 35, 35], gamma=0.1)
+    expected = []
+    for _ in range(TOTAL + 5):
+        expected.append(optimizer.param_groups[0]['lr'])
+        optimizer.step()
+        reference.step()
+    steps = range(TOTAL + 5)
+    assert lrs_of(config, steps) == pytest.approx(expected, rel=1e-12)
+    assert [lr_at(config, STEPS, k) for k in steps] == pytest.approx(expected, rel=1e-12)
+
+    # the comparison catches a milestone applied one step early: timm's class given the milestones unshifted
+    optimizer = make_optimizer(config)
+    timm_rule = MultiStepLRScheduler(optimizer, decay_t=[20, 35, 35], decay_rate=0.1, warmup_prefix=False,
+                                     t_in_epochs=False)
+    early = []
+    for k in steps:
+        timm_rule.step_update(k)
+        early.append(optimizer.param_groups[0]['lr'])
+    assert [k for k in steps if early[k] != pytest.approx(expected[k], rel=1e-12)] == [19, 34]
+
+
+def test_multistep_with_warmup_matches_the_official_scheduler(schedule_config, tmp_path):
+    """Against the official lr_scheduler.MultiStepLRScheduler, warmup included (skipped without the repository)."""
+    official = load_official_module('lr_scheduler.py', tmp_path, required=True)
+    config = multistep_config(schedule_config)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.TRAIN.EFFECTIVE_LR)
+    reference = official.MultiStepLRScheduler(optimizer, milestones=[20, 35, 35], gamma=0.1, warmup_t=WARMUP,
+                                              warmup_lr_init=config.TRAIN.EFFECTIVE_WARMUP_LR, t_in_epochs=False)
+    expected = []
+    for k in range(TOTAL + 5):
+        reference.step_update(k)
+        expected.append(optimizer.param_groups[0]['lr'])
+    assert lrs_of(config, range(TOTAL + 5)) == expected  # the same formula: equal to the last bit
+
+
+def test_multistep_checkpoint_state_is_unchanged(schedule_config):
+    """The saved state holds the milestone steps (decay_t) as checkpoints always did: one written before (the
+    state of timm's class with the milestone steps) resumes with the decays on time, and a new one equals it."""
+    config = multistep_config(schedule_config)
+    optimizer = make_optimizer(config)
+    before = MultiStepLRScheduler(optimizer, decay_t=[20, 35, 35], decay_rate=0.1, warmup_t=WARMUP,
+                                  warmup_lr_init=config.TRAIN.EFFECTIVE_WARMUP_LR, warmup_prefix=False,
+                                  t_in_epochs=False).state_dict()
+    saved = build_scheduler(config, make_optimizer(config), STEPS).state_dict()
+    assert saved == before and saved['decay_t'] == [20, 35, 35]
+
+    walked = lrs_of(config, range(TOTAL))
+    optimizer = make_optimizer(config)
+    resumed = build_scheduler(config, optimizer, STEPS)
+    resumed.load_state_dict(before)
+    for k in range(15, TOTAL):
+        resumed.step_update(k)
+        assert optimizer.param_groups[0]['lr'] == walked[k], k
+    assert walked[19] == config.TRAIN.EFFECTIVE_LR and walked[20] == pytest.approx(0.1 * walked[19], rel=1e-12)
+    assert resumed.state_dict() == before
 
 
 @pytest.mark.parametrize('name', ['cosine', 'linear', 'step', 'multistep'])

@@ -1,4 +1,5 @@
 """Parameter groups of the optimizer (which Swin weights decay), optimizer choice, layer-wise LR decay."""
+import copy
 import logging
 
 import pytest
@@ -8,7 +9,7 @@ from torch import nn
 from errors import ConfigError
 from lr_scheduler import build_scheduler
 from models import build_model
-from optimizer import build_optimizer, swin_layer_id
+from optimizer import adamw_kernel, build_optimizer, swin_layer_id
 
 
 def group_names(optimizer, model):
@@ -53,9 +54,18 @@ def test_swin_decay_split(tiny_config):
     assert [g['weight_decay'] for g in optimizer.param_groups] == [config.TRAIN.WEIGHT_DECAY, 0.0]
 
 
+def step_ops(optimizer):
+    """Names of the operators one optimizer.step() runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        optimizer.step()
+    return {event.key for event in prof.key_averages()}
+
+
 def test_adamw_settings(tiny_config):
-    config = tiny_config()
-    optimizer = build_optimizer(config, build_model(config))
+    config = tiny_config('TRAIN.BASE_LR', 3.2)  # 0.05 at batch 8: steps that show every term of the update
+    model = build_model(config)
+    reference_model = copy.deepcopy(model)
+    optimizer = build_optimizer(config, model)
     assert isinstance(optimizer, torch.optim.AdamW)
     # the LR scaled by the global batch, not the configured one
     assert config.TRAIN.EFFECTIVE_LR != config.TRAIN.BASE_LR
@@ -63,8 +73,37 @@ def test_adamw_settings(tiny_config):
         assert group['lr'] == config.TRAIN.EFFECTIVE_LR
         assert group['eps'] == config.TRAIN.OPTIMIZER.EPS
         assert group['betas'] == tuple(config.TRAIN.OPTIMIZER.BETAS)
-        assert group['foreach'] and not group['fused']  # CPU parameters
         assert 'lr_scale' not in group
+
+    # each step is torch's reference (single-tensor) AdamW with the configured hyperparameters, decay on the
+    # decay group only
+    params = dict(reference_model.named_parameters())
+    reference = torch.optim.AdamW(
+        [{'params': [params[name] for name in names],
+          'weight_decay': config.TRAIN.WEIGHT_DECAY if group['weight_decay'] else 0.0}
+         for group, names in zip(optimizer.param_groups, group_names(optimizer, model), strict=True)],
+        lr=config.TRAIN.EFFECTIVE_LR, betas=tuple(config.TRAIN.OPTIMIZER.BETAS), eps=config.TRAIN.OPTIMIZER.EPS,
+        foreach=False)
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    for scale in (1.0, 0.5, 1e-3):  # a gradient that falls: AMSGrad's running maximum would differ
+        for p, q in zip(model.parameters(), reference_model.parameters(), strict=True):
+            p.grad = torch.randn(p.shape, generator=generator) * scale
+            q.grad = p.grad.clone()
+        ops = step_ops(optimizer)
+        reference.step()
+        # CPU parameters: the multi-tensor (foreach) kernels, not the fused one
+        assert any(op.startswith('aten::_foreach_') for op in ops) and not any('fused_adam' in op for op in ops)
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+        assert not torch.equal(p, start[name]), name
+
+
+def test_adamw_kernel_is_fused_on_cuda_and_foreach_elsewhere():
+    assert adamw_kernel({'cuda'}) == {'fused': True}
+    assert adamw_kernel({'cpu'}) == adamw_kernel({'cpu', 'cuda'}) == adamw_kernel({'mps'}) == {'foreach': True}
+    for kernel in (adamw_kernel({'cuda'}), adamw_kernel({'cpu'})):  # keywords torch.optim.AdamW takes
+        torch.optim.AdamW([torch.zeros(2, requires_grad=True)], **kernel)
 
 
 def test_sgd_by_name(tiny_config):

@@ -193,13 +193,25 @@ def test_num_classes_left_unset_comes_from_the_dataset_and_the_log_says_so(tmp_p
     assert set_wrong.returncode == 2 and 'has 3 class folders but MODEL.NUM_CLASSES is 5' in set_wrong.stderr
 
 
-def test_throughput_prints_the_official_line_without_a_dataset(tmp_path, dataset):
+def test_throughput_prints_the_official_line_without_a_dataset(tmp_path):
+    """--throughput with no dataset: random input, the configured warm-up and timed passes, and the official line
+    'batch_size B throughput X' whose X is the timed passes' images over their time."""
     config = tiny_yaml(tmp_path / 'tiny.yaml', '')
-    result = run_main('--cfg', config, '--throughput', '--output', str(tmp_path))
+    result = run_main('--cfg', config, '--throughput', '--output', str(tmp_path),
+                      '--opts', 'THROUGHPUT.WARMUP_PASSES', '3', 'THROUGHPUT.TIMED_PASSES', '100')
     assert result.returncode == 0, result.stderr
-    assert 'random input' in result.stdout
-    line = [text for text in result.stdout.splitlines() if 'batch_size 4 throughput ' in text]
-    assert line and float(line[0].rsplit(' ', 1)[1]) > 0
+    log = result.stdout
+    assert 'no --data-path: measuring throughput on random input' in log
+    where = r'float32 \(AMP off\), cpu'
+    assert re.search(rf'throughput: 3 warm-up \+ 100 timed forward passes of batch 4 \({where}\)', log), log
+    assert 'throughput averaged with 100 times' in log
+    official = re.findall(r'^.*\bbatch_size 4 throughput (\d+(?:\.\d+)?(?:e[-+]?\d+)?)$', log, re.MULTILINE)
+    summary = re.findall(rf'throughput: ([\d.]+) images/s \(batch 4, {where}; (\d+) passes in ([\d.]+)s\)', log)
+    assert len(official) == 1 and len(summary) == 1, log
+    value, (rounded, passes, seconds) = float(official[0]), summary[0]
+    assert int(passes) == 100 and value > 0
+    assert abs(value - float(rounded)) <= 0.005  # the same measurement, to 2 decimals
+    assert abs(100 * 4 / value - float(seconds)) <= 0.05 + 1e-9  # 100 passes x 4 images in the time logged (0.1s)
 
 
 @pytest.mark.parametrize('args, message', [
@@ -225,10 +237,21 @@ def test_missing_config_file_is_one_line(tmp_path):
 
 
 def test_compiled_training_run(tmp_path, dataset):
-    """--compile: torch.compile before the (absent) DDP wrap; checkpoints keep the plain state_dict keys."""
+    """--compile: torch.compile before the (absent) DDP wrap; Inductor generates the code of the whole model's
+    training step (forward and backward) and of validation; checkpoints keep the plain state_dict keys."""
     config = tiny_yaml(tmp_path / 'tiny.yaml', dataset, extra="TRAIN:\n  EPOCHS: 1\n  WARMUP_EPOCHS: 0\n")
-    result = run_main('--cfg', config, '--compile', '--output', str(tmp_path), timeout=900)
+    # TORCH_LOGS=output_code: Inductor names each module of generated code it compiles or takes from its cache
+    result = run_main('--cfg', config, '--compile', '--output', str(tmp_path), timeout=900, TORCH_LOGS='output_code')
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'compiling the model with torch.compile' in result.stdout
+    assert len(logged_losses(result.stdout)) == 12  # every step of the epoch (48 images, batch 4) ran
+    graphs = {}
+    for path in re.findall(r'Output code written to: (\S+\.py)', result.stderr):
+        code = read(path)
+        graphs.setdefault(re.search(r"# AOT ID: \['\d+_(\w+)'\]", code).group(1), []).append(code)
+    assert {'forward', 'backward', 'inference'} <= set(graphs), sorted(graphs)
+    # the training graph starts at the model's input: a batch of 4 images of 32 px into the 2x2 patch embedding
+    assert any('(4, 3, 32, 32)' in code and '(24, 3, 2, 2)' in code for code in graphs['forward'])
+    assert all('def call(' in code for codes in graphs.values() for code in codes)
     weights = load_weights(tmp_path / 'tiny' / 'default' / 'last.pth')
     assert 'head.weight' in weights and not any(key.startswith('_orig_mod') for key in weights)

@@ -30,16 +30,25 @@ def test_auto_amp_on_ampere_is_bfloat16(tiny_config, monkeypatch):
     assert precision.dtype == torch.bfloat16 and not precision.needs_scaler
 
 
+def cpu_matmul_precision():
+    """oneDNN's internal precision for CPU float32 matmuls (torch 2.9+; None before: nothing could change it)."""
+    return getattr(getattr(torch.backends.mkldnn, 'matmul', None), 'fp32_precision', None)
+
+
 @pytest.mark.parametrize('tf32', [True, False])
-def test_tf32_key_sets_the_cuda_matmul_and_cudnn_flags(tiny_config, tf32):
+def test_tf32_key_sets_the_cuda_float32_precision_and_leaves_cpu_matmuls_alone(tiny_config, tf32):
     # start from the opposite values, restored by assignment afterwards: the flags are properties of torch's
     # backend modules, which monkeypatch's undo may try to delete
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+    cpu_before = cpu_matmul_precision()
     try:
         init_distributed(tiny_config('DEVICE', 'cpu', 'TF32', tf32))
-        assert torch.backends.cuda.matmul.allow_tf32 is tf32
-        assert torch.backends.cudnn.allow_tf32 is tf32
+        # torch's public reading of the CUDA float32 matmul precision: 'high' is TF32, 'highest' full float32
+        assert torch.get_float32_matmul_precision() == ('high' if tf32 else 'highest')
+        assert torch.backends.cudnn.allow_tf32 is tf32  # convolutions: cuDNN's own switch
+        # CPU math untouched (torch.set_float32_matmul_precision('high') would let oneDNN use TF32 on a CPU)
+        assert cpu_matmul_precision() == cpu_before and cpu_matmul_precision() in (None, 'none', 'ieee')
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 

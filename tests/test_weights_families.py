@@ -181,3 +181,42 @@ def test_swin_mlp_checkpoint_loads_strict_and_has_no_timm_layout(tmp_path):
         assert torch.equal(fresh(x), model(x))
     with pytest.raises(CheckpointError, match='timm has no Swin MLP'):
         convert(str(path), str(tmp_path / 'timm.pth'), 'timm')
+
+
+def mlp_config(tiny_config, img_size, window_size, *opts):
+    return tiny_config('MODEL.TYPE', 'swin_mlp', 'DATA.IMG_SIZE', img_size, 'MODEL.SWIN_MLP.PATCH_SIZE', 2,
+                       'MODEL.SWIN_MLP.WINDOW_SIZE', window_size, 'MODEL.SWIN_MLP.EMBED_DIM', 24,
+                       'MODEL.SWIN_MLP.DEPTHS', [2, 2], 'MODEL.SWIN_MLP.NUM_HEADS', [3, 6], 'MODEL.SWIN_MLP.APE', True,
+                       *opts)
+
+
+def test_swin_mlp_family_is_the_v1_family(tmp_path, tiny_config):
+    """What checkpoint/swin.py says of Swin MLP: --pretrained resizes absolute_pos_embed to a new image size, a
+    file in timm's v1 key layout is still converted, and a pretrained window other than the model's is refused
+    in one line naming a spatial_mlp tensor."""
+    torch.manual_seed(0)
+    source = build_model(mlp_config(tiny_config, 48, 12)).eval()
+    with torch.no_grad():
+        source.absolute_pos_embed.normal_()
+    path = tmp_path / 'mlp_ape.pth'
+    torch.save({'model': source.state_dict()}, path)
+
+    config = mlp_config(tiny_config, 96, 12, 'MODEL.PRETRAINED', str(path))
+    model = build_model(config).eval()
+    checkpoint.load_pretrained(config, model, LOGGER)
+    assert model.absolute_pos_embed.shape == (1, 48 * 48, 24)
+    assert torch.equal(model.absolute_pos_embed, checkpoint.swin.resize_pos_embed(source.absolute_pos_embed, 2304))
+    key = 'layers.1.blocks.1.spatial_mlp.weight'
+    assert torch.equal(model.state_dict()[key], source.state_dict()[key])
+
+    fresh = build_model(mlp_config(tiny_config, 48, 12)).eval()
+    checkpoint.load_model_weights(fresh, checkpoint.official_to_timm(source.state_dict()), LOGGER,
+                                  model_type='swin_mlp')
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), source(x))
+
+    config = mlp_config(tiny_config, 48, 6, 'MODEL.PRETRAINED', str(path))
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load_pretrained(config, build_model(config), LOGGER)
+    assert '\n' not in str(info.value) and 'spatial_mlp.weight' in str(info.value)
