@@ -49,9 +49,9 @@ _MASK_VALUE = -100.0
 # mask on every call (N = 49 rows; or, for N = 144, a permuted view). The strides are tested on CPU; the kernel's
 # acceptance only on CUDA (tests/test_cuda.py).
 _MASK_ALIGN = 8
-# Shift masks a block keeps for sizes other than its config size, the most recently used first out last: a
-# detection run cycles through a few padded sizes; more than this rebuild their mask (the official code builds
-# it on every call).
+# Shift masks a block keeps for sizes other than its config size (the least recently used is dropped first): a
+# detection run cycles through a few padded sizes; beyond this many, masks are rebuilt (the official code builds
+# its mask on every call).
 _MASK_CACHE_SIZE = 8
 
 
