@@ -225,6 +225,14 @@ def build_models(family, size, args):
     return models, config
 
 
+def with_cpu_linear(step):
+    """``step`` run with models/cpu_linear's oneDNN path on (off by default; the column 'ours')."""
+    def fast_step():
+        with cpu_linear.enabled():
+            return step()
+    return fast_step
+
+
 def without_cpu_linear(step):
     """``step`` run with models/cpu_linear switched off (the column 'ours-plain')."""
     def plain_step():
@@ -404,6 +412,8 @@ def main(argv=None):
                 log(f'{label}: {", ".join(runnable)}')
                 steps = {n: make_step(m, mode, device, DTYPES[dtype_name], images, labels, config)
                          for n, m in runnable.items()}
+                if 'ours' in steps:  # our CPU inference path, as predict.py and --throughput run it
+                    steps['ours'] = with_cpu_linear(steps['ours'])
                 if 'ours-plain' in steps:
                     steps['ours-plain'] = without_cpu_linear(steps['ours-plain'])
                 rates = measure(steps, args, device, args.batch_size, label)

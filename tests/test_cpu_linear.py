@@ -196,9 +196,10 @@ def test_eval_gives_the_plain_path_logits(tmp_path):
     model = build_model(config)
     torch.save({'model': model.state_dict()}, tmp_path / 'weights.pth')
     batches = []
-    model.register_forward_hook(lambda module, args, output: batches.append((args[0].clone(), output.clone())))
+    hook = model.register_forward_hook(lambda module, args, output: batches.append((args[0].clone(), output.clone())))
     _, calls = onednn_calls(lambda: main.run_eval(config, model, build_loader(config, 'cpu')[3],
                                                   Runtime(torch.device('cpu'), Precision('cpu'), LOGGER)))
+    hook.remove()
     assert calls == 0 and packed(model) == 0
     assert sum(images.shape[0] for images, _ in batches) == 9
     with open(os.path.join(config.OUTPUT_DIR, 'eval_results.json')) as f:

@@ -1,5 +1,5 @@
 """scripts/predict.py: inputs (files, folders, globs), CSV / JSON / table output, unreadable files, streaming,
-and agreement with main.py --eval."""
+agreement with main.py --eval, and its CPU fast path (models/cpu_linear.py)."""
 import csv
 import json
 import os
@@ -16,7 +16,7 @@ from conftest import TINY_OPTS, make_tiny_config
 from data.inference import find_images
 from errors import DataError
 from helpers import CLASSES, ROOT, child_env, load_script, make_image_folder, run_main, tiny_yaml
-from models import build_model
+from models import build_model, cpu_linear
 
 predict = load_script('predict')
 OPTS = ['--opts'] + [str(v) for v in TINY_OPTS]
@@ -151,6 +151,29 @@ def test_table_on_stdout_and_one_line_errors(tmp_path, cfg, capsys):
     assert capsys.readouterr().err.strip().endswith('input not found: ' + str(tmp_path / 'absent.png'))
     assert predict.main([ckpt] + paths + ['--cfg', cfg, '--output', str(tmp_path / 'out.txt')] + OPTS) == 2
     assert 'must end in .csv or .json' in capsys.readouterr().err
+
+
+def onednn_products(fn):
+    """(fn(), how many linear layers ran through oneDNN's matmul, models/cpu_linear.py's fast path)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, sum(e.count for e in prof.key_averages() if e.key == 'mkldnn::_linear_pointwise')
+
+
+@pytest.mark.skipif(not cpu_linear.available(), reason='cpu_linear.available() is False: no oneDNN linear here')
+def test_cpu_predictions_take_the_onednn_path(tmp_path, cfg, capsys):
+    """predict is where the oneDNN path is switched on: every batch's linear layers go through it (5 images in
+    batches of 2: 3 forward passes), and the switch is off again once predict returns."""
+    ckpt = save_checkpoint(tmp_path / 'ckpt.pth', 10)
+    paths = write_images(tmp_path / 'images', 5)
+    status, products = onednn_products(lambda: predict.main(
+        [ckpt, *paths, '--cfg', cfg, '--batch-size', '2', '--device', 'cpu', '--quiet'] + OPTS))
+    assert status == 0 and len(capsys.readouterr().out.splitlines()) == 1 + 5
+    model = build_model(make_tiny_config(None, 'MODEL.NUM_CLASSES', 10)).eval()
+    layers = sum(isinstance(m, cpu_linear.Linear) for m in model.modules())
+    assert layers > 0 and products == 3 * layers
+    with torch.inference_mode():
+        assert onednn_products(lambda: model(torch.randn(1, 3, 32, 32)))[1] == 0
 
 
 def test_rows_are_flushed_batch_by_batch(tmp_path):
