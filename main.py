@@ -45,7 +45,7 @@ from logger import (
     save_config,
 )
 from lr_scheduler import build_scheduler, schedule_warnings
-from models import build_model
+from models import build_model, cpu_linear
 from optimizer import build_optimizer, freeze_parameters
 from run_state import RunState, Runtime, TrainingObjects
 from tasks import build_task
@@ -112,8 +112,7 @@ def run_throughput(config: CfgNode, model: torch.nn.Module, runtime: Runtime) ->
     else:
         runtime.logger.info("no --data-path: measuring throughput on random input")
         images = torch.randn(config.DATA.BATCH_SIZE, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
-    from models import cpu_linear  # the oneDNN CPU path is on for this benchmark only (models/cpu_linear.py)
-    with cpu_linear.enabled():
+    with cpu_linear.enabled():  # the oneDNN CPU path is on for this benchmark only (models/cpu_linear.py)
         throughput(images, model, runtime.precision, runtime.logger,
                    warmup=config.THROUGHPUT.WARMUP_PASSES, iterations=config.THROUGHPUT.TIMED_PASSES)
     return 0
@@ -204,7 +203,7 @@ def resume_or_start(config, objects, steps_per_epoch, logger):
         if not config.MODEL.RESUME:
             check_auto_resume_origin(config, RunState.from_dict(ckpt).pretrained_from, resume_path)
         state = checkpoint.restore_from_checkpoint(ckpt, objects, logger, rank=config.RANK,
-                                                  steps_per_epoch=steps_per_epoch)
+                                                   steps_per_epoch=steps_per_epoch)
         logger.info(f"resumed from {resume_path}: epoch {state.epoch}, micro-batch {state.micro_batch} "
                     f"(step {state.steps_in_epoch(config.TRAIN.ACCUMULATION_STEPS)}), "
                     f"max accuracy {state.max_accuracy:.2f}%")

@@ -14,7 +14,6 @@ epoch a line with the mean loss and an ETA is printed and ``--output/detector.pt
 {'model': the detector's state_dict, 'categories', 'epoch', 'config'} (loadable with weights_only=True).
 """
 import argparse
-import datetime
 import json
 import logging
 import os
@@ -31,7 +30,9 @@ from torchvision.transforms.functional import pil_to_tensor
 from checkpoint import atomic_save
 from config import load_config
 from errors import ConfigError, DataError, TrainingError, exit_status
+from logger import format_eta
 from models import build_backbone, swin_detector, swin_fpn_backbone
+from optimizer import param_groups
 from utils import resolve_device
 
 _logger = logging.getLogger('finetune_detection')
@@ -98,16 +99,14 @@ def collate(batch):
 
 
 def parameter_groups(detector, weight_decay):
-    """AdamW groups: no weight decay for norms, biases and the backbone's position tables (as the official
-    Swin detection recipe)."""
+    """AdamW groups with the training's own rule (optimizer.param_groups): no weight decay for norms, biases and
+    the backbone's position tables (as the official Swin detection recipe)."""
     swin = detector.backbone.body.model
+    # the detector's names are prefixed (backbone.body.model.absolute_pos_embed): the backbone's exact-name skips
+    # match as keywords
     keywords = set(swin.no_weight_decay()) | set(swin.no_weight_decay_keywords())
-    decay, no_decay = [], []
-    for name, param in detector.named_parameters():
-        if param.requires_grad:
-            skip = param.ndim <= 1 or name.endswith('.bias') or any(k in name for k in keywords)
-            (no_decay if skip else decay).append(param)
-    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+    groups, _ = param_groups(detector, weight_decay, skip_keywords=keywords)
+    return groups
 
 
 def run(args):
@@ -154,7 +153,7 @@ def run(args):
                      'config': config.dump()}, path)
         eta = (time.time() - start) / (epoch + 1) * (args.epochs - epoch - 1)
         print(f"epoch {epoch + 1}/{args.epochs}: mean loss {total / len(loader):.4f} "
-              f"({time.time() - epoch_start:.1f}s, ETA {datetime.timedelta(seconds=round(eta))}), saved {path}",
+              f"({time.time() - epoch_start:.1f}s, ETA {format_eta(eta)}), saved {path}",
               flush=True)
     return 0
 

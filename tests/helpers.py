@@ -237,3 +237,13 @@ def load_git_module(repo, path_in_repo, folder, module_name, stubs=None, what='t
         warnings.simplefilter('ignore')  # old files import timm.models.layers (deprecated)
         spec.loader.exec_module(module)
     return module
+
+
+def randomized(model, seed=0):
+    """Every parameter random (normal, std 0.2), in eval mode: a zero bias or mask token, or a load that did not
+    happen, cannot pass for a real one."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    return model.eval()

@@ -13,7 +13,7 @@ from torchvision.models.detection import RetinaNet
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from conftest import ROOT, make_tiny_config
-from helpers import child_env, load_script
+from helpers import child_env, load_script, randomized
 from models import SwinBackbone, SwinSegmenter, build_backbone, build_model, swin_detector, swin_fpn_backbone
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -32,15 +32,6 @@ def family_opts(family='swin'):
 
 def config(family='swin', *opts):
     return make_tiny_config(None, *family_opts(family), *opts)
-
-
-def randomized(model, seed=0):
-    """Every parameter random, so that a load that did not happen cannot pass for one."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.2)
-    return model.eval()
 
 
 def boxes_batch(sizes, seed=0):

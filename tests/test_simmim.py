@@ -34,6 +34,7 @@ from helpers import (
     load_weights,
     logged_losses,
     make_image_folder,
+    randomized,
     read,
     run_main,
     sigterm_after,
@@ -74,15 +75,6 @@ def random_mask(config, batch, seed=0):
                               config.DATA.MASK_RATIO)
     np.random.seed(seed)
     return torch.stack([generator() for _ in range(batch)])
-
-
-def randomized(model, seed=0):
-    """Every parameter random (a zero decoder bias or mask token would hide mistakes)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.2)
-    return model.eval()
 
 
 # -----------------------------------------------------------------------------
