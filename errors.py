@@ -1,4 +1,5 @@
 """Project exceptions: user-facing failures that end a run with one clear line, not a traceback."""
+import logging
 import sys
 
 
@@ -44,3 +45,11 @@ def exit_status(function, *args):
     except SwinTrainError as e:
         print_line(f"error: {e}")
         return 2
+
+
+def run_script(parser, run, argv=None):
+    """A script's ``main``: parse ``argv`` with ``parser``, show warnings (and errors) as bare lines, and return
+    ``run(args)`` as the exit status (``exit_status``)."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format='%(message)s')
+    return exit_status(run, args)

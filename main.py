@@ -68,7 +68,9 @@ def main(config: CfgNode) -> int:
         logger.info(f"process group formed: collectives time out after DIST.TIMEOUT {config.DIST.TIMEOUT:g}s, "
                     f"a silent or missing rank after DIST.PEER_TIMEOUT {config.DIST.PEER_TIMEOUT:g}s")
 
-    model = build_model(config, is_pretrain=config.MODEL.TASK == 'simmim').to(device)
+    # evaluation at another resolution may pad stage maps to the window; training keeps the official rule
+    model = build_model(config, is_pretrain=config.MODEL.TASK == 'simmim',
+                        pad_windows=config.EVAL_MODE or config.THROUGHPUT_MODE).to(device)
     logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
                 f"{model.flops() / 1e9:.2f} GMACs at {config.DATA.IMG_SIZE}px")
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import yaml
 
 from config import load_config
 from errors import CheckpointError, ConfigError
@@ -148,6 +149,26 @@ def load_model_weights(model: torch.nn.Module, path_or_state_dict: str | os.Path
     sd = extract_state_dict(obj, source, model_type)
     load_state_dict_strict(model, sd, source)
     logger.info(f"loaded model weights from {source} ({len(sd)} tensors)")
+    trained, running = trained_image_size(obj), getattr(getattr(unwrap_model(model), 'patch_embed', None),
+                                                        'img_size', None)
+    if trained is not None and running is not None and tuple(trained) != tuple(running):
+        logger.info(f"{source} was trained at {'x'.join(map(str, trained))} px (DATA.IMG_SIZE of its config); "
+                    f"evaluating them at {'x'.join(map(str, running))} px (window attention is per window: the same "
+                    f"weights run at any size)")
+
+
+def trained_image_size(obj: Any) -> tuple[int, int] | None:
+    """(H, W) of DATA.IMG_SIZE in the config a checkpoint carries (ours), None where it carries none."""
+    text = obj.get('config') if isinstance(obj, dict) else None
+    if not isinstance(text, str):
+        return None
+    try:
+        size = (yaml.safe_load(text) or {}).get('DATA', {}).get('IMG_SIZE')
+    except (yaml.YAMLError, AttributeError):
+        return None
+    if isinstance(size, int):
+        return size, size
+    return tuple(size) if isinstance(size, (list, tuple)) and len(size) == 2 else None
 
 
 def config_for_weights(cfg_path: str | None, opts: list, weights: Any, source: str):

@@ -30,11 +30,14 @@ def layer_norm_class(fused: bool) -> type[nn.Module]:
     return FusedLayerNorm
 
 
-def build_model(config, is_pretrain=False):
+def build_model(config, is_pretrain=False, pad_windows=False):
     """The model described by ``config`` (a finalized CfgNode), with freshly initialized weights.
 
     is_pretrain: the SimMIM pre-training model (models/simmim.py) around a headless encoder of MODEL.TYPE
     (swin or swinv2), as the official ``build_model(config, is_pretrain=True)``.
+    pad_windows: a DATA.IMG_SIZE whose stage maps are not multiples of the window is accepted (for evaluation
+    and prediction at another resolution): those maps are padded, and a log line says which. Without it such a
+    size is a ConfigError, as in training (the official code asserts).
     """
     model_type = config.MODEL.TYPE
     if model_type not in MODEL_TYPES:  # config.finalize validates this too; a hand-built config may not have been
@@ -42,7 +45,10 @@ def build_model(config, is_pretrain=False):
                           f"{', '.join(MODEL_TYPES)})")
     model_class, kwargs = _family(config)
     if not is_pretrain:
-        return model_class(**kwargs)
+        model = model_class(**kwargs, pad_windows=pad_windows)
+        for note in model.window_padding:
+            _logger.info(note)
+        return model
     if model_type not in SIMMIM_ENCODERS:
         raise ConfigError(f"SimMIM pre-training (MODEL.TASK simmim) needs MODEL.TYPE "
                           f"{' or '.join(SIMMIM_ENCODERS)}, got {model_type!r}")

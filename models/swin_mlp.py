@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 from . import swin_transformer as swin
-from .swin_transformer import Mlp, PatchMerging, block_windows, is_config_size
+from .swin_transformer import Mlp, PatchMerging, block_windows, takes_config_path
 
 
 class SwinMLPBlock(nn.Module):
@@ -66,8 +66,8 @@ class SwinMLPBlock(nn.Module):
 
     def forward(self, x, size=None):
         """x: (B, H * W, C) -> (B, H * W, C); size: the map's (H, W), None for ``input_resolution``."""
-        if not is_config_size(size, self.input_resolution):
-            return self.forward_any_size(x, size)
+        if not takes_config_path(size, self.input_resolution, self.window_size):
+            return self.forward_any_size(x, size or self.input_resolution)
         H, W = self.input_resolution
         B, L, C = x.shape
         assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
@@ -162,14 +162,18 @@ class SwinMLP(swin.SwinTransformer):
         ape: Add an absolute position embedding to the patch embedding.
         patch_norm: LayerNorm after the patch embedding.
         use_checkpoint: Activation recomputation per block (torch.utils.checkpoint; saves memory).
+        pad_windows: Accept stage maps that are not multiples of the window and pad them (evaluation at another
+            resolution); False raises ConfigError.
     """
 
     def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96, depths=(2, 2, 6, 2),
                  num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4., drop_rate=0., drop_path_rate=0.1,
-                 norm_layer=nn.LayerNorm, ape=False, patch_norm=True, use_checkpoint=False, **kwargs):
+                 norm_layer=nn.LayerNorm, ape=False, patch_norm=True, use_checkpoint=False, pad_windows=False,
+                 **kwargs):
         nn.Module.__init__(self)  # not v1's constructor: it would build v1 stages
         self._init_sizes(num_classes, depths, embed_dim, ape, patch_norm, mlp_ratio)
-        self._init_embedding(img_size, patch_size, in_chans, norm_layer, drop_rate, window_size, node='MODEL.SWIN_MLP')
+        self._init_embedding(img_size, patch_size, in_chans, norm_layer, drop_rate, window_size, node='MODEL.SWIN_MLP',
+                             pad_windows=pad_windows)
         self.layers = nn.ModuleList(
             BasicLayer(**stage, num_heads=num_heads[i], window_size=window_size, mlp_ratio=self.mlp_ratio,
                        drop=drop_rate, norm_layer=norm_layer, use_checkpoint=use_checkpoint)

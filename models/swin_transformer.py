@@ -278,6 +278,17 @@ def is_config_size(size, input_resolution):
     return size is None or tuple(size) == tuple(input_resolution)
 
 
+def fits_windows(input_resolution, window_size):
+    """Whether a block's config map is cut into whole windows (otherwise it is padded, as at any other size)."""
+    return input_resolution[0] % window_size == 0 and input_resolution[1] % window_size == 0
+
+
+def takes_config_path(size, input_resolution, window_size):
+    """Whether a block runs its config-size code (the official one) on a map of ``size`` (None: the config map):
+    the config map, cut into whole windows. Every other map runs the any-size code (pad, shift, crop)."""
+    return is_config_size(size, input_resolution) and fits_windows(input_resolution, window_size)
+
+
 def pad_map(x, window_size):
     """(B, H, W, C) zero-padded right/bottom to multiples of the window (as the detection backbone pads)."""
     H, W = x.shape[1:3]
@@ -320,14 +331,14 @@ class SwinTransformerBlock(nn.Module):
 
     def register_shift_mask(self):
         mask = None
-        if self.shift_size > 0:
+        if self.shift_size > 0 and fits_windows(self.input_resolution, self.window_size):
             mask = shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
         self.register_buffer('attn_mask', mask)  # persistent (even when None) like the official block
 
     def forward(self, x, size=None):
         """x: (B, H * W, C) -> (B, H * W, C); size: the map's (H, W), None for ``input_resolution``."""
-        if not is_config_size(size, self.input_resolution):
-            return self.forward_any_size(x, size)
+        if not takes_config_path(size, self.input_resolution, self.window_size):
+            return self.forward_any_size(x, size or self.input_resolution)
         H, W = self.input_resolution
         B, L, C = x.shape
         assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
@@ -511,9 +522,13 @@ class PatchEmbed(nn.Module):
         return flops
 
 
-def check_stage_resolutions(patches_resolution, num_layers, window_size, img_size, patch_size, node='MODEL.SWIN'):
-    """Raise ConfigError, in one line naming the config keys (of the family's ``node``), where a stage's map
-    cannot be cut into windows."""
+def check_stage_resolutions(patches_resolution, num_layers, window_size, img_size, patch_size, node='MODEL.SWIN',
+                            pad_windows=False):
+    """Raise ConfigError, in one line naming the config keys (of the family's ``node``), where the stages cannot
+    run at the config size. A stage map that is not a multiple of the window is an error too, unless
+    ``pad_windows``; then it is padded as the detection backbone pads, and the returned notes (one line each)
+    say which stages pad."""
+    notes = []
     for i in range(num_layers):
         res = (patches_resolution[0] // 2 ** i, patches_resolution[1] // 2 ** i)
         where = (f"DATA.IMG_SIZE {img_size} with {node}.PATCH_SIZE {patch_size} gives a {res[0]}x{res[1]} "
@@ -524,10 +539,17 @@ def check_stage_resolutions(patches_resolution, num_layers, window_size, img_siz
             raise ConfigError(f"{where}, which patch merging cannot halve (needs even sides); choose "
                               f"DATA.IMG_SIZE = {node}.PATCH_SIZE x a multiple of {2 ** (num_layers - 1)}")
         window = min(min(res), window_size)  # a map not larger than the window is one window
-        if res[0] % window or res[1] % window:
+        if fits_windows(res, window):
+            continue
+        if not pad_windows:
             raise ConfigError(f"{where}, not divisible by {node}.WINDOW_SIZE {window_size}; choose "
                               f"DATA.IMG_SIZE and {node}.WINDOW_SIZE so that every stage map is a "
-                              f"multiple of the window (or not larger than it)")
+                              f"multiple of the window (or not larger than it); evaluation and prediction "
+                              f"accept it and pad")
+        padded = (res[0] + -res[0] % window, res[1] + -res[1] % window)
+        notes.append(f"{where}, not a multiple of {node}.WINDOW_SIZE {window_size}: padded to "
+                     f"{padded[0]}x{padded[1]} for its windows (as the official detection backbone pads)")
+    return notes
 
 
 def stage_indices(num_stages, indices):
@@ -569,6 +591,8 @@ class SwinTransformer(nn.Module):
         use_checkpoint: Activation recomputation per block (torch.utils.checkpoint; saves memory).
         fused_window_process: Official CUDA-kernel switch; accepted, same results without it.
         fused_attn: Window attention through ``scaled_dot_product_attention`` (False: explicit softmax).
+        pad_windows: Accept stage maps that are not multiples of the window and pad them (evaluation at another
+            resolution); False raises ConfigError as the official code asserts.
     """
 
     # the official signature, list defaults included (never mutated here)
@@ -576,10 +600,11 @@ class SwinTransformer(nn.Module):
                  depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],  # noqa: B006
                  window_size=7, mlp_ratio=4., qkv_bias=True, qk_scale=None, drop_rate=0.,
                  attn_drop_rate=0., drop_path_rate=0.1, norm_layer=nn.LayerNorm, ape=False, patch_norm=True,
-                 use_checkpoint=False, fused_window_process=False, fused_attn=True, **kwargs):
+                 use_checkpoint=False, fused_window_process=False, fused_attn=True, pad_windows=False, **kwargs):
         super().__init__()
         self._init_sizes(num_classes, depths, embed_dim, ape, patch_norm, mlp_ratio)
-        self._init_embedding(img_size, patch_size, in_chans, norm_layer, drop_rate, window_size)
+        self._init_embedding(img_size, patch_size, in_chans, norm_layer, drop_rate, window_size,
+                             pad_windows=pad_windows)
         self.layers = nn.ModuleList(
             BasicLayer(**stage, num_heads=num_heads[i], window_size=window_size, mlp_ratio=self.mlp_ratio,
                        qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
@@ -601,14 +626,15 @@ class SwinTransformer(nn.Module):
         self.mlp_ratio = mlp_ratio
 
     def _init_embedding(self, img_size, patch_size, in_chans, norm_layer, drop_rate, window_size,
-                        node='MODEL.SWIN'):
-        """Patch embedding (its map checked against the window at every stage), the optional absolute position
-        embedding, and the dropout after them."""
+                        node='MODEL.SWIN', pad_windows=False):
+        """Patch embedding (its map checked against the window at every stage: ``window_padding`` lists the
+        stages that pad, where ``pad_windows`` lets them), the optional absolute position embedding, and the
+        dropout after them."""
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=self.embed_dim, norm_layer=norm_layer if self.patch_norm else None)
         self.patches_resolution = self.patch_embed.patches_resolution
-        check_stage_resolutions(self.patches_resolution, self.num_layers, window_size, img_size, patch_size,
-                                node=node)
+        self.window_padding = check_stage_resolutions(self.patches_resolution, self.num_layers, window_size,
+                                                      img_size, patch_size, node=node, pad_windows=pad_windows)
         if self.ape:
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, self.embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=.02)

@@ -36,8 +36,8 @@ from .swin_transformer import (
     Mlp,
     _sdpa_is_faster,
     aligned_rows,
-    is_config_size,
     relative_position_index,
+    takes_config_path,
 )
 
 # The logit scale is clamped at log(1 / 0.01): a temperature of at least 0.01 (official).
@@ -187,8 +187,8 @@ class SwinTransformerBlock(swin.SwinTransformerBlock):
 
     def forward(self, x, size=None):
         """x: (B, H * W, C) -> (B, H * W, C); size: the map's (H, W), None for ``input_resolution``."""
-        if not is_config_size(size, self.input_resolution):
-            return self.forward_any_size(x, size)
+        if not takes_config_path(size, self.input_resolution, self.window_size):
+            return self.forward_any_size(x, size or self.input_resolution)
         H, W = self.input_resolution
         B, L, C = x.shape
         assert L == H * W, f'input has {L} tokens, expected {H}x{W}'
@@ -287,15 +287,19 @@ class SwinTransformerV2(swin.SwinTransformer):
         use_checkpoint: Activation recomputation per block (torch.utils.checkpoint; saves memory).
         pretrained_window_sizes: Window size of each stage in pre-training (0: this model's window).
         fused_attn: Window attention through ``scaled_dot_product_attention`` (False: explicit softmax).
+        pad_windows: Accept stage maps that are not multiples of the window and pad them (evaluation at another
+            resolution); False raises ConfigError as the official code asserts.
     """
 
     def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96, depths=(2, 2, 6, 2),
                  num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4., qkv_bias=True, drop_rate=0.,
                  attn_drop_rate=0., drop_path_rate=0.1, norm_layer=nn.LayerNorm, ape=False, patch_norm=True,
-                 use_checkpoint=False, pretrained_window_sizes=(0, 0, 0, 0), fused_attn=True, **kwargs):
+                 use_checkpoint=False, pretrained_window_sizes=(0, 0, 0, 0), fused_attn=True, pad_windows=False,
+                 **kwargs):
         nn.Module.__init__(self)  # not v1's constructor: it would build v1 stages
         self._init_sizes(num_classes, depths, embed_dim, ape, patch_norm, mlp_ratio)
-        self._init_embedding(img_size, patch_size, in_chans, norm_layer, drop_rate, window_size, node='MODEL.SWINV2')
+        self._init_embedding(img_size, patch_size, in_chans, norm_layer, drop_rate, window_size, node='MODEL.SWINV2',
+                             pad_windows=pad_windows)
         self.layers = nn.ModuleList(
             BasicLayer(**stage, num_heads=num_heads[i], window_size=window_size, mlp_ratio=self.mlp_ratio,
                        qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate, norm_layer=norm_layer,

@@ -29,7 +29,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from checkpoint import atomic_save
 from config import load_config
-from errors import ConfigError, DataError, TrainingError, exit_status
+from errors import ConfigError, DataError, TrainingError, run_script
 from logger import format_eta
 from models import build_backbone, swin_detector, swin_fpn_backbone
 from optimizer import param_groups
@@ -179,9 +179,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format='%(message)s')
-    return exit_status(run, args)
+    return run_script(build_parser(), run, argv)
 
 
 if __name__ == '__main__':

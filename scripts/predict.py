@@ -32,7 +32,7 @@ from tqdm import tqdm
 from checkpoint import config_for_weights, load_model_weights, read_weights
 from data import build_val_transform, usable_workers
 from data.inference import find_images, image_files_loader
-from errors import ConfigError, exit_status
+from errors import ConfigError, run_script
 from models import build_model, cpu_linear
 from utils import Precision, resolve_device, resolve_precision  # noqa: F401 (Precision: for callers)
 
@@ -51,7 +51,7 @@ def class_names(checkpoint, num_classes):
 
 def load_model(checkpoint_path, checkpoint, config, device):
     """(model in eval mode on device, class names or None) for a checkpoint's content (``read_weights``)."""
-    model = build_model(config)
+    model = build_model(config, pad_windows=True)  # another DATA.IMG_SIZE than the weights' is padded, and said
     load_model_weights(model, checkpoint, _logger, name=checkpoint_path, model_type=config.MODEL.TYPE)
     return model.to(device).eval(), class_names(checkpoint, config.MODEL.NUM_CLASSES)
 
@@ -232,9 +232,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format='%(message)s')
-    return exit_status(run, args)
+    return run_script(build_parser(), run, argv)
 
 
 if __name__ == '__main__':

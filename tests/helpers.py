@@ -66,6 +66,8 @@ SEED: 3
 
 def child_env(**extra):
     env = dict(os.environ)
+    # `python` in a child shell script (gpu_check.sh) is this interpreter, also when its venv is not activated
+    env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env.get('PATH', '')
     env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     env.update({k: str(v) for k, v in extra.items()})
     return env

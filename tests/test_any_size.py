@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 import models.swin_mlp as swin_mlp
 import models.swin_transformer as swin
+from checkpoint.weights import load_state_dict_strict
+from errors import ConfigError
 from helpers import load_git_module, rel_diff
 from models import SwinMLP, SwinTransformer, SwinTransformerV2
 
@@ -238,6 +240,23 @@ def test_classification_at_another_resolution(family):
         assert final.shape == (1, 12, 10, 48)
         assert logits.shape == (1, 10)
         assert torch.allclose(logits, model.head(final.mean((1, 2))), atol=1e-5)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_a_config_size_the_windows_do_not_divide_pads_as_any_other_size(family):
+    """Evaluation at another DATA.IMG_SIZE: built at 40 px (stage 1's 10x10 map, window 4) with pad_windows, the
+    model loads the 32 px model's weights as they are and gives what the 32 px model gives at 40 px."""
+    trained = make(family, **TINY).eval()
+    with pytest.raises(ConfigError, match=r'10x10 feature map in stage 1, not divisible by .*WINDOW_SIZE 4'):
+        FAMILIES[family](**{**TINY, 'img_size': 40})
+    at_40 = FAMILIES[family](**{**TINY, 'img_size': 40, 'num_classes': 10, 'pad_windows': True}).eval()
+    assert len(at_40.window_padding) == 1 and 'padded to 12x12' in at_40.window_padding[0]
+    assert 'attn_mask' not in dict(at_40.layers[1].blocks[1].named_buffers())  # no mask of a map it never runs
+    load_state_dict_strict(at_40, trained.state_dict(), 'the 32 px model')
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        expected, got = trained(x), at_40(x)
+    assert rel_diff(got, expected) < 1e-6
 
 
 @pytest.mark.parametrize('family', FAMILIES)

@@ -117,6 +117,33 @@ def test_csv_rows_error_column_and_top1_equal_to_eval(tmp_path):
         name: entry['acc1'] for name, entry in results['per_class'].items()}
 
 
+def test_eval_and_predict_at_another_resolution(tmp_path):
+    """32 px weights evaluated with --opts DATA.IMG_SIZE 40 (stage 1's 10x10 map is not a multiple of the window
+    4): main.py --eval pads it and says so, says the weights' own size, and predict.py gives the same accuracy."""
+    data = make_image_folder(tmp_path / 'data', train_per_class=1)
+    config = tiny_yaml(tmp_path / 'tiny.yaml', data)
+    torch.manual_seed(1)
+    trained_config = make_tiny_config(None, 'MODEL.NUM_CLASSES', 3)
+    ckpt = str(tmp_path / 'ckpt.pth')
+    torch.save({'model': build_model(trained_config).state_dict(), 'class_names': list(CLASSES),
+                'config': trained_config.dump()}, ckpt)
+    result = run_main('--cfg', config, '--eval', '--resume', ckpt, '--output', str(tmp_path / 'eval'),
+                      '--opts', 'DATA.IMG_SIZE', '40')
+    assert result.returncode == 0, result.stderr
+    assert ('gives a 10x10 feature map in stage 1, not a multiple of MODEL.SWIN.WINDOW_SIZE 4: padded to 12x12'
+            in result.stdout)
+    assert f'checkpoint {ckpt} was trained at 32x32 px (DATA.IMG_SIZE of its config); evaluating them at 40x40 px' \
+        in result.stdout
+    eval_acc1 = float(re.search(r' \* Acc@1 ([0-9.]+)', result.stdout).group(1))
+
+    out = tmp_path / 'predictions.csv'
+    assert predict.main([ckpt, os.path.join(data, 'val'), '--cfg', config, '--opts', 'DATA.IMG_SIZE', '40',
+                         '--output', str(out), '--device', 'cpu', '--quiet']) == 0
+    rows = read_csv(out)
+    hits = [row['class_1'] == os.path.basename(os.path.dirname(row['path'])) for row in rows]
+    assert len(rows) == 21 and f'{100 * sum(hits) / len(hits):.3f}' == f'{eval_acc1:.3f}'
+
+
 def test_json_output_and_class_indices_without_names(tmp_path, cfg, capsys):
     ckpt = save_checkpoint(tmp_path / 'ckpt.pth', 10)  # no class names stored: the index is the name
     paths = write_images(tmp_path / 'images', 3)
