@@ -42,9 +42,8 @@ _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.ZIP_MODE = False
 # Zip mode caching: no (read on demand) | full (cache all in RAM) | part (each rank caches its shard)
 _C.DATA.CACHE_MODE = 'part'
-# Pin CPU memory in the DataLoader for faster host-to-device copies
+# Pin CPU memory in the DataLoader for faster host-to-device copies; data loading workers per process
 _C.DATA.PIN_MEMORY = True
-# Number of data loading workers per process
 _C.DATA.NUM_WORKERS = 8
 # SimMIM pre-training: side of the square mask patches in pixels (a multiple of the model's patch size that
 # divides IMG_SIZE), and the fraction of them masked in each image
@@ -155,10 +154,20 @@ _C.MODEL.SIMMIM.NORM_TARGET = CN()
 _C.MODEL.SIMMIM.NORM_TARGET.ENABLE = False
 _C.MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE = 47
 
-# Exponential moving average of the weights, evaluated alongside the model
+# Exponential moving average of the weights, evaluated alongside the model; its decay per optimizer step
 _C.MODEL_EMA = False
-# EMA decay per optimizer step
 _C.MODEL_EMA_DECAY = 0.9999
+# EMA warmup (timm ModelEmaV3 use_warmup): the decay at step t is min(MODEL_EMA_DECAY, 1 - (1 + t) ** (-2/3))
+_C.MODEL_EMA_WARMUP = False
+# Distillation (distillation.py): (1 - ALPHA) * task loss + ALPHA * (none | soft: KL at temperature TAU x TAU^2 |
+# hard: CE on the teacher's argmax); teacher: a config of a family built here, or a timm name; local weights
+_C.DISTILL = CN()
+_C.DISTILL.TYPE = 'none'
+_C.DISTILL.ALPHA = 0.5
+_C.DISTILL.TAU = 1.0
+_C.DISTILL.TEACHER_CFG = ''
+_C.DISTILL.TEACHER_TIMM = ''
+_C.DISTILL.TEACHER_WEIGHTS = ''
 
 # -----------------------------------------------------------------------------
 # Training settings
@@ -221,14 +230,17 @@ _C.TRAIN.LR_SCHEDULER.MULTISTEPS = []
 
 # Optimizer
 _C.TRAIN.OPTIMIZER = CN()
-# Optimizer: adamw | sgd
+# Optimizer: adamw | sgd (as officially) | fused_lamb (apex's, else timm's lamb) | a timm.optim.list_optimizers()
+# name (lamb, lion, adopt, ...), on the same no-weight-decay groups and layer decay
 _C.TRAIN.OPTIMIZER.NAME = 'adamw'
-# Optimizer epsilon
+# Epsilon, betas (lion's are (0.9, 0.99)) and SGD momentum, each given to every optimizer that takes it
 _C.TRAIN.OPTIMIZER.EPS = 1e-8
-# Optimizer betas
 _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
-# SGD momentum
 _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+# Training loss: ce | bce (timm's BinaryCrossEntropy as DeiT III; without Mixup, smoothed by MODEL.LABEL_SMOOTHING)
+_C.TRAIN.LOSS = 'ce'
+# bce only: targets above this become 1, the others 0 (timm --bce-target-thresh; DeiT III uses 0.0); negative: off
+_C.TRAIN.BCE_TARGET_THRESHOLD = -1.0
 
 # [Swin-MoE] kept so official YAML files parse
 _C.TRAIN.MOE = CN()
@@ -262,6 +274,9 @@ _C.AUG.MIXUP_PROB = 1.0
 _C.AUG.MIXUP_SWITCH_PROB = 0.5
 # How to apply mixup/cutmix params: per "batch", "pair", "elem" (element) or "half" (timm)
 _C.AUG.MIXUP_MODE = 'batch'
+# Repeated augmentation (DeiT, timm --aug-repeats): N >= 2 puts each sampled image N times in an epoch, each
+# copy augmented anew, on different ranks; an epoch keeps its length (about 1/N of the images). 0 or 1: off
+_C.AUG.REPEATS = 0
 
 # -----------------------------------------------------------------------------
 # Testing settings

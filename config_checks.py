@@ -1,9 +1,12 @@
 """The checks config.finalize() runs when a config is built: each bad value fails then, in one line naming the
 key and the allowed values, not later inside a library (tables of choice keys and minimums, the shapes a family
 needs, and values only a library's own parser can judge)."""
+import os
+
 from yacs.config import CfgNode
 
 from errors import ConfigError
+from optimizer import optimizer_name
 
 # Keys with a fixed set of values, and numeric keys with their smallest value, checked when the config is built
 _CHOICES = {
@@ -12,15 +15,16 @@ _CHOICES = {
     'DATA.DATASET': ('imagenet', 'imagenet22K', 'digits'),
     'DATA.CACHE_MODE': ('no', 'full', 'part'), 'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
     'DATA.INTERPOLATION': ('bicubic', 'bilinear', 'random', 'nearest', 'box', 'hamming', 'lanczos'),
-    'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'), 'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'),
+    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'),
     'AUG.REMODE': ('const', 'rand', 'pixel'), 'AUG.MIXUP_MODE': ('batch', 'pair', 'elem', 'half'),
-    'SAVE_FAILURE': ('stop', 'continue'),
+    'SAVE_FAILURE': ('stop', 'continue'), 'TRAIN.LOSS': ('ce', 'bce'),
+    'DISTILL.TYPE': ('none', 'soft', 'hard'),
 }
-_ANY_CASE = ('TRAIN.OPTIMIZER.NAME', 'TRAIN.LR_SCHEDULER.NAME', 'AUG.REMODE')  # read lower-cased, as officially
+_ANY_CASE = ('TRAIN.LR_SCHEDULER.NAME', 'AUG.REMODE')  # read lower-cased, as officially
 _MINIMUMS = {'DATA.BATCH_SIZE': 1, 'DATA.NUM_WORKERS': 0, 'DATA.IMG_SIZE': 1, 'TRAIN.ACCUMULATION_STEPS': 1,
              'TRAIN.EPOCHS': 0, 'SAVE_FREQ': 1, 'SAVE_EVERY_MINUTES': 0, 'PRINT_FREQ': 1, 'MODEL.NUM_CLASSES': 1,
              'DIST.TIMEOUT': 1, 'DIST.PEER_TIMEOUT': 1,
-             'THROUGHPUT.WARMUP_PASSES': 1, 'THROUGHPUT.TIMED_PASSES': 1, 'TRAIN.FREEZE.STAGES': 0}
+             'AUG.REPEATS': 0, 'THROUGHPUT.WARMUP_PASSES': 1, 'THROUGHPUT.TIMED_PASSES': 1, 'TRAIN.FREEZE.STAGES': 0}
 
 
 def get_value(config: CfgNode, key: str):
@@ -42,8 +46,19 @@ def validate(config: CfgNode) -> None:
                 f"(choose one of: {', '.join(allowed)})")
     require(config.MODEL.TASK != 'simmim' or not (config.EVAL_MODE or config.THROUGHPUT_MODE),
             "--eval and --throughput apply to classifiers, not to MODEL.TASK simmim: use the fine-tuning config")
+    optimizer_name(config.TRAIN.OPTIMIZER.NAME)  # adamw, sgd or a timm registry name
     for key, minimum in _MINIMUMS.items():
         require(get_value(config, key) >= minimum, f"{key} must be at least {minimum}, got {get_value(config, key)}")
+    require(config.TRAIN.BCE_TARGET_THRESHOLD < 1.0, f"TRAIN.BCE_TARGET_THRESHOLD must be below 1 (a negative "
+            f"value turns it off), got {config.TRAIN.BCE_TARGET_THRESHOLD}: no target would be positive")
+    require(config.TRAIN.BCE_TARGET_THRESHOLD < 0 or config.TRAIN.LOSS == 'bce',
+            f"TRAIN.BCE_TARGET_THRESHOLD {config.TRAIN.BCE_TARGET_THRESHOLD} applies to TRAIN.LOSS bce, "
+            f"not {config.TRAIN.LOSS!r}")
+    require(config.AUG.REPEATS <= 1 or not (config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == 'part'),
+            f"AUG.REPEATS {config.AUG.REPEATS} needs every image on every rank, and DATA.CACHE_MODE part gives each "
+            f"rank its own shard: use CACHE_MODE full or no")
+    check_distillation(config.DISTILL, config.MODEL.TASK)
+    require(config.MODEL_EMA or not config.MODEL_EMA_WARMUP, "MODEL_EMA_WARMUP applies to MODEL_EMA True")
     require(0.0 <= config.MODEL.LABEL_SMOOTHING < 1.0,
             f"MODEL.LABEL_SMOOTHING must be in [0, 1), got {config.MODEL.LABEL_SMOOTHING}")
     mixup_on = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
@@ -73,6 +88,28 @@ def validate(config: CfgNode) -> None:
                 f"each of the {len(swin.DEPTHS)} stages of MODEL.SWINV2.DEPTHS")
     check_auto_augment(config.AUG.AUTO_AUGMENT, config.DATA.IMG_SIZE)
 
+
+
+def check_distillation(distill: CfgNode, task: str) -> None:
+    """DISTILL: a teacher (config or timm name, and weights that exist) exactly when distillation is on."""
+    if distill.TYPE == 'none':
+        if distill.TEACHER_CFG or distill.TEACHER_TIMM or distill.TEACHER_WEIGHTS:
+            raise ConfigError("DISTILL.TEACHER_* is set but DISTILL.TYPE is 'none': set DISTILL.TYPE soft or hard")
+        return
+    if task == 'simmim':
+        raise ConfigError("DISTILL applies to classification, not to MODEL.TASK simmim")
+    if bool(distill.TEACHER_CFG) == bool(distill.TEACHER_TIMM):
+        raise ConfigError(f"DISTILL.TYPE {distill.TYPE}: give the teacher as DISTILL.TEACHER_CFG (a config file) "
+                          f"or DISTILL.TEACHER_TIMM (a timm model name), exactly one")
+    for key in ('TEACHER_CFG', 'TEACHER_WEIGHTS'):
+        if key == 'TEACHER_CFG' and not distill.TEACHER_CFG:
+            continue
+        if not os.path.isfile(distill[key]):
+            raise ConfigError(f"DISTILL.{key} {distill[key]!r}: no such file")
+    if not 0.0 <= distill.ALPHA <= 1.0:
+        raise ConfigError(f"DISTILL.ALPHA must be in [0, 1], got {distill.ALPHA}")
+    if distill.TAU <= 0:
+        raise ConfigError(f"DISTILL.TAU must be positive, got {distill.TAU}")
 
 
 def check_auto_augment(policy: str, img_size: int) -> None:

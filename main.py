@@ -32,6 +32,7 @@ import utils
 from config import build_parser, get_config, not_implemented_warning
 from coordinator import StepCoordinator
 from data import build_loader, check_bad_images, dataset_num_classes, to_device
+from distillation import build_teacher
 from engine import throughput, train_one_epoch, validate
 from errors import SwinTrainError, print_line
 from evaluation import ClassCounts, write_eval_results
@@ -158,11 +159,15 @@ def build_training_objects(config, model, mixup_fn, steps_per_epoch, precision, 
     (float16 only) and EMA."""
     freeze_parameters(config, model, logger)
     optimizer = build_optimizer(config, model, logger)
+    teacher = None
+    if config.DISTILL.TYPE != 'none':
+        teacher = build_teacher(config, next(model.parameters()).device, logger)
     return TrainingObjects(
-        model=model, task=build_task(config, mixup_fn), optimizer=optimizer,
+        model=model, task=build_task(config, mixup_fn, teacher), optimizer=optimizer,
         lr_scheduler=build_scheduler(config, optimizer, steps_per_epoch),
         scaler=torch.amp.GradScaler(precision.device_type) if precision.needs_scaler else None,
-        model_ema=ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if config.MODEL_EMA else None)
+        model_ema=ModelEmaV3(model, decay=config.MODEL_EMA_DECAY, use_warmup=config.MODEL_EMA_WARMUP)
+        if config.MODEL_EMA else None)
 
 
 def wrap_model(config, model, device, logger):

@@ -1,29 +1,50 @@
-"""The optimizer of a run: AdamW or SGD over decay / no-decay parameter groups, optional layer-wise LR decay.
+"""The optimizer of a run over decay / no-decay parameter groups, optional layer-wise LR decay: AdamW (fused or
+foreach) and SGD (Nesterov) as officially, and every other optimizer timm's registry knows (lamb, lion, adopt,
+...; ``timm.optim.list_optimizers()``) on the same groups through ``timm.optim.create_optimizer_v2``.
 
 The learning rate set here is ``TRAIN.EFFECTIVE_LR``; the scheduler (lr_scheduler.py) overwrites every group's
 lr at each step, multiplied by the group's ``lr_scale`` when layer decay is on.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Collection, Sequence
 
 import torch
+from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 from yacs.config import CfgNode
 
 from errors import ConfigError
 from utils import unwrap_model
 
-OPTIMIZERS = ('adamw', 'sgd')
+OWN_OPTIMIZERS = ('adamw', 'sgd')  # built here, as the official code builds them
+# the official --optim fused_lamb is apex's FusedLAMB: timm's 'fusedlamb' when apex is there, else timm's Lamb
+ALIASES = {'fused_lamb': 'fusedlamb'}
+
+
+def optimizer_name(value: str) -> str:
+    """TRAIN.OPTIMIZER.NAME as the name this module builds (lower-cased, aliases resolved); ConfigError (one line)
+    for a name neither this module nor timm's registry knows."""
+    name = ALIASES.get(value.lower(), value.lower())
+    if name in OWN_OPTIMIZERS or name in list_optimizers():
+        return name
+    close = [known for known in list_optimizers() if known.startswith(name[:3])][:8]
+    hint = f"; close: {', '.join(close)}" if close else ""
+    raise ConfigError(f"TRAIN.OPTIMIZER.NAME {value!r} is unknown: choose adamw, sgd or a name of "
+                      f"timm.optim.list_optimizers() (lamb, lion, adopt, ...){hint}")
 
 
 def build_optimizer(config: CfgNode, model: torch.nn.Module,
                     logger: logging.Logger | None = None) -> torch.optim.Optimizer:
-    """AdamW (default) or SGD for ``model``; a DDP or torch.compile wrapper around it is fine."""
-    name = config.TRAIN.OPTIMIZER.NAME.lower()
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"TRAIN.OPTIMIZER.NAME {config.TRAIN.OPTIMIZER.NAME!r} is unknown "
-                          f"(choose one of: {', '.join(OPTIMIZERS)})")
+    """The TRAIN.OPTIMIZER.NAME optimizer for ``model`` (AdamW by default); a DDP or torch.compile wrapper around
+    it is fine."""
+    name = optimizer_name(config.TRAIN.OPTIMIZER.NAME)
+    if name == 'fusedlamb' and importlib.util.find_spec('apex') is None:
+        name = 'lamb'
+        if logger is not None:
+            logger.warning("TRAIN.OPTIMIZER.NAME fused_lamb: apex is not importable, so timm's Lamb is used "
+                           "(the same update, not fused)")
 
     # Names must be the official ones ("absolute_pos_embed", not "module._orig_mod.absolute_pos_embed")
     # for the skip lists and the layer ids to match.
@@ -39,9 +60,30 @@ def build_optimizer(config: CfgNode, model: torch.nn.Module,
     if name == 'sgd':
         return torch.optim.SGD(groups, lr=lr, momentum=config.TRAIN.OPTIMIZER.MOMENTUM, nesterov=True,
                                weight_decay=config.TRAIN.WEIGHT_DECAY)
-    kernel = adamw_kernel({p.device.type for group in groups for p in group['params']})
-    return torch.optim.AdamW(groups, lr=lr, eps=config.TRAIN.OPTIMIZER.EPS, betas=tuple(config.TRAIN.OPTIMIZER.BETAS),
-                             weight_decay=config.TRAIN.WEIGHT_DECAY, **kernel)
+    if name == 'adamw':
+        kernel = adamw_kernel({p.device.type for group in groups for p in group['params']})
+        return torch.optim.AdamW(groups, lr=lr, eps=config.TRAIN.OPTIMIZER.EPS,
+                                 betas=tuple(config.TRAIN.OPTIMIZER.BETAS), weight_decay=config.TRAIN.WEIGHT_DECAY,
+                                 **kernel)
+    return timm_optimizer(name, groups, lr, config)
+
+
+def timm_optimizer(name: str, groups: list[dict], lr: float, config: CfgNode) -> torch.optim.Optimizer:
+    """timm's optimizer ``name`` over our groups (their weight decay and lr_scale as they are), given
+    TRAIN.OPTIMIZER.EPS / BETAS / MOMENTUM where it takes them; a failure to build is one ConfigError line."""
+    info = get_optimizer_info(name)
+    options = {}
+    if info.has_eps:
+        options['eps'] = config.TRAIN.OPTIMIZER.EPS
+    if info.has_betas:
+        options['betas'] = tuple(config.TRAIN.OPTIMIZER.BETAS)[:info.num_betas or 2]
+    try:
+        return create_optimizer_v2(groups, opt=name, lr=lr, weight_decay=config.TRAIN.WEIGHT_DECAY,
+                                   momentum=config.TRAIN.OPTIMIZER.MOMENTUM, **options)
+    except (ImportError, ValueError, TypeError, AssertionError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"TRAIN.OPTIMIZER.NAME {config.TRAIN.OPTIMIZER.NAME!r}: timm could not build it "
+                          f"({reason})") from None
 
 
 def adamw_kernel(device_types: Collection[str]) -> dict[str, bool]:

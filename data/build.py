@@ -20,7 +20,7 @@ from .imagenet22k import NUM_CLASSES as IMAGENET22K_CLASSES
 from .imagenet22k import ImageNet22KDataset
 from .loader import ImageLoader
 from .mode import DataMode
-from .samplers import DistributedEpochSampler, ShardSampler, ValSampler
+from .samplers import DistributedEpochSampler, RepeatedAugSampler, ShardSampler, ValSampler
 from .simmim import SimMIMTransform
 
 _logger = logging.getLogger('swin.data')
@@ -60,7 +60,11 @@ def build_loader(config: CfgNode, device: torch.device | str = 'cpu', normalize_
         sampler_train = ShardSampler(len(dataset_train), config.RANK, config.WORLD_SIZE, config.SEED)
         _fill_cache(config, dataset_train, sampler_train.shard)
     else:
-        sampler_train = DistributedEpochSampler(len(dataset_train), config.RANK, config.WORLD_SIZE, config.SEED)
+        if config.AUG.REPEATS > 1:
+            sampler_train = RepeatedAugSampler(len(dataset_train), config.RANK, config.WORLD_SIZE, config.SEED,
+                                               config.AUG.REPEATS)
+        else:
+            sampler_train = DistributedEpochSampler(len(dataset_train), config.RANK, config.WORLD_SIZE, config.SEED)
         _fill_cache(config, dataset_train, range(len(dataset_train)))
     step_samples = config.DATA.BATCH_SIZE * config.TRAIN.ACCUMULATION_STEPS
     if len(sampler_train) < step_samples:

@@ -17,11 +17,13 @@ def _mix64(x):
     return x ^ (x >> 31)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed (63 bits) of dataset sample ``index`` in ``epoch`` of a run seeded ``seed``."""
+def sample_seed(seed: int, epoch: int, index: int, repeat: int = 0) -> int:
+    """The augmentation seed (63 bits) of dataset sample ``index`` in ``epoch`` of a run seeded ``seed``; the
+    ``repeat``-th copy of a sample in an epoch (repeated augmentation) gets a seed of its own."""
     x = _mix64((seed & _MASK64) + 0x9E3779B97F4A7C15)
     x = _mix64(x ^ (epoch & _MASK64))
-    return _mix64(x ^ index) >> 1
+    x = _mix64(x ^ index)
+    return (_mix64(x ^ repeat) if repeat else x) >> 1
 
 
 class EpochSampler(Sampler):
@@ -83,6 +85,33 @@ class DistributedEpochSampler(EpochSampler):
         total = self.num_samples * self.world_size
         order = (order * math.ceil(total / len(order)))[:total]
         return order[self.rank:total:self.world_size]
+
+
+class RepeatedAugSampler(EpochSampler):
+    """Repeated augmentation (DeiT's RASampler, timm's RepeatAugSampler): the epoch's permutation with every
+    index repeated ``repeats`` times in a row, each copy with its own augmentation seed, dealt to the ranks in
+    turn (rank r takes every world-th key from r), so the copies of one image go to different ranks. Each rank's
+    epoch keeps the plain sampler's length (ceil(dataset / world)): an epoch sees about 1/repeats of the images,
+    each ``repeats`` times, and step counts, schedules and mid-epoch resume are those of a plain epoch."""
+
+    def __init__(self, dataset_len: int, rank: int, world_size: int, seed: int, repeats: int):
+        super().__init__(math.ceil(dataset_len / world_size), seed)
+        self.dataset_len, self.rank, self.world_size, self.repeats = dataset_len, rank, world_size, repeats
+
+    def epoch_keys(self):
+        """This rank's (index, repeat) pairs of the epoch, in order."""
+        order = torch.randperm(self.dataset_len, generator=self._generator()).tolist()
+        keys = [(index, repeat) for index in order for repeat in range(self.repeats)]
+        total = self.num_samples * self.world_size
+        keys = (keys * math.ceil(total / len(keys)))[:total]  # padded only where the dataset is tinier than the world
+        return keys[self.rank:total:self.world_size]
+
+    def epoch_indices(self):
+        return [index for index, _ in self.epoch_keys()]
+
+    def __iter__(self):
+        for index, repeat in self.epoch_keys()[self.start_index:]:
+            yield index, sample_seed(self.seed, self.epoch, index, repeat)
 
 
 class ShardSampler(EpochSampler):

@@ -164,7 +164,6 @@ def test_amp_opt_level_o0_disables_amp_and_disable_amp_measures_float32(tmp_path
 
 
 @pytest.mark.parametrize('key, value, allowed', [
-    ('TRAIN.OPTIMIZER.NAME', 'adamW2', 'adamw, sgd'),
     ('TRAIN.LR_SCHEDULER.NAME', 'cosin', 'cosine, linear, step, multistep'),
     ('DATA.INTERPOLATION', 'bicubik', 'bicubic, bilinear, random'),
     ('AUG.REMODE', 'noise', 'const, rand, pixel'),

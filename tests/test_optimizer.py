@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from timm.optim import Adopt, Lamb, Lion
 from torch import nn
 
 from errors import ConfigError
@@ -116,9 +117,55 @@ def test_sgd_by_name(tiny_config):
 
 
 def test_unknown_optimizer(tiny_config):
-    """Caught when the config is built, before any dataset is read."""
-    with pytest.raises(ConfigError, match=r"'lamb'.*adamw, sgd"):
-        tiny_config('TRAIN.OPTIMIZER.NAME', 'lamb')
+    """Caught when the config is built, before any dataset is read, in one line with the names close to it."""
+    with pytest.raises(ConfigError, match=r"'lamda' is unknown: choose adamw, sgd or a name of "
+                                          r"timm.optim.list_optimizers\(\).*close: lamb") as info:
+        tiny_config('TRAIN.OPTIMIZER.NAME', 'lamda')
+    assert '\n' not in str(info.value)
+
+
+@pytest.mark.parametrize('name, cls', [('lamb', Lamb), ('LION', Lion), ('adopt', Adopt)])
+def test_timm_optimizers_keep_our_groups_and_layer_decay(tiny_config, name, cls):
+    """timm's registry optimizers on our groups: the no-decay set, the lr_scale of layer decay (the scheduler
+    multiplies it in), EPS / BETAS where the optimizer takes them; a step moves the weights."""
+    config = tiny_config('TRAIN.OPTIMIZER.NAME', name, 'TRAIN.LAYER_DECAY', 0.5, 'TRAIN.OPTIMIZER.BETAS', [0.8, 0.95],
+                         'TRAIN.OPTIMIZER.EPS', 1e-6)
+    model = build_model(config)
+    optimizer = build_optimizer(config, model)
+    assert type(optimizer) is cls
+    twin = copy.deepcopy(model)
+    reference = build_optimizer(tiny_config('TRAIN.LAYER_DECAY', 0.5), twin)  # AdamW
+    assert group_names(optimizer, model) == group_names(reference, twin)
+    assert [g['weight_decay'] for g in optimizer.param_groups] == [g['weight_decay'] for g in reference.param_groups]
+    assert [g['lr_scale'] for g in optimizer.param_groups] == [g['lr_scale'] for g in reference.param_groups]
+    assert all(tuple(g['betas']) == (0.8, 0.95) for g in optimizer.param_groups)
+    assert all(g.get('eps', 1e-6) == 1e-6 for g in optimizer.param_groups)  # lion has no eps
+    build_scheduler(config, optimizer, steps_per_epoch=10)
+    assert [g['lr'] for g in optimizer.param_groups] == pytest.approx(
+        [config.TRAIN.EFFECTIVE_WARMUP_LR * g['lr_scale'] for g in optimizer.param_groups])
+    for group in optimizer.param_groups:  # a step large enough to move every weight in float32
+        group['lr'] = 1e-2 * group['lr_scale']
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):  # ADOPT's first step only measures the gradient
+        optimizer.zero_grad()
+        model(torch.randn(2, 3, 32, 32)).logsumexp(1).sum().backward()
+        optimizer.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+def test_fused_lamb_without_apex_is_timms_lamb_and_says_so(tiny_config, caplog):
+    config = tiny_config('TRAIN.OPTIMIZER.NAME', 'fused_lamb')
+    with caplog.at_level(logging.WARNING):
+        optimizer = build_optimizer(config, build_model(config), logging.getLogger('test'))
+    assert type(optimizer) is Lamb
+    assert "fused_lamb: apex is not importable, so timm's Lamb is used" in caplog.text
+
+
+def test_an_optimizer_timm_cannot_build_is_one_line(tiny_config):
+    config = tiny_config('TRAIN.OPTIMIZER.NAME', 'bnbadamw8bit')  # needs bitsandbytes, not installed here
+    with pytest.raises(ConfigError, match=r"^TRAIN.OPTIMIZER.NAME 'bnbadamw8bit': timm could not build it \(") as info:
+        build_optimizer(config, build_model(config))
+    assert '\n' not in str(info.value)
 
 
 def test_wrapped_model_same_groups(tiny_config):
